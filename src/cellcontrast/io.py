@@ -1,0 +1,164 @@
+"""Read a labelled atlas of raw counts from .h5ad, and refuse bad input with one clear line.
+
+Every model in cellcontrast is fit on raw counts and carries its own preprocessing, so the
+reader's job is to find the counts (X, a layer, or .raw), check that they are counts, and
+return a small, uniform AnnData: CSR float32 counts in X, the label in obs['cell_type'].
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from cellcontrast.errors import InputError
+
+LABEL = "cell_type"
+
+
+def open_h5ad(path: str | Path, backed: bool = False) -> ad.AnnData:
+    """Open an .h5ad file, turning every way it can fail into an InputError."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"no such file: {path}")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not an .h5ad file")
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror or err}") from None
+    if not is_hdf5:
+        raise InputError(f"{path} is not an .h5ad file (not HDF5); convert it with anndata first")
+    try:
+        return ad.read_h5ad(path, backed="r" if backed else None)
+    except Exception as err:  # anndata/h5py raise many types for damaged files
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"cannot read {path} as .h5ad (truncated or damaged?): {first_line}") from None
+
+
+def select_counts(adata: ad.AnnData, layer: str | None, path: str | Path = "") -> tuple[object, pd.Index]:
+    """Return (matrix, gene names) of the raw counts: X, a named layer, or .raw ('raw')."""
+    if layer in (None, "", "X"):
+        return adata.X, adata.var_names
+    if layer == "raw":
+        if adata.raw is None:
+            raise InputError(f"--layer raw: {path} has no .raw; its layers are: {_names(adata.layers)}")
+        return adata.raw.X, adata.raw.var_names
+    if layer not in adata.layers:
+        hint = " (or --layer raw, .raw is present)" if adata.raw is not None else ""
+        raise InputError(f"no layer {layer!r} in {path}; its layers are: {_names(adata.layers)}{hint}")
+    return adata.layers[layer], adata.var_names
+
+
+def _names(keys) -> str:
+    keys = list(keys)
+    return ", ".join(map(str, keys)) if keys else "(none)"
+
+
+def check_counts(X, where: str, layer: str | None = None, adata: ad.AnnData | None = None) -> None:
+    """Refuse negative, NaN, infinite or non-integer values, naming where counts may be."""
+    values = X.data if sp.issparse(X) else np.asarray(X).ravel()
+    if values.size == 0:
+        return
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+        raise InputError(f"{where} holds {values.dtype} values, not numbers")
+    if np.issubdtype(values.dtype, np.integer):
+        if values.min() < 0:
+            raise InputError(f"{where} has negative values (min {values.min()}); counts cannot be negative")
+        return
+    finite = np.isfinite(values)
+    if not finite.all():
+        kind = "NaN" if np.isnan(values).any() else "infinite"
+        raise InputError(f"{where} has {kind} values ({(~finite).sum()} of them); pass raw counts")
+    if values.min() < 0:
+        raise InputError(
+            f"{where} has negative values (min {values.min():.3g}): scaled or centred data was given; "
+            f"pass raw counts{_where_counts_may_be(adata, layer)}"
+        )
+    sample = values[:: max(1, values.size // 2_000_000)]  # a strided sample is enough to spot floats
+    bad = sample[sample != np.round(sample)]
+    if bad.size:
+        raise InputError(
+            f"{where} is not integer counts (e.g. {bad[0]:.4g}): it looks log-normalised; "
+            f"pass raw counts{_where_counts_may_be(adata, layer)}"
+        )
+
+
+def _where_counts_may_be(adata: ad.AnnData | None, layer: str | None) -> str:
+    if adata is None:
+        return ""
+    options = [f"--layer {name}" for name in adata.layers.keys() if name != layer]
+    if adata.raw is not None and layer != "raw":
+        options.append("--layer raw")
+    return f" (try {' or '.join(options)})" if options else " (this file holds no other matrix)"
+
+
+def apply_filters(obs: pd.DataFrame, filters: dict[str, str] | None, path) -> np.ndarray:
+    """Boolean mask of cells matching every COLUMN=VALUE filter (string comparison)."""
+    mask = np.ones(len(obs), dtype=bool)
+    for column, value in (filters or {}).items():
+        if column not in obs.columns:
+            raise InputError(f"--filter {column}={value}: no obs column {column!r} in {path}; columns are: {_names(obs.columns)}")
+        col = obs[column].astype(str).to_numpy()
+        hit = col == value
+        if not hit.any():
+            shown = ", ".join(sorted(set(col))[:12])
+            raise InputError(f"--filter {column}={value} matches no cell; values of {column!r} are: {shown}")
+        mask &= hit
+    if not mask.any():
+        raise InputError(f"the filters {filters} together match no cell")
+    return mask
+
+
+def read_atlas(
+    path: str | Path,
+    label_key: str = LABEL,
+    layer: str | None = None,
+    filters: dict[str, str] | None = None,
+) -> ad.AnnData:
+    """Read, filter and validate a labelled atlas.
+
+    Returns an AnnData with CSR float32 raw counts in X, unique gene names, the label as a
+    string column obs['cell_type'] (cells without a label dropped, with a note), and the other
+    obs columns kept.
+    """
+    adata = open_h5ad(path)
+    if label_key not in adata.obs.columns:
+        raise InputError(
+            f"no label column {label_key!r} in {path}; obs columns are: {_names(adata.obs.columns)} (use --label-key)"
+        )
+    X, genes = select_counts(adata, layer, path)
+    mask = apply_filters(adata.obs, filters, path)
+    where = f"{path}" + (f" layer {layer!r}" if layer else " X")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise InputError(f"{where} is empty ({X.shape[0]} cells x {X.shape[1]} genes)")
+    if genes.has_duplicates:
+        dup = genes[genes.duplicated()].unique()[:3].tolist()
+        raise InputError(f"{path} has duplicate gene names (e.g. {dup}); make them unique (var_names_make_unique)")
+
+    labels = adata.obs[label_key]
+    missing = labels.isna().to_numpy() | (labels.astype(str).str.strip() == "").to_numpy()
+    if (missing & mask).any():
+        print(f"note: {int((missing & mask).sum())} cells without a label in {label_key!r} are left out", file=sys.stderr)
+        mask &= ~missing
+    if not mask.any():
+        raise InputError(f"no cell of {path} has a label in {label_key!r}")
+
+    X = sp.csr_matrix(X[mask]) if not sp.isspmatrix_csr(X) or not mask.all() else X
+    X = X.astype(np.float32, copy=False)
+    check_counts(X, where, layer, adata)
+    X.eliminate_zeros()
+    X.sort_indices()
+
+    obs = adata.obs.loc[mask].copy()
+    obs[LABEL] = pd.Categorical(obs[label_key].astype(str).str.strip())
+    if obs.index.has_duplicates:
+        print(f"note: {path} has duplicate cell names; made unique by suffixes", file=sys.stderr)
+        obs.index = ad.utils.make_index_unique(obs.index.astype(str))
+    out = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(genes.astype(str), name=None)))
+    return out

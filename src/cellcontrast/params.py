@@ -1,0 +1,34 @@
+"""Read params.yaml, the single home of every pipeline knob."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from cellcontrast.errors import InputError
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"no params file {path}; run from the project folder or pass --params")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(params, dict):
+        raise InputError(f"{path} must hold a mapping of parameters")
+    return params
+
+
+def setting_params(params: dict, setting: str) -> dict:
+    settings = params.get("settings", {})
+    if setting not in settings:
+        raise InputError(f"unknown setting {setting!r}; params.yaml defines: {', '.join(settings) or '(none)'}")
+    s = dict(settings[setting])
+    s.setdefault("equalize", True)
+    s.setdefault("fractions", [0.8, 0.1, 0.1])
+    if "k" not in s or "cap" not in s:
+        raise InputError(f"setting {setting!r} needs both k and cap in params.yaml")
+    return s

@@ -1,0 +1,151 @@
+"""The paper's settings and splits (section 4.1).
+
+Take the K most frequent cell types; downsample every one at random to the same count
+n = min(count of the K-th type, cap) (or keep every cell up to `cap` when `equalize` is off,
+the `natural` setting); split each type 80/10/10 into train/val/test. One seed gives one
+downsample and one split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from cellcontrast.errors import InputError
+from cellcontrast.files import atomic_path
+from cellcontrast.io import LABEL, read_atlas
+from cellcontrast.params import load_params, setting_params
+
+PARTS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    indices: dict[str, np.ndarray]  # part -> row indices into the atlas
+    classes: list[str]  # the K types, most frequent first
+    n_per_type: dict[str, int]  # type -> cells sampled (before the 80/10/10 split)
+
+
+def part_sizes(n: int, fractions) -> tuple[int, int, int]:
+    """Cells of one type in train/val/test: val and test rounded, train the rest."""
+    n_val = int(round(n * fractions[1]))
+    n_test = int(round(n * fractions[2]))
+    return n - n_val - n_test, n_val, n_test
+
+
+def make_split(
+    labels: pd.Series | np.ndarray,
+    k: int,
+    cap: int,
+    seed: int,
+    fractions=(0.8, 0.1, 0.1),
+    equalize: bool = True,
+) -> Split:
+    """Choose the top-K types, downsample and split them; returns row indices per part."""
+    if abs(sum(fractions) - 1.0) > 1e-6 or len(fractions) != 3 or min(fractions) <= 0:
+        raise InputError(f"split fractions {list(fractions)} must be three positive numbers summing to 1")
+    labels = pd.Series(np.asarray(labels).astype(str))
+    counts = labels.value_counts()
+    # Ties in abundance are broken by name, so the choice of types never depends on file order.
+    order = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    if k > len(order):
+        print(f"warning: K={k} but the atlas has {len(order)} types; using all {len(order)}", file=sys.stderr)
+        k = len(order)
+    chosen = order[:k]
+    kth_count = chosen[-1][1]
+    min_cells = 3  # one cell each in train, val and test
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {p: [] for p in PARTS}
+    n_per_type = {}
+    for name, count in chosen:
+        n = min(kth_count, cap) if equalize else min(count, cap)
+        sizes = part_sizes(n, fractions)
+        if min(sizes) < 1:
+            raise InputError(
+                f"type {name!r} would get {n} cells, too few to split {list(fractions)} "
+                f"(needs at least {min_cells} with one cell in each part); lower K"
+            )
+        members = np.flatnonzero(labels.to_numpy() == name)
+        sample = rng.choice(members, size=n, replace=False)
+        start = 0
+        for part, size in zip(PARTS, sizes, strict=True):
+            parts[part].append(sample[start : start + size])
+            start += size
+        n_per_type[name] = n
+    indices = {p: np.sort(np.concatenate(parts[p])) for p in PARTS}
+    return Split(indices=indices, classes=[name for name, _ in chosen], n_per_type=n_per_type)
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def split_atlas_to_dir(
+    atlas: str | Path,
+    setting: str,
+    seed: int,
+    out_dir: str | Path,
+    params_path: str | Path = "params.yaml",
+    label_key: str = LABEL,
+    layer: str | None = None,
+    filters: dict[str, str] | None = None,
+    settings: dict | None = None,
+) -> dict:
+    """Write train/val/test.h5ad and split.json for one setting and seed; returns split.json."""
+    s = setting_params(settings if settings is not None else load_params(params_path), setting)
+    adata = read_atlas(atlas, label_key=label_key, layer=layer, filters=filters)
+    split = make_split(adata.obs[LABEL], s["k"], s["cap"], seed, s["fractions"], s["equalize"])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for part in PARTS:
+        sub = adata[split.indices[part]]
+        part_data = ad.AnnData(X=sub.X.copy(), obs=sub.obs.copy(), var=sub.var.copy())
+        # The same category order in every part, so label codes agree across train/val/test.
+        part_data.obs[LABEL] = pd.Categorical(part_data.obs[LABEL].astype(str), categories=split.classes)
+        part_data.obs = part_data.obs.loc[:, [LABEL] + [c for c in part_data.obs.columns if c != LABEL]]
+        with atomic_path(out_dir / f"{part}.h5ad") as tmp:
+            part_data.write_h5ad(tmp)
+    info = {
+        "setting": setting,
+        "k": len(split.classes),
+        "k_requested": s["k"],
+        "cap": s["cap"],
+        "equalize": bool(s["equalize"]),
+        "fractions": list(s["fractions"]),
+        "n_per_type": min(split.n_per_type.values()) if s["equalize"] else None,
+        "n_per_type_by_class": split.n_per_type,
+        "seed": seed,
+        "n_cells": {p: int(split.indices[p].size) for p in PARTS},
+        "classes": split.classes,
+        "source": {
+            "path": str(atlas),
+            "sha256": file_sha256(atlas),
+            "label_key": label_key,
+            "layer": layer,
+            "filters": filters or {},
+            "n_genes": int(adata.n_vars),
+        },
+    }
+    with atomic_path(out_dir / "split.json") as tmp:
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def read_split(split_dir: str | Path, parts=PARTS) -> tuple[dict, dict[str, ad.AnnData]]:
+    """Load split.json and the requested parts of a split folder."""
+    from cellcontrast.io import open_h5ad
+
+    split_dir = Path(split_dir)
+    meta = split_dir / "split.json"
+    if not meta.exists():
+        raise InputError(f"{split_dir} is not a split folder (no split.json); make one with `cellcontrast split`")
+    info = json.loads(meta.read_text())
+    return info, {p: open_h5ad(split_dir / f"{p}.h5ad") for p in parts}
