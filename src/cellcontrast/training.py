@@ -1,0 +1,511 @@
+"""The paper's four-step procedure.
+
+1. ``fit_base``: train ``f(g(x))`` with the base model's own recipe (epoch picked on val).
+2-4. ``fit_component``: embed every cell with the frozen encoder (once), train the
+   contrastive component h on the training embeddings, freeze it, and train a fresh head
+   on h(z) with the base model's head recipe (epoch picked on val).
+
+The functions only ever receive the train and validation splits: no test data can leak into
+fitting, model selection or early stopping. Every fit is seeded (``torch.manual_seed`` for
+initialisation, dropout and noise; a seeded ``torch.Generator`` for shuffling), so the same
+seed gives the same model.
+
+``params`` arguments override the defaults of ``DEFAULT_PARAMS[name]``; ``fit_chain`` takes
+them keyed by name like ``DEFAULT_PARAMS`` (``{"actinn": {...}, "mls": {...}}``).
+
+Component early stopping: the contrastive loss on the VALIDATION embeddings, computed over a
+fixed set of class-aware batches (same batch size as training), so the criterion matches the
+objective and is deterministic. (kNN accuracy saturates at 1.0 on easy data and would stop
+at once.)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+from torch import nn
+
+from cellcontrast.chain import Chain
+from cellcontrast.components import MLPComponent, MLSComponent
+from cellcontrast.models import BASE_MODELS, BaseModel, LinearHead, ScDAE, ScdaeHead
+from cellcontrast.preprocessing import ActinnPreprocess, LRPreprocess, ScdaePreprocess
+
+Log = Callable[[str, int, dict], None]
+
+DEFAULT_PARAMS: dict[str, dict] = {
+    # Logistic regression: one linear layer on standardised HVG expression; cross-entropy plus
+    # l2 * sum(W^2) / 2 on the weights (not the bias), Adam, epoch picked on val macro F1.
+    # Adam at 1e-2 converges in ~40 epochs even on 2,400 cells (Data Scarce); at 1e-3 it had
+    # not (val top-1 0.61 vs 0.80 on scarce seed 0). l2 1e-3 was the better of 1e-2/1e-3 on val.
+    "lr": {"n_hvg": 2000, "clip": 10.0, "lr": 1e-2, "l2": 1e-3, "batch_size": 128,
+           "epochs": 40, "patience": 10},
+    # ACTINN (mafeiyang/ACTINN): Adam 1e-4 decayed x0.95 every 1,000 steps, batch 128,
+    # cost = mean CE + 0.005 * sum_W tf.nn.l2_loss(W) (= sum(W^2) / 2, weights only).
+    # The original trains 50 epochs and keeps the last; we keep the best epoch on val.
+    "actinn": {"hidden_dims": [100, 50, 25], "low_percentile": 1.0, "high_percentile": 99.0,
+               "lr": 1e-4, "l2": 0.005, "lr_decay": 0.95, "lr_decay_steps": 1000,
+               "batch_size": 128, "epochs": 50, "patience": None},
+    # scDAE (cbi-bioinfo/scDAE): RMSProp 1e-3 for the autoencoder, Adam 1e-3 for the classifier
+    # and fine-tuning, noise sd 0.4. The original runs 3000/3000/1000 epochs with ~1,300-cell
+    # batches, drops 70% (keep_prob 0.3) and picks on TEST; our budgets are ~100x smaller, at
+    # which 70% dropout has not converged (0.70 vs 0.93 val accuracy on a 20-type simulation),
+    # so the default drop rate is 0.3 (tunable). The classifier phases stop early on val.
+    # ``epochs`` (if set) caps all three phases.
+    "scdae": {"n_hvg": 2000, "encoder_dims": [1000, 500, 125], "classifier_dims": [125, 125],
+              "noise_sd": 0.4, "dropout": 0.3, "finetune_ae_dropout": 0.0,
+              "ae_lr": 1e-3, "lr": 1e-3, "finetune_lr": 1e-3, "l2": 0.0, "batch_size": 256,
+              "ae_epochs": 3, "classifier_epochs": 30, "finetune_epochs": 8, "patience": 10,
+              "epochs": None},
+    # Contrastive components. hidden_dim/out_dim None: d (the paper's R^d -> R^d), capped at
+    # 256/128 when d > 256 (LR). samples_per_class: cells of one class per batch block.
+    "mlp": {"hidden_dim": None, "out_dim": None, "temperature": 0.1, "lr": 1e-3,
+            "weight_decay": 0.0, "batch_size": 256, "samples_per_class": 4, "max_epochs": 100,
+            "patience": 10},
+    "mls": {"hidden_dim": None, "temperature": 0.1, "lr": 1e-3, "weight_decay": 0.0,
+            "batch_size": 256, "samples_per_class": 4, "max_epochs": 100, "patience": 10},
+}
+
+EVAL_BATCH = 4096
+# Above this size the preprocessed training matrix is not cached but recomputed per batch.
+CACHE_LIMIT_BYTES = 2 * 1024**3
+
+
+# ---------------------------------------------------------------- data plumbing
+
+
+def _to_csr(counts) -> sp.csr_matrix:
+    if sp.issparse(counts):
+        return sp.csr_matrix(counts, dtype=np.float32)
+    return sp.csr_matrix(np.asarray(counts, dtype=np.float32))
+
+
+class FeatureSource:
+    """Rows of ``transform(counts)``, cached as one dense tensor when it fits in memory."""
+
+    def __init__(self, counts, transform: nn.Module | None = None):
+        if isinstance(counts, torch.Tensor):
+            self.counts, self.transform, self.cache = None, None, counts
+            return
+        self.counts = _to_csr(counts)
+        self.transform = transform if transform is not None else nn.Identity()
+        self.cache = None
+        out_dim = getattr(transform, "out_dim", self.counts.shape[1])
+        if self.counts.shape[0] * out_dim * 4 <= CACHE_LIMIT_BYTES:
+            self.cache = torch.cat([b for b in self._computed_batches()]) if len(self) else \
+                torch.zeros(0, out_dim)
+
+    def __len__(self) -> int:
+        return self.cache.shape[0] if self.counts is None else self.counts.shape[0]
+
+    @torch.no_grad()
+    def _compute(self, rows) -> torch.Tensor:
+        dense = torch.as_tensor(self.counts[rows].toarray(), dtype=torch.float32)
+        return self.transform(dense)
+
+    def _computed_batches(self) -> Iterator[torch.Tensor]:
+        for start in range(0, self.counts.shape[0], EVAL_BATCH):
+            yield self._compute(slice(start, start + EVAL_BATCH))
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache[index]
+        return self._compute(index.numpy())
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        if self.cache is not None:
+            yield from self.cache.split(EVAL_BATCH)
+        else:
+            yield from self._computed_batches()
+
+
+@torch.no_grad()
+def _apply(module: nn.Module, source: FeatureSource) -> torch.Tensor:
+    """``module`` over every row of ``source`` in eval mode, as one tensor."""
+    module.eval()
+    return torch.cat([module(b) for b in source.batches()])
+
+
+def _shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator)
+    batches = list(order.split(batch_size))
+    # A lone trailing cell would break batch norm in training mode and adds only noise.
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches = batches[:-1]
+    return batches
+
+
+def _val_scores(y_true: np.ndarray, logits: torch.Tensor, n_classes: int) -> dict:
+    pred = logits.argmax(dim=1).numpy()
+    return {
+        "val_macro_f1": float(f1_score(y_true, pred, labels=np.arange(n_classes), average="macro",
+                                       zero_division=0)),
+        "val_accuracy": float((pred == y_true).mean()),
+    }
+
+
+def _weight_penalty(module: nn.Module) -> torch.Tensor:
+    """sum(W^2) / 2 over Linear weight matrices (TensorFlow's l2_loss; biases exempt)."""
+    terms = [0.5 * m.weight.pow(2).sum() for m in module.modules() if isinstance(m, nn.Linear)]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def _state(module: nn.Module) -> dict:
+    return copy.deepcopy(module.state_dict())
+
+
+# ---------------------------------------------------------------- supervised training loop
+
+
+def train_classifier(net: nn.Module, train: FeatureSource, train_y: np.ndarray, val: FeatureSource,
+                     val_y: np.ndarray, n_classes: int, recipe: dict, seed: int,
+                     log: Log | None = None, stage: str = "classifier",
+                     extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     best_score: tuple | None = None) -> tuple:
+    """Cross-entropy training of ``net`` (features -> logits); keeps the best epoch on val.
+
+    Selection: highest (val macro F1, val accuracy); ties keep the earlier epoch. Training
+    stops after ``patience`` epochs without improvement (``None``: run every epoch).
+    ``best_score`` seeds the comparison (the state ``net`` already has, for fine-tuning).
+    Returns the best (macro F1, accuracy); ``net`` is left holding the best state, eval mode.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    y_train = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
+    val_y = np.asarray(val_y)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=recipe["lr"])
+    scheduler = None
+    if recipe.get("lr_decay") and recipe.get("lr_decay_steps"):
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, recipe["lr_decay_steps"], recipe["lr_decay"])
+    l2 = float(recipe.get("l2") or 0.0)
+    patience = recipe.get("patience")
+    best_state = _state(net) if best_score is not None else None
+    stale = 0
+    for epoch in range(int(recipe["epochs"])):
+        net.train()
+        total, seen = 0.0, 0
+        for index in _shuffled_batches(len(train), recipe["batch_size"], generator):
+            x = train.rows(index)
+            loss = F.cross_entropy(net(x), y_train[index])
+            if extra_loss is not None:
+                loss = loss + extra_loss(x)
+            if l2:
+                loss = loss + l2 * _weight_penalty(net)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += loss.item() * len(index)
+            seen += len(index)
+        scores = _val_scores(val_y, _apply(net, val), n_classes)
+        if log is not None:
+            log(stage, epoch, {"loss": total / max(seen, 1), **scores})
+        score = (scores["val_macro_f1"], scores["val_accuracy"])
+        if best_score is None or score > best_score:
+            best_score, best_state, stale = score, _state(net), 0
+        else:
+            stale += 1
+            if patience is not None and stale >= patience:
+                break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    return best_score
+
+
+class _EncoderHead(nn.Module):
+    """Encoder then head, on preprocessed features: what the base recipes train."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+# ---------------------------------------------------------------- step 1: base models
+
+
+def resolve_params(name: str, params: dict | None) -> dict:
+    if name not in DEFAULT_PARAMS:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(DEFAULT_PARAMS)}")
+    unknown = set(params or {}) - set(DEFAULT_PARAMS[name]) - {"head"}
+    if unknown:
+        raise ValueError(f"unknown parameters for {name}: {sorted(unknown)}")
+    return {**DEFAULT_PARAMS[name], **(params or {})}
+
+
+def fit_base(train_counts, train_y: np.ndarray, val_counts, val_y: np.ndarray, n_classes: int,
+             base: str, params: dict | None = None, seed: int = 0, log: Log | None = None) -> BaseModel:
+    """Step 1: fit the preprocessing on train, then train the base model by its recipe.
+
+    Returns the model in eval mode, with ``train_params`` (the resolved params) attached so
+    that ``fit_component`` can retrain a head with the same recipe.
+    """
+    p = resolve_params(base, params)
+    torch.manual_seed(seed)
+    train_y, val_y = np.asarray(train_y, dtype=int), np.asarray(val_y, dtype=int)
+    if base == "lr":
+        preprocess = LRPreprocess.fit(train_counts, n_hvg=p["n_hvg"], clip=p["clip"])
+        model = BASE_MODELS[base](preprocess, n_classes)
+    elif base == "actinn":
+        preprocess = ActinnPreprocess.fit(train_counts, p["low_percentile"], p["high_percentile"])
+        model = BASE_MODELS[base](preprocess, n_classes, p["hidden_dims"])
+    else:
+        preprocess = ScdaePreprocess.fit(train_counts, n_hvg=p["n_hvg"])
+        model = ScDAE(preprocess, n_classes, p["encoder_dims"], p["classifier_dims"],
+                      p["noise_sd"], p["dropout"])
+    model.preprocess.eval()
+    train = FeatureSource(train_counts, model.preprocess)
+    val = FeatureSource(val_counts, model.preprocess)
+    if base == "scdae":
+        _fit_scdae(model, train, train_y, val, val_y, n_classes, p, seed, log)
+    else:
+        train_classifier(_EncoderHead(model.encoder, model.head), train, train_y, val, val_y,
+                         n_classes, p, seed, log, stage=base)
+    model.train_params = p
+    model.eval()
+    return model
+
+
+def _phase_epochs(p: dict, key: str) -> int:
+    return int(p[key]) if p.get("epochs") is None else min(int(p[key]), int(p["epochs"]))
+
+
+def _fit_scdae(model: ScDAE, train: FeatureSource, train_y, val: FeatureSource, val_y,
+               n_classes: int, p: dict, seed: int, log: Log | None) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    autoencoder = nn.ModuleDict({"encoder": model.encoder, "decoder": model.decoder})
+
+    def reconstruction_loss(x: torch.Tensor) -> torch.Tensor:
+        # The encoder adds the input noise itself in training mode; the target is clean x.
+        return F.mse_loss(model.decoder(model.encoder(x)), x)
+
+    # Phase 1: denoising autoencoder (unsupervised; fixed budget as in the original).
+    model.set_dropout(0.0)
+    optimizer = torch.optim.RMSprop(autoencoder.parameters(), lr=p["ae_lr"])
+    for epoch in range(_phase_epochs(p, "ae_epochs")):
+        autoencoder.train()
+        total, seen = 0.0, 0
+        for index in _shuffled_batches(len(train), p["batch_size"], generator):
+            loss = reconstruction_loss(train.rows(index))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(index)
+            seen += len(index)
+        if log is not None:
+            autoencoder.eval()
+            with torch.no_grad():
+                val_mse = float(np.mean([float(reconstruction_loss(b)) for b in val.batches()]))
+            log("scdae_autoencoder", epoch, {"loss": total / max(seen, 1), "val_mse": val_mse})
+
+    # Phase 2: classifier on the frozen encoder's (noise-free, eval-mode) codes. This is the
+    # head recipe that step 4 reuses. (The original updates the encoder here too.)
+    codes_train = FeatureSource(_apply(model.encoder, train))
+    codes_val = FeatureSource(_apply(model.encoder, val))
+    head_recipe = _head_recipe("scdae", p)
+    best = train_classifier(model.head, codes_train, train_y, codes_val, val_y, n_classes,
+                            head_recipe, seed, log, stage="scdae_classifier")
+
+    # Phase 3: joint fine-tuning, CE + reconstruction, starting from (and never worse on val
+    # than) the phase-2 model.
+    finetune_epochs = _phase_epochs(p, "finetune_epochs")
+    if finetune_epochs > 0:
+        model.set_dropout(p["finetune_ae_dropout"])
+        whole = _FineTuned(model)
+        recipe = {"lr": p["finetune_lr"], "batch_size": p["batch_size"], "epochs": finetune_epochs,
+                  "patience": p["patience"], "l2": p["l2"]}
+        train_classifier(whole, train, train_y, val, val_y, n_classes, recipe, seed + 1, log,
+                         stage="scdae_finetune", extra_loss=lambda x: whole.reconstruction_loss,
+                         best_score=best)
+        model.set_dropout(0.0)
+
+
+class _FineTuned(nn.Module):
+    """scDAE fine-tuning: logits from the code, and (in training) the reconstruction loss of
+    the same noisy forward pass, kept for the combined loss, so the encoder runs once."""
+
+    def __init__(self, model: ScDAE):
+        super().__init__()
+        self.encoder, self.decoder, self.head = model.encoder, model.decoder, model.head
+        self.reconstruction_loss = torch.zeros(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        code = self.encoder(x)
+        if self.training:
+            self.reconstruction_loss = F.mse_loss(self.decoder(code), x)
+        return self.head(code)
+
+
+def _head_recipe(base: str, p: dict) -> dict:
+    """How a base model trains its head (step 1 for LR/ACTINN, the classifier phase for scDAE)."""
+    if base == "scdae":
+        recipe = {"lr": p["lr"], "l2": p["l2"], "batch_size": p["batch_size"],
+                  "epochs": _phase_epochs(p, "classifier_epochs"), "patience": p["patience"]}
+    else:
+        keys = ("lr", "l2", "lr_decay", "lr_decay_steps", "batch_size", "epochs", "patience")
+        recipe = {k: p[k] for k in keys if k in p}
+    recipe.update(p.get("head") or {})
+    return recipe
+
+
+def _fresh_head(base_model: BaseModel, in_dim: int, n_classes: int) -> nn.Module:
+    old = base_model.head
+    if isinstance(old, ScdaeHead):
+        return ScdaeHead(in_dim, n_classes, old.hidden_dims, old.dropout_p)
+    if isinstance(old, LinearHead):
+        return LinearHead(in_dim, n_classes, xavier=old.xavier)
+    raise TypeError(f"no head recipe for {type(old).__name__}")
+
+
+# ---------------------------------------------------------------- steps 2-4: component
+
+
+def fit_component(base_model: BaseModel, train_counts, train_y: np.ndarray, val_counts,
+                  val_y: np.ndarray, n_classes: int, component: str, params: dict | None = None,
+                  seed: int = 0, log: Log | None = None) -> tuple[nn.Module, nn.Module]:
+    """Steps 2-4. Returns ``(h, head)``: the frozen component and the freshly trained head.
+
+    The base model is not modified: the encoder (and preprocessing) run in eval mode under
+    no_grad, once, to produce z. ``params["head"]`` may override the head recipe, which is
+    otherwise the base model's own (``base_model.train_params``).
+    """
+    p = resolve_params(component, params)
+    z_train = embed_frozen(base_model, train_counts)
+    z_val = embed_frozen(base_model, val_counts)
+    h = train_component(z_train, train_y, z_val, val_y, n_classes, component, p, seed, log)
+    head = train_head_on_component(base_model, h, z_train, train_y, z_val, val_y, n_classes,
+                                   p.get("head"), seed, log, stage=f"{component}_head")
+    return h, head
+
+
+@torch.no_grad()
+def embed_frozen(base_model: BaseModel, counts) -> torch.Tensor:
+    """Step 2: z = g(x) for every cell, base model in eval mode, no gradients."""
+    base_model.eval()
+    return _apply(_Embedder(base_model), FeatureSource(counts))
+
+
+def train_component(z_train: torch.Tensor, train_y: np.ndarray, z_val: torch.Tensor,
+                    val_y: np.ndarray, n_classes: int, component: str, params: dict | None = None,
+                    seed: int = 0, log: Log | None = None) -> nn.Module:
+    """Step 3: train h on the training embeddings; keep the epoch with the lowest val loss.
+
+    Returns h frozen (eval mode, ``requires_grad`` off).
+    """
+    from cellcontrast.losses import mls_loss, supcon_loss
+    from cellcontrast.sampler import ClassAwareBatchSampler
+
+    p = resolve_params(component, params)
+    train_y, val_y = np.asarray(train_y, dtype=int), np.asarray(val_y, dtype=int)
+    torch.manual_seed(seed)
+    if component == "mlp":
+        h = MLPComponent(z_train.shape[1], p["hidden_dim"], p["out_dim"])
+        loss_fn = supcon_loss
+    else:
+        h = MLSComponent(z_train.shape[1], n_classes, p["hidden_dim"])
+        loss_fn = mls_loss
+    tau = p["temperature"]
+    y_train_t = torch.as_tensor(train_y, dtype=torch.long)
+    y_val_t = torch.as_tensor(val_y, dtype=torch.long)
+    sampler = ClassAwareBatchSampler(train_y, p["batch_size"], p["samples_per_class"], seed=seed)
+    val_sampler = ClassAwareBatchSampler(val_y, p["batch_size"], p["samples_per_class"], seed=seed)
+    val_sampler.set_epoch(0)
+    val_batches = [torch.as_tensor(list(b), dtype=torch.long) for b in val_sampler]
+    optimizer = torch.optim.Adam(h.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+
+    def val_loss() -> float:
+        h.eval()
+        with torch.no_grad():
+            losses = [float(loss_fn(h.contrastive_features(z_val[b]), y_val_t[b], tau)) for b in val_batches]
+        return float(np.mean(losses)) if losses else float("nan")
+
+    best_loss, best_state, stale = val_loss(), _state(h), 0
+    for epoch in range(int(p["max_epochs"])):
+        h.train()
+        sampler.set_epoch(epoch)
+        total, n_batches = 0.0, 0
+        for batch in sampler:
+            index = torch.as_tensor(list(batch), dtype=torch.long)
+            loss = loss_fn(h.contrastive_features(z_train[index]), y_train_t[index], tau)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            n_batches += 1
+        current = val_loss()
+        if log is not None:
+            log(f"{component}_component", epoch, {"loss": total / max(n_batches, 1), "val_loss": current})
+        if current < best_loss:
+            best_loss, best_state, stale = current, _state(h), 0
+        else:
+            stale += 1
+            if p["patience"] is not None and stale >= p["patience"]:
+                break
+    h.load_state_dict(best_state)
+    h.eval()
+    h.requires_grad_(False)
+    return h
+
+
+def train_head_on_component(base_model: BaseModel, h: nn.Module, z_train: torch.Tensor,
+                            train_y: np.ndarray, z_val: torch.Tensor, val_y: np.ndarray,
+                            n_classes: int, head_params: dict | None = None, seed: int = 0,
+                            log: Log | None = None, stage: str = "component_head") -> nn.Module:
+    """Step 4: a fresh head on the frozen h(z), trained with the base model's head recipe
+    (``head_params`` overrides it); h itself only runs in eval mode under no_grad."""
+    train_y, val_y = np.asarray(train_y, dtype=int), np.asarray(val_y, dtype=int)
+    e_train, e_val = _apply(h, FeatureSource(z_train)), _apply(h, FeatureSource(z_val))
+    base_params = getattr(base_model, "train_params", None) or DEFAULT_PARAMS[base_model.name]
+    recipe = _head_recipe(base_model.name, {
+        **base_params, "head": {**(base_params.get("head") or {}), **(head_params or {})}})
+    torch.manual_seed(seed)
+    head = _fresh_head(base_model, h.out_dim, n_classes)
+    train_classifier(head, FeatureSource(e_train), train_y, FeatureSource(e_val), val_y, n_classes,
+                     recipe, seed, log, stage=stage)
+    return head
+
+
+class _Embedder(nn.Module):
+    def __init__(self, model: BaseModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, counts: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(counts)
+
+
+# ---------------------------------------------------------------- assembling
+
+
+def build_chain(base_model: BaseModel, component: nn.Module | None = None,
+                head: nn.Module | None = None) -> Chain:
+    """preprocess -> encoder -> component -> head; without a component, the base's own head."""
+    if component is not None and head is None:
+        raise ValueError("a chain with a component needs the head trained on its output")
+    chain = Chain(base_model.preprocess, base_model.encoder, component,
+                  head if head is not None else base_model.head)
+    chain.eval()
+    return chain
+
+
+def fit_chain(train_counts, train_y: np.ndarray, val_counts, val_y: np.ndarray, n_classes: int,
+              base: str, component: str = "none", params: dict | None = None, seed: int = 0,
+              log: Log | None = None) -> Chain:
+    """Steps 1-4 in one call. ``params`` is keyed by model name like ``DEFAULT_PARAMS``."""
+    params = params or {}
+    model = fit_base(train_counts, train_y, val_counts, val_y, n_classes, base,
+                     params.get(base), seed, log)
+    if component in (None, "none"):
+        return build_chain(model)
+    h, head = fit_component(model, train_counts, train_y, val_counts, val_y, n_classes,
+                            component, params.get(component), seed, log)
+    return build_chain(model, h, head)

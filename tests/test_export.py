@@ -1,0 +1,304 @@
+"""Export of a chain to one ONNX file: single file, dynamic batch, metadata, ONNX == torch."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from argparse import Namespace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from cellcontrast import __version__  # noqa: E402
+from cellcontrast.cli import main  # noqa: E402
+from cellcontrast.export import (  # noqa: E402
+    REGISTERED_MODEL_NAME,
+    export_chain_to_onnx,
+    read_onnx_metadata,
+)
+
+N_GENES, N_CLASSES = 40, 5
+
+
+class TinyChain(torch.nn.Module):
+    """Obeys the chain contract: counts [B, G] -> probabilities [B, C], with an embed()."""
+
+    def __init__(self, n_genes: int = N_GENES, n_classes: int = N_CLASSES, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(n_genes, 16), torch.nn.ReLU())
+        self.component = torch.nn.Linear(16, 8)
+        self.head = torch.nn.Linear(8, n_classes)
+
+    def embed(self, counts):
+        x = torch.log1p(counts / counts.sum(1, keepdim=True).clamp_min(1.0) * 1e4)
+        return torch.nn.functional.normalize(self.component(self.encoder(x)), dim=-1)
+
+    def forward(self, counts):
+        return torch.softmax(self.head(self.embed(counts)), dim=-1)
+
+
+def tiny_config(**extra) -> dict:
+    config = {
+        "genes": [f"gene{i}" for i in range(N_GENES)],
+        "classes": [f"type_{c}" for c in "ABCDE"],
+        "base": "lr",
+        "component": "mlp",
+        "preprocessing": "normalise to 1e4; log1p",
+        "run_id": "abc123",
+        "metrics": {"val_macro_f1": 0.8, "test_top1": 0.75},
+    }
+    config.update(extra)
+    return config
+
+
+def _counts(n: int, n_genes: int = N_GENES, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.poisson(rng.uniform(0.2, 4.0, size=(n, 1)), size=(n, n_genes)).astype(np.float32)
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("onnx")
+    chain = TinyChain().eval()
+    path = export_chain_to_onnx(chain, tiny_config(), out_dir / "annotator.onnx")
+    return chain, path
+
+
+def test_single_file_and_checker(exported):
+    _, path = exported
+    assert sorted(p.name for p in path.parent.iterdir()) == ["annotator.onnx"]  # no side data, no temp
+    model = onnx.load_model(str(path), load_external_data=False)
+    onnx.checker.check_model(model, full_check=True)
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    assert [i.name for i in model.graph.input] == ["counts"]
+    assert model.graph.output[0].name == "probabilities"
+
+
+def test_metadata(exported):
+    _, path = exported
+    meta = read_onnx_metadata(path)
+    assert meta["genes"] == tiny_config()["genes"]
+    assert meta["classes"] == tiny_config()["classes"]
+    assert meta["base"] == "lr" and meta["component"] == "mlp"
+    assert meta["preprocessing"].startswith("normalise")
+    assert meta["run_id"] == "abc123"
+    assert meta["metrics"] == {"val_macro_f1": 0.8, "test_top1": 0.75}
+    assert meta["cellcontrast_version"] == __version__
+    assert meta["input_name"] == "counts"
+
+
+@pytest.mark.parametrize("batch", [1, 37])
+def test_dynamic_batch_matches_torch(exported, batch):
+    chain, path = exported
+    counts = _counts(batch, seed=batch)
+    counts[0] = 0.0  # an empty cell must not give NaN
+    (probs, *rest) = _session(path).run(None, {"counts": counts})
+    with torch.no_grad():
+        expected = chain(torch.from_numpy(counts)).numpy()
+    assert probs.shape == (batch, N_CLASSES)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    if rest:  # the embedding output, when exported
+        with torch.no_grad():
+            np.testing.assert_allclose(rest[0], chain.embed(torch.from_numpy(counts)).numpy(), atol=1e-5)
+
+
+def test_config_mismatch_is_input_error(tmp_path):
+    from cellcontrast.errors import InputError
+
+    with pytest.raises(InputError, match="classes"):
+        export_chain_to_onnx(TinyChain().eval(), tiny_config(classes=["a", "b"]), tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ real chains
+
+
+def _real_chains():
+    chain_mod = pytest.importorskip("cellcontrast.chain")
+    models = pytest.importorskip("cellcontrast.models")
+    components = pytest.importorskip("cellcontrast.components")
+    preprocessing = pytest.importorskip("cellcontrast.preprocessing")
+    counts = _counts(120, n_genes=60, seed=3)
+    torch.manual_seed(0)
+    out = []
+    lr = models.LogisticRegression(preprocessing.fit_preprocess("lr", counts, n_hvg=30), N_CLASSES)
+    out.append(("lr-none", chain_mod.Chain(lr.preprocess, lr.encoder, None, lr.head)))
+    act = models.Actinn(preprocessing.fit_preprocess("actinn", counts), N_CLASSES)
+    mls = components.MLSComponent(act.encoder.out_dim, N_CLASSES)
+    head = models.LinearHead(mls.out_dim, N_CLASSES)
+    out.append(("actinn-mls", chain_mod.Chain(act.preprocess, act.encoder, mls, head)))
+    dae = models.ScDAE(preprocessing.fit_preprocess("scdae", counts, n_hvg=30), N_CLASSES,
+                       encoder_dims=(32, 16, 8), classifier_dims=(8, 8))
+    mlp = components.MLPComponent(dae.encoder.out_dim)
+    head = models.ScdaeHead(mlp.out_dim, N_CLASSES, (8, 8), 0.5)
+    out.append(("scdae-mlp", chain_mod.Chain(dae.preprocess, dae.encoder, mlp, head)))
+    return chain_mod, out
+
+
+def test_real_chains_onnx_equals_torch(tmp_path):
+    chain_mod, chains = _real_chains()
+    genes = [f"g{i}" for i in range(60)]
+    classes = [f"t{i}" for i in range(N_CLASSES)]
+    for name, chain in chains:
+        chain.eval()
+        # Non-trivial batch-norm statistics, so that eval-mode BN is really exercised.
+        for module in chain.modules():
+            if isinstance(module, torch.nn.BatchNorm1d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+        model_dir = chain_mod.save_chain(chain, {"genes": genes, "class_names": classes}, tmp_path / name)
+        loaded, config = chain_mod.load_chain(model_dir)
+        path = export_chain_to_onnx(loaded, config, tmp_path / f"{name}.onnx")
+        assert read_onnx_metadata(path)["classes"] == classes
+        session = _session(path)
+        for batch in (1, 37):
+            counts = _counts(batch, n_genes=60, seed=batch + 7)
+            got = session.run(["probabilities"], {"counts": counts})[0]
+            with torch.no_grad():
+                want = loaded(torch.from_numpy(counts)).numpy()
+            np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
+
+
+# ------------------------------------------------------------------ the CLI and MLflow
+
+
+@pytest.fixture
+def fake_chain_module(monkeypatch):
+    """A stand-in `cellcontrast.chain` whose load_chain rebuilds TinyChain from a folder."""
+
+    def save(model_dir, seed=0, **extra):
+        model_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(TinyChain(seed=seed).state_dict(), model_dir / "chain.pt")
+        (model_dir / "config.json").write_text(json.dumps(tiny_config(**extra)))
+        return model_dir
+
+    def load_chain(model_dir):
+        chain = TinyChain()
+        chain.load_state_dict(torch.load(f"{model_dir}/chain.pt", weights_only=True))
+        return chain.eval(), json.loads(open(f"{model_dir}/config.json").read())
+
+    fake = types.ModuleType("cellcontrast.chain")
+    fake.load_chain = load_chain
+    monkeypatch.setitem(sys.modules, "cellcontrast.chain", fake)
+    return save
+
+
+def test_cli_model_dir_no_register(tmp_path, fake_chain_module, capsys):
+    model_dir = fake_chain_module(tmp_path / "chain")
+    out = tmp_path / "out" / "m.onnx"
+    assert main(["export", "--model-dir", str(model_dir), "--out", str(out), "--no-register"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert len(line.splitlines()) == 1 and str(out) in line and "val_macro_f1=0.8000" in line
+    assert read_onnx_metadata(out)["genes"] == tiny_config()["genes"]
+
+
+def test_cli_bad_sources_exit_2(tmp_path, fake_chain_module, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--model-dir", str(tmp_path / "nope"), "--out", str(out), "--no-register"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a folder" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["export", "--model-dir", str(tmp_path / "empty"), "--out", str(out), "--no-register"]) == 2
+    assert "chain.pt" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # artifacts land in ./mlruns under tmp_path
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    yield mlflow
+    mlflow.set_tracking_uri(None)
+
+
+def test_cli_mlflow_best_run_id_and_register(tmp_path, fake_chain_module, mlflow_store, capsys):
+    mlflow = mlflow_store
+    out = tmp_path / "best.onnx"
+    # No experiment yet: a clear error.
+    assert main(["export", "--best", "--experiment", "exp", "--out", str(out)]) == 2
+    assert "no MLflow experiment" in capsys.readouterr().err
+
+    mlflow.set_experiment("exp")
+    run_ids = {}
+    # The best validation F1 wins even though another run has the better TEST score.
+    for seed, (val, test) in enumerate([(0.70, 0.99), (0.90, 0.50), (0.80, 0.80)]):
+        with mlflow.start_run() as run:
+            model_dir = fake_chain_module(tmp_path / f"c{seed}", seed=seed)
+            mlflow.log_artifacts(str(model_dir), artifact_path="chain")
+            mlflow.log_metrics({"val_macro_f1": val, "test_top1": test})
+            run_ids[seed] = run.info.run_id
+    with mlflow.start_run():  # a better-scoring run without a chain is skipped
+        mlflow.log_metric("val_macro_f1", 0.99)
+    capsys.readouterr()
+
+    assert main(["export", "--best", "--experiment", "exp", "--out", str(out)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert run_ids[1] in line and "val_macro_f1=0.9000" in line and REGISTERED_MODEL_NAME in line
+    meta = read_onnx_metadata(out)
+    assert meta["run_id"] == run_ids[1]
+    assert meta["metrics"]["val_macro_f1"] == pytest.approx(0.9)
+    # ONNX from the downloaded chain equals the seed-1 chain.
+    counts = _counts(4)
+    with torch.no_grad():
+        want = TinyChain(seed=1)(torch.from_numpy(counts)).numpy()
+    np.testing.assert_allclose(_session(out).run(["probabilities"], {"counts": counts})[0], want, atol=1e-5)
+
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions(f"name='{REGISTERED_MODEL_NAME}'")
+    assert len(versions) == 1
+    export_run = client.get_run(versions[0].run_id)
+    assert export_run.data.tags["source_run_id"] == run_ids[1]
+
+    # --run-id, and the export run itself is never picked as "best".
+    out2 = tmp_path / "r0.onnx"
+    assert main(["export", "--run-id", run_ids[0], "--out", str(out2), "--no-register"]) == 0
+    assert read_onnx_metadata(out2)["run_id"] == run_ids[0]
+    capsys.readouterr()
+    assert main(["export", "--run-id", "0123456789abcdef", "--out", str(out2), "--no-register"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown MLflow run id" in err
+
+
+def test_export_from_cli_rejects_non_onnx_suffix(tmp_path):
+    from cellcontrast.errors import InputError
+    from cellcontrast.export import export_from_cli
+
+    args = Namespace(out=str(tmp_path / "m.txt"), model_dir="x", run_id=None, best=False,
+                     experiment="e", no_register=True)
+    with pytest.raises(InputError, match=r"\.onnx"):
+        export_from_cli(args)
+
+
+def test_exported_model_annotates_like_torch(exported, tmp_path):
+    """End to end: the exported file through `annotate` gives torch's probabilities."""
+    ad = pytest.importorskip("anndata")
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from cellcontrast.annotate import annotate
+
+    chain, path = exported
+    counts = _counts(25, seed=11)
+    genes = tiny_config()["genes"]
+    query = tmp_path / "q.h5ad"
+    # The query's genes are reversed: annotate must reorder them to the model's order.
+    query_counts = counts[:, ::-1].copy()
+    ad.AnnData(X=sp.csr_matrix(query_counts), var=pd.DataFrame(index=genes[::-1])).write_h5ad(query)
+    annotate(path, query, tmp_path / "out.h5ad", store_probabilities=True, batch_size=10, log=lambda *_: None)
+    got = ad.read_h5ad(tmp_path / "out.h5ad").obsm["cellcontrast_probabilities"]
+    with torch.no_grad():
+        want = chain(torch.from_numpy(counts)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)

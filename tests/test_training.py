@@ -1,0 +1,158 @@
+"""The four-step procedure on a tiny simulated problem (6 types x 60 cells x 200 genes)."""
+
+import time
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from cellcontrast.chain import predict_proba
+from cellcontrast.metrics import classification_metrics
+from cellcontrast.training import (
+    DEFAULT_PARAMS,
+    build_chain,
+    embed_frozen,
+    fit_base,
+    fit_chain,
+    fit_component,
+    train_component,
+    train_head_on_component,
+)
+
+torch.set_num_threads(1)
+N_CLASSES = 6
+# Small budgets; lr raised because the tiny train split gives only 2-8 steps per epoch.
+BASE_PARAMS = {
+    "lr": {"lr": 1e-2, "epochs": 30},
+    "actinn": {"lr": 3e-3, "epochs": 40},
+    "scdae": {"n_hvg": 100, "ae_epochs": 3, "classifier_epochs": 20, "finetune_epochs": 5},
+}
+COMPONENT_PARAMS = {"max_epochs": 15, "patience": 5, "head": {"lr": 1e-2, "epochs": 40}}
+
+
+def simulate(n_classes=N_CLASSES, per_class=60, n_genes=200, seed=0):
+    """Negative-binomial counts with class-specific marker genes (rows shuffled)."""
+    rng = np.random.default_rng(seed)
+    means = np.tile(rng.gamma(1.0, 1.0, n_genes), (n_classes, 1))
+    for c in range(n_classes):
+        markers = rng.choice(n_genes, 30, replace=False)
+        means[c, markers] *= rng.uniform(4, 8, 30)
+    y = np.repeat(np.arange(n_classes), per_class)
+    mu = means[y] * rng.lognormal(0, 0.3, y.size)[:, None]
+    counts = rng.negative_binomial(2, 2 / (2 + mu)).astype(np.float32)
+    order = rng.permutation(y.size)
+    return sp.csr_matrix(counts[order]), y[order]
+
+
+@pytest.fixture(scope="module")
+def splits():
+    x, y = simulate()
+    tr, va, te = slice(0, 240), slice(240, 300), slice(300, 360)
+    return {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": (x[te], y[te])}
+
+
+@pytest.fixture(scope="module")
+def bases(splits):
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    out = {}
+    for base, params in BASE_PARAMS.items():
+        start = time.perf_counter()
+        out[base] = fit_base(xt, yt, xv, yv, N_CLASSES, base, params, seed=0)
+        out[base].fit_seconds = time.perf_counter() - start
+    return out
+
+
+def top1_on_test(chain, splits):
+    x, y = splits["test"]
+    return classification_metrics(y, predict_proba(chain, x), N_CLASSES)["top1"]
+
+
+@pytest.mark.parametrize("base", sorted(BASE_PARAMS))
+def test_each_base_learns_the_problem(base, bases, splits):
+    top1 = top1_on_test(build_chain(bases[base]), splits)
+    print(f"{base}: top1 {top1:.3f} in {bases[base].fit_seconds:.2f}s")
+    assert top1 > 0.8  # chance is 1/6
+
+
+@pytest.mark.parametrize("base", sorted(BASE_PARAMS))
+@pytest.mark.parametrize("component", ["mlp", "mls"])
+def test_component_leaves_base_untouched_and_learns(base, component, bases, splits):
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    model = bases[base]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    h, head = fit_component(model, xt, yt, xv, yv, N_CLASSES, component, COMPONENT_PARAMS, seed=0)
+    for k, v in model.state_dict().items():  # preprocess, encoder, old head, decoder, BN stats
+        assert torch.equal(v, before[k]), k
+    assert not any(p.requires_grad for p in h.parameters())
+    assert head is not model.head
+    chain = build_chain(model, h, head)
+    assert top1_on_test(chain, splits) > 0.5  # chance is 1/6; components may lose to the base
+
+
+@pytest.mark.parametrize("component", ["mlp", "mls"])
+def test_step4_does_not_change_h(component, bases, splits):
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    model = bases["scdae"]
+    z_train, z_val = embed_frozen(model, xt), embed_frozen(model, xv)
+    h = train_component(z_train, yt, z_val, yv, N_CLASSES, component, COMPONENT_PARAMS, seed=0)
+    snapshot = {k: v.clone() for k, v in h.state_dict().items()}
+    train_head_on_component(model, h, z_train, yt, z_val, yv, N_CLASSES, {"epochs": 5}, seed=0)
+    for k, v in h.state_dict().items():
+        assert torch.equal(v, snapshot[k]), k
+
+
+def test_same_seed_same_model_different_seed_different_weights(splits):
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    x_test = splits["test"][0]
+    params = {"actinn": {"lr": 3e-3, "epochs": 3}, "mls": {"max_epochs": 3, "head": {"epochs": 3}}}
+
+    def run(seed):
+        return fit_chain(xt, yt, xv, yv, N_CLASSES, "actinn", "mls", params, seed=seed)
+
+    a, b, c = run(0), run(0), run(1)
+    np.testing.assert_array_equal(predict_proba(a, x_test), predict_proba(b, x_test))
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    assert not torch.equal(a.state_dict()["encoder.layers.0.weight"], c.state_dict()["encoder.layers.0.weight"])
+    assert not torch.equal(a.state_dict()["component.latent.weight"], c.state_dict()["component.latent.weight"])
+
+
+def test_scdae_is_seeded(splits):
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    params = {"n_hvg": 50, "encoder_dims": [32, 16, 8], "classifier_dims": [8, 8],
+              "ae_epochs": 1, "classifier_epochs": 2, "finetune_epochs": 1}
+    a = fit_base(xt, yt, xv, yv, N_CLASSES, "scdae", params, seed=3)
+    b = fit_base(xt, yt, xv, yv, N_CLASSES, "scdae", params, seed=3)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_log_reports_every_stage_and_selection_uses_validation(splits):
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    records = []
+    chain = fit_chain(xt, yt, xv, yv, N_CLASSES, "lr", "mlp",
+                      {"lr": {"epochs": 3}, "mlp": {"max_epochs": 2, "head": {"epochs": 2}}},
+                      seed=0, log=lambda stage, epoch, m: records.append((stage, epoch, m)))
+    stages = {r[0] for r in records}
+    assert stages == {"lr", "mlp_component", "mlp_head"}
+    assert all("loss" in m for _, _, m in records)
+    assert all("val_macro_f1" in m for s, _, m in records if s != "mlp_component")
+    assert chain.has_component
+
+
+def test_fit_chain_without_component_uses_the_base_head(splits):
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    chain = fit_chain(xt, yt, xv, yv, N_CLASSES, "lr", "none", {"lr": {"epochs": 2}}, seed=0)
+    assert not chain.has_component
+    assert chain.head.in_dim == chain.preprocess.out_dim
+
+
+def test_params_are_validated():
+    assert {"lr", "actinn", "scdae", "mlp", "mls"} <= set(DEFAULT_PARAMS)
+    assert DEFAULT_PARAMS["mlp"]["temperature"] == 0.1
+    x, y = simulate(per_class=5)
+    with pytest.raises(ValueError):
+        fit_base(x, y, x, y, N_CLASSES, "lr", {"epoch": 3})
+    with pytest.raises(ValueError):
+        fit_base(x, y, x, y, N_CLASSES, "svm", {})
