@@ -34,3 +34,32 @@ def small_params(tmp_path_factory):
         "  natural: {k: 12, cap: 200, equalize: false, fractions: [0.8, 0.1, 0.1]}\n"
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_split(small_atlas_path, tmp_path_factory):
+    """A small Default-like split (8 types x 60 cells, 200 genes) on disk."""
+    from cellcontrast.splits import split_atlas_to_dir
+
+    out = tmp_path_factory.mktemp("split") / "default" / "seed0"
+    split_atlas_to_dir(small_atlas_path, "default", 0, out,
+                       settings={"settings": {"default": {"k": 8, "cap": 60}}})
+    return out
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """An isolated MLflow store (sqlite + artifacts) in tmp_path, and the cwd there."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+FAST_PARAMS = {
+    "lr": {"epochs": 5},
+    "actinn": {"epochs": 4},
+    "scdae": {"ae_epochs": 1, "classifier_epochs": 3, "finetune_epochs": 1},
+    "mlp": {"max_epochs": 4},
+    "mls": {"max_epochs": 4},
+}

@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="params file with the settings (default: params.yaml)")
     _add_atlas_options(p)
 
+    p = sub.add_parser("holdout", help="write the atlas cells a split left out, as a labelled query")
+    p.add_argument("--atlas", required=True)
+    p.add_argument("--split-dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-cells", type=int, default=None)
+
     p = sub.add_parser("train", help="train one base model, optionally with a contrastive component (one MLflow run)")
     p.add_argument("--split-dir", required=True, help="folder with train/val/test.h5ad and split.json")
     p.add_argument("--base", required=True, choices=["lr", "actinn", "scdae"])
@@ -81,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="best parameters as JSON")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--experiment", default="cellcontrast-tuning")
+
+    p = sub.add_parser("tune-setting", help="tune every base and component of one setting (seed 0's validation split)")
+    p.add_argument("--setting", required=True)
+    p.add_argument("--params", default="params.yaml")
 
     p = sub.add_parser("grid", help="train every setting x seed x base x component with the tuned parameters")
     p.add_argument("--params", default="params.yaml")
@@ -104,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--best", action="store_true", help="the chain with the best validation macro F1 in MLflow")
     p.add_argument("--out", required=True, help="output .onnx")
     p.add_argument("--experiment", default="cellcontrast")
+    p.add_argument("--setting", default=None, help="with --best: only runs of this setting")
+    p.add_argument("--seed", default=None, help="with --best: only runs of this split seed")
     p.add_argument("--no-register", action="store_true", help="do not log/register the model in MLflow")
 
     p = sub.add_parser("annotate", help="annotate cells with an exported ONNX model (no torch needed)")
@@ -140,6 +152,14 @@ def _dispatch(args: argparse.Namespace) -> None:
             filters=_parse_filters(args.filter),
         )
         print(json.dumps({k: info[k] for k in ("setting", "k", "n_per_type", "seed", "n_cells")}))
+    elif cmd == "holdout":
+        from cellcontrast.splits import write_holdout_query
+
+        write_holdout_query(args.atlas, args.split_dir, args.out, args.max_cells)
+    elif cmd == "tune-setting":
+        from cellcontrast.pipeline import tune_setting_from_params
+
+        tune_setting_from_params(args.params, args.setting)
     elif cmd == "train":
         from cellcontrast.experiment import train_from_cli
 

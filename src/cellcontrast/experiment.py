@@ -182,7 +182,7 @@ def train_cell(
                     base_run_id = done.info.run_id
                 continue
         started = time.time()
-        with mlflow.start_run(run_name=cell.replace("/", "-"), tags=run_tags) as run:
+        with mlflow.start_run(run_name=cell.replace("/", "-"), tags={**run_tags, **tracking.parent_tags()}) as run:
             mlflow.set_tags({"base": base, "component": component, "setting": setting,
                              "seed": str(info["seed"]), "model_seed": str(seed), **(tags or {})})
             mlflow.log_params(tracking.flatten(resolved))

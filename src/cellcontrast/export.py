@@ -345,8 +345,9 @@ def _tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
-def find_best_run(client, experiment: str):
-    """The FINISHED run of `experiment` with a chain and the highest validation macro F1."""
+def find_best_run(client, experiment: str, tags: dict[str, str] | None = None):
+    """The FINISHED run of `experiment` with a chain and the highest validation macro F1,
+    among runs whose tags match `tags` (for example one setting and seed)."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise InputError(
@@ -354,7 +355,9 @@ def find_best_run(client, experiment: str):
         )
     runs = client.search_runs(
         [exp.experiment_id],
-        filter_string="attributes.status = 'FINISHED'",
+        filter_string=" and ".join(
+            ["attributes.status = 'FINISHED'"] + [f"tags.{k} = '{v}'" for k, v in (tags or {}).items()]
+        ),
         order_by=[f"metrics.{SELECTION_METRIC} DESC"],
         max_results=5000,
     )
@@ -419,7 +422,8 @@ def export_from_cli(args) -> Path:
 
             client = MlflowClient()
             if args.best:
-                run = find_best_run(client, args.experiment)
+                wanted = {k: str(v) for k, v in (("setting", args.setting), ("seed", args.seed)) if v is not None}
+                run = find_best_run(client, args.experiment, wanted)
             else:
                 run = _get_run(client, args.run_id)
             source_run_id = run.info.run_id

@@ -149,3 +149,26 @@ def read_split(split_dir: str | Path, parts=PARTS) -> tuple[dict, dict[str, ad.A
         raise InputError(f"{split_dir} is not a split folder (no split.json); make one with `cellcontrast split`")
     info = json.loads(meta.read_text())
     return info, {p: open_h5ad(split_dir / f"{p}.h5ad") for p in parts}
+
+
+def write_holdout_query(atlas: str | Path, split_dir: str | Path, out: str | Path,
+                        max_cells: int | None = None, seed: int = 0) -> int:
+    """Write the atlas cells of the split's types that the split left out: a query that no
+    model trained on this split has seen, with its true labels. Returns the number of cells."""
+    info, parts = read_split(split_dir)
+    used = set()
+    for part in parts.values():
+        used.update(part.obs_names)
+    src = info["source"]
+    adata = read_atlas(atlas, label_key=src["label_key"], layer=src["layer"], filters=src["filters"])
+    keep = adata.obs[LABEL].astype(str).isin(info["classes"]).to_numpy() & ~adata.obs_names.isin(list(used))
+    rows = np.flatnonzero(keep)
+    if rows.size == 0:
+        raise InputError(f"every cell of the split's types in {atlas} is in the split; no held-out query is left")
+    if max_cells and rows.size > max_cells:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_cells, replace=False))
+    query = adata[rows].copy()
+    with atomic_path(out) as tmp:
+        query.write_h5ad(tmp)
+    print(f"wrote {out}: {query.n_obs} held-out cells of {len(info['classes'])} types", file=sys.stderr)
+    return int(query.n_obs)

@@ -19,10 +19,24 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def setup(experiment: str) -> str:
-    """Point MLflow at the configured store and experiment; returns the experiment id."""
+    """Point MLflow at the configured store and experiment; returns the experiment id.
+
+    Under `mlflow run`, MLFLOW_RUN_ID names the project's own run; `start_run()` would reuse
+    it for every training. We take it out of the environment and nest our runs under it.
+    """
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
+    project_run = os.environ.pop("MLFLOW_RUN_ID", None)
+    if project_run:
+        os.environ["CELLCONTRAST_PARENT_RUN_ID"] = project_run
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     return mlflow.set_experiment(experiment).experiment_id
+
+
+def parent_tags() -> dict[str, str]:
+    """Tags that nest a run under the `mlflow run` project run, when there is one."""
+    parent = os.environ.get("CELLCONTRAST_PARENT_RUN_ID")
+    return {"mlflow.parentRunId": parent} if parent else {}
 
 
 def flatten(params: dict, prefix: str = "") -> dict[str, str]:
