@@ -32,6 +32,16 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider
 
+# Peers (CellTypist 1.7.1 cannot train with scikit-learn >= 1.8) live in their own venv.
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed:
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q "celltypist==1.7.1" "scikit-learn==1.7.2" anndata scanpy 2>&1 | grep -v "is ignored" || true
+	$(BENCH_VENV)/bin/python -c "import celltypist, sklearn; assert sklearn.__version__ == '1.7.2'"
+	touch $@
+
+bench-venv: $(BENCH_VENV)/.installed
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 

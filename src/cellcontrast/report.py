@@ -1,0 +1,450 @@
+"""The paper's Table 1 and Figure 2 from the grid's results, as files, DVC metrics/plots and MLflow.
+
+Input: the grid's results table (``reports/results.csv``), one row per setting x seed x base x
+component with the test metrics ``test_top1``, ``test_top3``, ``test_macro_f1``.
+
+Output (in ``out_dir``, every file written atomically):
+
+- ``table1.md``: one Markdown table per setting; rows are base x {Base, MLP, MLS}, cells
+  "mean ± sd" over seeds (sd with ddof=1), n = number of seeds. The best mean of each metric
+  within a base model is **bold**; an asterisk marks the best mean of the whole setting.
+- ``table1.csv``: the same numbers in long format
+  (setting, base, component, model, metric, mean, sd, n, best_in_base, best_in_setting).
+- ``figure2.png``: one panel per setting, ln(mean top-1 of a model / mean top-1 of vanilla LR);
+  error bar = sd over seeds of log(top-1 of the model in that seed / mean top-1 of vanilla LR),
+  i.e. the model's own spread across seeds on the scale of the bar (as the paper's caption says,
+  "the standard deviation of the given model's performance"), so vanilla LR has a bar too.
+- ``figure2.csv``: the bars of Figure 2 for ``dvc plots`` (setting, model, log_fold_change, sd,
+  n, base, component); ``model`` is "<setting>: <display name>", unique across settings, so
+  a bar template does not stack the settings onto each other.
+- ``metrics.json``: DVC metrics, ``{setting: {"base+component": {top1, top3, macro_f1}}}`` (means).
+
+With ``log_to_mlflow`` the files are also logged to one MLflow run (name "report", tag
+``kind=report``) with every mean as a metric named ``<setting>.<base>-<component>.<metric>``
+(MLflow names may not contain "+").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cellcontrast.errors import InputError
+from cellcontrast.files import atomic_path
+
+SETTING_ORDER = ("default", "scarce", "natural")
+SETTING_NAMES = {"default": "Default", "scarce": "Data Scarce", "natural": "Natural"}
+BASE_ORDER = ("lr", "actinn", "scdae")
+BASE_NAMES = {"lr": "LR", "actinn": "ACTINN", "scdae": "scDAE"}
+COMPONENT_ORDER = ("none", "mlp", "mls")
+COMPONENT_NAMES = {"none": "Base", "mlp": "MLP", "mls": "MLS"}
+# metric key -> (results column, column title in Table 1)
+METRICS = {"top1": ("test_top1", "Top-1"), "top3": ("test_top3", "Top-3"),
+           "macro_f1": ("test_macro_f1", "F1")}
+KEYS = ["setting", "seed", "base", "component"]
+
+# The paper's Table 1 (top-1, top-3, macro F1), shown under our tables for reference.
+PAPER_TABLE1 = {
+    "default": {
+        ("lr", "none"): (0.9285, 0.9935, 0.8633), ("lr", "mlp"): (0.9267, 0.9915, 0.8445),
+        ("lr", "mls"): (0.9303, 0.9926, 0.8690),
+        ("actinn", "none"): (0.9174, 0.9864, 0.8165), ("actinn", "mlp"): (0.9111, 0.9826, 0.7886),
+        ("actinn", "mls"): (0.9135, 0.9824, 0.7879),
+        ("scdae", "none"): (0.9238, 0.9868, 0.8660), ("scdae", "mlp"): (0.9221, 0.9793, 0.8615),
+        ("scdae", "mls"): (0.9222, 0.9796, 0.8633),
+    },
+    "scarce": {
+        ("lr", "none"): (0.8188, 0.9570, 0.8148), ("lr", "mlp"): (0.8349, 0.9516, 0.8302),
+        ("lr", "mls"): (0.8908, 0.9750, 0.8880),
+        ("actinn", "none"): (0.6285, 0.7761, 0.5771), ("actinn", "mlp"): (0.3849, 0.5881, 0.3177),
+        ("actinn", "mls"): (0.4416, 0.6434, 0.3754),
+        ("scdae", "none"): (0.8848, 0.9732, 0.8803), ("scdae", "mlp"): (0.8787, 0.9688, 0.8739),
+        ("scdae", "mls"): (0.8777, 0.9665, 0.8734),
+    },
+}
+
+NO_RESULTS = "no results at {path}; run the grid first (`cellcontrast grid` or `dvc repro`)"
+
+
+# ----------------------------------------------------------------------------- naming and order
+
+
+def model_name(base: str, component: str) -> str:
+    """Display name as in the paper: "LR", "LR + MLP", "scDAE + MLS"."""
+    name = BASE_NAMES.get(base, base)
+    return name if component == "none" else f"{name} + {COMPONENT_NAMES.get(component, component)}"
+
+
+def _ordered(values, order) -> list[str]:
+    """Known values in `order`, then any others in sorted order."""
+    present = {str(v) for v in values}
+    return [v for v in order if v in present] + sorted(present - set(order))
+
+
+def settings_in(results: pd.DataFrame) -> list[str]:
+    """The settings present, in the order default, scarce, natural (then any others)."""
+    return _ordered(results["setting"].unique(), SETTING_ORDER)
+
+
+# ----------------------------------------------------------------------------- tidy input
+
+
+def clean_results(results: pd.DataFrame) -> pd.DataFrame:
+    """Check the columns, normalise identifiers to strings and keep one row per grid cell.
+
+    A grid cell listed twice (a re-run appended to the table) keeps its last row.
+    """
+    needed = KEYS + [col for col, _ in METRICS.values()]
+    missing = [c for c in needed if c not in results.columns]
+    if missing:
+        raise InputError(f"results lack the column(s) {', '.join(missing)}; expected {', '.join(needed)}")
+    df = results.copy()
+    for col in ("setting", "base", "component"):
+        df[col] = df[col].astype(str).str.strip()
+    for col, _ in METRICS.values():
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    return df.drop_duplicates(subset=KEYS, keep="last").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- Table 1
+
+
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    """Long table: setting, base, component, model, metric, mean, sd (ddof=1), n, and the marks.
+
+    ``best_in_base``: the best mean of that metric among the components of that base in that
+    setting; ``best_in_setting``: the best mean of that metric in the whole setting. Ties are
+    all marked. Missing values (NaN) are left out of mean, sd and n.
+    """
+    df = clean_results(results)
+    rows = []
+    for (setting, base, component), group in df.groupby(["setting", "base", "component"], sort=False):
+        for metric, (col, _) in METRICS.items():
+            values = group[col].dropna().to_numpy(dtype=float)
+            n = len(values)
+            rows.append({
+                "setting": setting, "base": base, "component": component,
+                "model": model_name(base, component), "metric": metric,
+                "mean": float(values.mean()) if n else math.nan,
+                "sd": float(values.std(ddof=1)) if n > 1 else math.nan,
+                "n": n,
+            })
+    out = pd.DataFrame(rows, columns=["setting", "base", "component", "model", "metric", "mean", "sd", "n"])
+    if out.empty:
+        out["best_in_base"] = pd.Series(dtype=bool)
+        out["best_in_setting"] = pd.Series(dtype=bool)
+        return out
+
+    def is_best(means: pd.Series) -> pd.Series:
+        best = means.max()
+        return means.notna() & np.isclose(means.fillna(-np.inf), best, rtol=0, atol=1e-12)
+
+    out["best_in_base"] = out.groupby(["setting", "base", "metric"])["mean"].transform(is_best).astype(bool)
+    out["best_in_setting"] = out.groupby(["setting", "metric"])["mean"].transform(is_best).astype(bool)
+    # A stable, readable order: settings, bases, components, metrics as the paper has them.
+    out["_s"] = out["setting"].map({s: i for i, s in enumerate(settings_in(out))})
+    out["_b"] = out["base"].map({b: i for i, b in enumerate(_ordered(out["base"].unique(), BASE_ORDER))})
+    out["_c"] = out["component"].map(
+        {c: i for i, c in enumerate(_ordered(out["component"].unique(), COMPONENT_ORDER))})
+    out["_m"] = out["metric"].map({m: i for i, m in enumerate(METRICS)})
+    out = out.sort_values(["_s", "_b", "_c", "_m"]).drop(columns=["_s", "_b", "_c", "_m"])
+    return out.reset_index(drop=True)
+
+
+def format_cell(mean: float, sd: float, bold: bool = False, star: bool = False, digits: int = 4) -> str:
+    """A "mean ± sd" cell, **bold** when best in its base, with an asterisk when best overall."""
+    if mean is None or not np.isfinite(mean):
+        return ""
+    text = f"{mean:.{digits}f} ± {sd:.{digits}f}" if sd is not None and np.isfinite(sd) else f"{mean:.{digits}f}"
+    if bold:
+        text = f"**{text}**"
+    if star:
+        text += "\\*"
+    return text
+
+
+def table1_frame(summary: pd.DataFrame, setting: str) -> pd.DataFrame:
+    """Table 1 of one setting as display strings: Model, Top-1, Top-3, F1, n.
+
+    Rows are every base x every component present in the results (all settings), so a
+    component that is missing for a base shows as a blank row rather than disappearing.
+    """
+    bases = _ordered(summary["base"].unique(), BASE_ORDER)
+    components = _ordered(summary["component"].unique(), COMPONENT_ORDER)
+    sub = summary[summary["setting"] == setting].set_index(["base", "component", "metric"])
+    rows = []
+    for base in bases:
+        for component in components:
+            row = {"Model": model_name(base, component)}
+            ns = []
+            for metric, (_, title) in METRICS.items():
+                key = (base, component, metric)
+                if key in sub.index:
+                    r = sub.loc[key]
+                    row[title] = format_cell(r["mean"], r["sd"], bool(r["best_in_base"]), bool(r["best_in_setting"]))
+                    ns.append(int(r["n"]))
+                else:
+                    row[title] = ""
+            row["n"] = str(max(ns)) if ns else ""
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["Model", *[t for _, t in METRICS.values()], "n"])
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(cols) + " |",
+             "|" + "|".join([":---"] + ["---:"] * (len(cols) - 1)) + "|"]
+    for _, row in frame.iterrows():
+        lines.append("| " + " | ".join(str(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _paper_line(setting: str) -> str | None:
+    ref = PAPER_TABLE1.get(setting)
+    if not ref:
+        return None
+    parts = [f"{model_name(b, c)} {v[0]:.4f}/{v[1]:.4f}/{v[2]:.4f}" for (b, c), v in ref.items()]
+    return "Paper (Table 1, Top-1/Top-3/F1): " + "; ".join(parts) + "."
+
+
+def table1_markdown(summary: pd.DataFrame, paper_reference: bool = True) -> str:
+    """Table 1 as Markdown: one section per setting (default, scarce, natural order)."""
+    sections = ["# Table 1: test performance, mean ± sd over seeds",
+                "Bold: best mean of the metric within the base model. \\*: best mean in the setting."]
+    for setting in settings_in(summary):
+        sections.append(f"## {SETTING_NAMES.get(setting, setting)} (`{setting}`)")
+        sections.append(_markdown_table(table1_frame(summary, setting)))
+        line = _paper_line(setting) if paper_reference else None
+        if line:
+            sections.append(line)
+    return "\n\n".join(sections) + "\n"
+
+
+# ----------------------------------------------------------------------------- Figure 2
+
+
+def figure2_data(results: pd.DataFrame) -> pd.DataFrame:
+    """The bars of Figure 2: log(mean top-1 of a model / mean top-1 of vanilla LR), per setting.
+
+    ``sd`` is the sd (ddof=1) over seeds of log(top-1 of the model in a seed / mean top-1 of
+    vanilla LR). A setting without a vanilla LR run has no reference and no bars.
+    """
+    df = clean_results(results)
+    cols = ["setting", "model", "log_fold_change", "sd", "n", "base", "component"]
+    rows = []
+    for setting in settings_in(df):
+        sub = df[df["setting"] == setting]
+        ref = sub.loc[(sub["base"] == "lr") & (sub["component"] == "none"), "test_top1"].dropna()
+        if ref.empty or not ref.mean() > 0:
+            continue
+        ref_mean = float(ref.mean())
+        for base in _ordered(sub["base"].unique(), BASE_ORDER):
+            for component in _ordered(sub["component"].unique(), COMPONENT_ORDER):
+                acc = sub.loc[(sub["base"] == base) & (sub["component"] == component), "test_top1"].dropna()
+                acc = acc[acc > 0]
+                if acc.empty:
+                    continue
+                per_seed = np.log(acc.to_numpy(dtype=float) / ref_mean)
+                rows.append({
+                    "setting": setting,
+                    "model": f"{setting}: {model_name(base, component)}",
+                    "log_fold_change": float(np.log(acc.mean() / ref_mean)),
+                    "sd": float(per_seed.std(ddof=1)) if len(per_seed) > 1 else math.nan,
+                    "n": len(per_seed), "base": base, "component": component,
+                })
+    return pd.DataFrame(rows, columns=cols)
+
+
+def figure2(results: pd.DataFrame):
+    """Figure 2 as a matplotlib Figure (object API: no pyplot, no global backend change)."""
+    from matplotlib.figure import Figure
+
+    data = figure2_data(results)
+    settings = settings_in(clean_results(results))
+    fig = Figure(figsize=(4.6 * max(len(settings), 1) + 1.4, 4.4), layout="constrained")
+    # own y scale per panel: a collapse in one setting must not flatten the others
+    axes = fig.subplots(1, max(len(settings), 1), squeeze=False)[0]
+    colours = {"none": "#4c72b0", "mlp": "#dd8452", "mls": "#55a868"}
+    extra = iter(["#c44e52", "#8172b3", "#937860"])
+    for ax, setting in zip(axes, settings, strict=False):
+        sub = data[data["setting"] == setting]
+        ax.axhline(0.0, color="black", linewidth=0.9)
+        ax.set_title(SETTING_NAMES.get(setting, setting), fontsize=12)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+        if sub.empty:
+            ax.text(0.5, 0.5, "no vanilla LR run:\nno reference", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=10)
+            ax.set_xticks([])
+            continue
+        bases = _ordered(sub["base"].unique(), BASE_ORDER)
+        components = _ordered(sub["component"].unique(), COMPONENT_ORDER)
+        width = 0.8 / len(components)
+        x = np.arange(len(bases))
+        for j, component in enumerate(components):
+            part = sub[sub["component"] == component].set_index("base").reindex(bases)
+            colour = colours.get(component) or next(extra, "grey")
+            ax.bar(x + (j - (len(components) - 1) / 2) * width, part["log_fold_change"].to_numpy(),
+                   width * 0.95, yerr=part["sd"].fillna(0).to_numpy(), capsize=3, color=colour,
+                   ecolor="#333333", label=COMPONENT_NAMES.get(component, component))
+        ax.set_xticks(x, [BASE_NAMES.get(b, b) for b in bases], fontsize=11)
+        ax.set_xlabel("base model", fontsize=11)
+        ax.tick_params(axis="y", labelsize=10)
+    axes[0].set_ylabel("ln(top-1 / top-1 of vanilla LR)", fontsize=11)
+    handles, labels = [], []
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    if handles:
+        fig.legend(handles, labels, title="component", fontsize=10, title_fontsize=10,
+                   loc="outside right center", frameon=False)
+    fig.suptitle("Figure 2: log fold change of top-1 accuracy against vanilla LR "
+                 "(error bars: sd over seeds)", fontsize=11)
+    return fig
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def metrics_dict(summary: pd.DataFrame) -> dict:
+    """``{setting: {"base+component": {"top1": mean, "top3": mean, "macro_f1": mean}}}``; NaN -> null."""
+    out: dict = {}
+    for _, r in summary.iterrows():
+        value = float(r["mean"]) if np.isfinite(r["mean"]) else None
+        out.setdefault(r["setting"], {}).setdefault(f"{r['base']}+{r['component']}", {})[r["metric"]] = value
+    return out
+
+
+def mlflow_metrics(metrics: dict) -> dict[str, float]:
+    """Flat MLflow metric names, ``default.lr-mls.top1`` ("+" is not allowed in MLflow names)."""
+    return {f"{setting}.{model.replace('+', '-')}.{metric}": value
+            for setting, models in metrics.items() for model, values in models.items()
+            for metric, value in values.items() if value is not None}
+
+
+# ----------------------------------------------------------------------------- per-class F1
+
+
+def rarest_classes(per_class: pd.DataFrame, n: int = 10) -> pd.DataFrame:
+    """The `n` classes with the lowest support (ties: lowest F1), mean F1 per model as columns.
+
+    `per_class` holds the runs' ``per_class_f1.csv`` rows joined with ``base`` and
+    ``component`` (and any number of seeds). Returns one row per class: mean support, then
+    one column of mean F1 per model (display names, in table order).
+    """
+    df = per_class.copy()
+    df["model"] = [model_name(b, c) for b, c in zip(df["base"], df["component"], strict=True)]
+    by_class = df.groupby("class").agg(support=("support", "mean"), mean_f1=("f1", "mean"))
+    chosen = by_class.sort_values(["support", "mean_f1"]).head(n).index
+    wide = df[df["class"].isin(chosen)].pivot_table(index="class", columns="model", values="f1", aggfunc="mean")
+    order = [model_name(b, c) for b in _ordered(df["base"].unique(), BASE_ORDER)
+             for c in _ordered(df["component"].unique(), COMPONENT_ORDER)]
+    wide = wide[[m for m in order if m in wide.columns]]
+    out = by_class.loc[chosen, ["support"]].join(wide)
+    out.columns.name = None
+    return out
+
+
+def worst_classes(per_class: pd.DataFrame, n: int = 10) -> pd.DataFrame:
+    """Per model, its `n` classes with the lowest mean F1: rank 1..n x model, "class (F1)"."""
+    df = per_class.copy()
+    df["model"] = [model_name(b, c) for b, c in zip(df["base"], df["component"], strict=True)]
+    mean = df.groupby(["model", "class"], as_index=False)["f1"].mean()
+    order = [model_name(b, c) for b in _ordered(df["base"].unique(), BASE_ORDER)
+             for c in _ordered(df["component"].unique(), COMPONENT_ORDER)]
+    columns = {}
+    for model in [m for m in order if m in set(mean["model"])]:
+        worst = mean[mean["model"] == model].sort_values(["f1", "class"]).head(n)
+        columns[model] = [f"{c} ({f:.2f})" for c, f in zip(worst["class"], worst["f1"], strict=True)]
+    out = pd.DataFrame({m: pd.Series(v, dtype=object) for m, v in columns.items()})
+    out.index = pd.RangeIndex(1, len(out) + 1, name="rank")
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def make_report(results: pd.DataFrame, out_dir, log_to_mlflow: bool = True,
+                experiment: str = "cellcontrast") -> dict[str, Path]:
+    """Write Table 1, Figure 2, DVC metrics and plots into `out_dir`; returns {name: path}.
+
+    Names: ``table1_md``, ``table1_csv``, ``figure2_png``, ``figure2_csv``, ``metrics_json``.
+    With `log_to_mlflow`, logs them to one MLflow run "report" (tag ``kind=report``).
+    """
+    df = clean_results(results)
+    if df.empty:
+        raise InputError("the results table has no rows; run the grid first (`cellcontrast grid` or `dvc repro`)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / file for name, file in (
+        ("table1_md", "table1.md"), ("table1_csv", "table1.csv"), ("figure2_png", "figure2.png"),
+        ("figure2_csv", "figure2.csv"), ("metrics_json", "metrics.json"))}
+
+    summary = summarize(df)
+    _write_text(paths["table1_md"], table1_markdown(summary))
+    with atomic_path(paths["table1_csv"]) as tmp:
+        summary.to_csv(tmp, index=False)
+    with atomic_path(paths["figure2_csv"]) as tmp:
+        figure2_data(df).to_csv(tmp, index=False)
+    fig = figure2(df)
+    with atomic_path(paths["figure2_png"]) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    metrics = metrics_dict(summary)
+    _write_text(paths["metrics_json"], json.dumps(metrics, indent=2) + "\n")
+
+    if log_to_mlflow:
+        _log_to_mlflow(paths, metrics, df, experiment)
+    return paths
+
+
+def _log_to_mlflow(paths: dict[str, Path], metrics: dict, results: pd.DataFrame, experiment: str) -> None:
+    from cellcontrast import tracking
+
+    mlflow = tracking.mlflow
+    tracking.setup(experiment)
+    with mlflow.start_run(run_name="report", tags={"kind": "report", **tracking.parent_tags()}):
+        mlflow.log_params({"settings": ",".join(settings_in(results)),
+                           "n_runs": len(results),
+                           "n_seeds": int(results["seed"].nunique())})
+        for name in ("table1_md", "table1_csv", "figure2_png", "figure2_csv", "metrics_json"):
+            mlflow.log_artifact(str(paths[name]))
+        flat = mlflow_metrics(metrics)
+        if flat:
+            mlflow.log_metrics(flat)
+
+
+def report_from_cli(args) -> None:
+    """`cellcontrast report`: options from params.yaml's `report:` section."""
+    from cellcontrast.params import load_params
+
+    cfg = load_params(args.params).get("report") or {}
+    results_path = Path(cfg.get("results", "reports/results.csv"))
+    out_dir = cfg.get("out_dir", "reports")
+    experiment = cfg.get("experiment", "cellcontrast")
+    log = bool(cfg.get("log_to_mlflow", True))
+    message = NO_RESULTS.format(path=results_path)
+    if not results_path.is_file() or results_path.stat().st_size == 0:
+        raise InputError(message)
+    try:
+        results = pd.read_csv(results_path)
+    except pd.errors.EmptyDataError:
+        raise InputError(message) from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise InputError(f"{results_path} is not a readable CSV: {str(err).splitlines()[0]}") from None
+    if results.empty:
+        raise InputError(message)
+    paths = make_report(results, out_dir, log_to_mlflow=log, experiment=experiment)
+    print(table1_markdown(summarize(results)), end="")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
