@@ -69,3 +69,26 @@ def test_rebuild_from_config(kind):
     rebuilt.load_state_dict(h.state_dict())
     z = torch.randn(3, 6)
     assert torch.equal(h(z), rebuilt(z))
+
+
+def test_mls_linear_and_per_class_branches():
+    torch.manual_seed(0)
+    linear = MLSComponent(12, 4, hidden_dim=-1)
+    assert isinstance(linear.hidden, nn.Identity) and linear.latent.in_features == 12
+    branched = MLSComponent(12, 4, hidden_dim=32, class_hidden_dim=16)
+    assert branched.branch_w1.shape == (4, 32, 16) and branched.branch_w2.shape == (4, 16, 2)
+    z = torch.randn(5, 12)
+    for h in (linear, branched):
+        spaces = h.latent_spaces(z)
+        assert spaces.shape == (5, 4, 2)
+        torch.testing.assert_close(spaces.norm(dim=-1), torch.ones(5, 4))
+        rebuilt = MLSComponent(**h.get_config())
+        rebuilt.load_state_dict(h.state_dict())
+        assert torch.equal(h(z), rebuilt(z))
+    # Branch k only depends on its own weights: perturbing class 0's weights moves space 0 only.
+    before = branched.latent_spaces(z)
+    with torch.no_grad():
+        branched.branch_w2[0] += 1.0
+    after = branched.latent_spaces(z)
+    assert not torch.allclose(before[:, 0], after[:, 0])
+    torch.testing.assert_close(before[:, 1:], after[:, 1:])

@@ -4,9 +4,9 @@ import json
 
 import mlflow
 import numpy as np
-from conftest import FAST_PARAMS
 
 from cellcontrast.cli import main
+from conftest import FAST_PARAMS
 
 
 def _train(split, tmp_path, base, component, capsys):

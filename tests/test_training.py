@@ -156,3 +156,56 @@ def test_params_are_validated():
         fit_base(x, y, x, y, N_CLASSES, "lr", {"epoch": 3})
     with pytest.raises(ValueError):
         fit_base(x, y, x, y, N_CLASSES, "svm", {})
+
+
+def test_min_steps_lengthens_small_recipes_within_a_cap():
+    from cellcontrast.training import MAX_EPOCH_FACTOR, _n_epochs
+
+    recipe = {"epochs": 50, "batch_size": 128, "min_steps": 3000}
+    assert _n_epochs(recipe, 10_000) == 50  # 78 steps/epoch: already >= 3000 steps
+    assert _n_epochs(recipe, 2_400) == 167  # 18 steps/epoch -> ceil(3000 / 18)
+    assert _n_epochs(recipe, 100) == MAX_EPOCH_FACTOR * 50  # capped
+    assert _n_epochs({**recipe, "min_steps": 0}, 100) == 50
+
+
+def test_centroid_probe_scores_separable_embeddings():
+    from cellcontrast.training import _centroid_f1, _centroid_subset
+
+    y = np.repeat(np.arange(3), 4)
+    e = torch.nn.functional.one_hot(torch.as_tensor(y), 3).float() + 0.01
+    assert _centroid_f1(e, y, e, y, 3) == 1.0
+    assert _centroid_f1(e, y, e, np.roll(y, 4), 3) == 0.0
+    subset = _centroid_subset(np.repeat(np.arange(2), 300), 2, seed=0)
+    assert len(subset) == 200 and torch.equal(subset, _centroid_subset(np.repeat(np.arange(2), 300), 2, 0))
+
+
+@pytest.mark.parametrize("select", ["centroid", "loss"])
+def test_component_selection_criteria(select, bases, splits):
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    model = bases["actinn"]
+    z_train, z_val = embed_frozen(model, xt), embed_frozen(model, xv)
+    records = []
+    h = train_component(z_train, yt, z_val, yv, N_CLASSES, "mls",
+                        {"max_epochs": 3, "select": select}, seed=0,
+                        log=lambda stage, epoch, m: records.append(m))
+    assert len(records) == 3 and not any(p.requires_grad for p in h.parameters())
+    assert all(("val_centroid_f1" in m) == (select == "centroid") for m in records)
+    with pytest.raises(ValueError):
+        train_component(z_train, yt, z_val, yv, N_CLASSES, "mlp", {"select": "knn"}, seed=0)
+
+
+def test_actinn_component_head_uses_its_own_learning_rate(bases, splits, monkeypatch):
+    import cellcontrast.training as training
+
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    model = bases["actinn"]
+    seen = []
+    real = training.train_classifier
+    monkeypatch.setattr(training, "train_classifier",
+                        lambda *a, **k: seen.append(a[6]) or real(*a, **k))
+    z_train, z_val = embed_frozen(model, xt), embed_frozen(model, xv)
+    h = train_component(z_train, yt, z_val, yv, N_CLASSES, "mlp", {"max_epochs": 1}, seed=0)
+    train_head_on_component(model, h, z_train, yt, z_val, yv, N_CLASSES, {"epochs": 1}, seed=0)
+    assert seen[-1]["lr"] == DEFAULT_PARAMS["actinn"]["component_head_lr"]
+    train_head_on_component(model, h, z_train, yt, z_val, yv, N_CLASSES, {"epochs": 1, "lr": 0.5})
+    assert seen[-1]["lr"] == 0.5  # an explicit head override wins

@@ -57,18 +57,44 @@ class MLSComponent(nn.Module):
     still has its own projection and its own loss term.
     """
 
-    def __init__(self, in_dim: int, n_classes: int, hidden_dim: int | None = None):
+    def __init__(self, in_dim: int, n_classes: int, hidden_dim: int | None = None,
+                 class_hidden_dim: int = 0):
         super().__init__()
         self.in_dim = int(in_dim)
         self.n_classes = int(n_classes)
         self.hidden_dim = int(hidden_dim) if hidden_dim else default_hidden_dim(self.in_dim)
+        self.class_hidden_dim = int(class_hidden_dim or 0)
         self.out_dim = 2 * self.n_classes
-        self.hidden = nn.Sequential(nn.Linear(self.in_dim, self.hidden_dim), nn.ReLU())
-        self.latent = nn.Linear(self.hidden_dim, self.out_dim)
+        # hidden_dim < 0: no hidden layer, each h_k is a linear map R^d -> R^2.
+        if self.hidden_dim < 0:
+            self.hidden = nn.Identity()
+            width = self.in_dim
+        else:
+            self.hidden = nn.Sequential(nn.Linear(self.in_dim, self.hidden_dim), nn.ReLU())
+            width = self.hidden_dim
+        if self.class_hidden_dim:
+            # Per-class branches h_k: hidden -> class_hidden (ReLU) -> 2, as stacked weights
+            # applied with einsum (one batched op for all classes, no loop).
+            m, c = self.class_hidden_dim, self.n_classes
+            self.branch_w1 = nn.Parameter(torch.empty(c, width, m))
+            self.branch_b1 = nn.Parameter(torch.zeros(c, m))
+            self.branch_w2 = nn.Parameter(torch.empty(c, m, 2))
+            self.branch_b2 = nn.Parameter(torch.zeros(c, 2))
+            for w, fan_in in ((self.branch_w1, width), (self.branch_w2, m)):
+                bound = 1.0 / fan_in**0.5  # nn.Linear's default scale
+                nn.init.uniform_(w, -bound, bound)
+            self.latent = None
+        else:
+            self.latent = nn.Linear(width, self.out_dim)
 
     def latent_spaces(self, z: torch.Tensor) -> torch.Tensor:
         """``[B, C, 2]``: each class's embedding, normalised to the unit circle."""
-        per_class = self.latent(self.hidden(z)).reshape(-1, self.n_classes, 2)
+        hidden = self.hidden(z)
+        if self.latent is not None:
+            per_class = self.latent(hidden).reshape(-1, self.n_classes, 2)
+        else:
+            inner = torch.relu(torch.einsum("bh,chm->bcm", hidden, self.branch_w1) + self.branch_b1)
+            per_class = torch.einsum("bcm,cmo->bco", inner, self.branch_w2) + self.branch_b2
         return F.normalize(per_class, dim=-1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -79,7 +105,8 @@ class MLSComponent(nn.Module):
         return self.latent_spaces(z)
 
     def get_config(self) -> dict:
-        return {"in_dim": self.in_dim, "n_classes": self.n_classes, "hidden_dim": self.hidden_dim}
+        return {"in_dim": self.in_dim, "n_classes": self.n_classes, "hidden_dim": self.hidden_dim,
+                "class_hidden_dim": self.class_hidden_dim}
 
 
 COMPONENTS: dict[str, type[nn.Module]] = {"mlp": MLPComponent, "mls": MLSComponent}
