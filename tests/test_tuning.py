@@ -273,7 +273,7 @@ def test_killed_worker_resumes_without_redoing_trials(split_dir, tmp_path, monke
     params = tmp_path / "params.yaml"
     params.write_text(SLOW_PARAMS_YAML % 250)
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    heartbeat = {"CELLCONTRAST_TUNE_HEARTBEAT": "1", "CELLCONTRAST_TUNE_GRACE": "2"}
+    heartbeat = {"CELLCONTRAST_TUNE_HEARTBEAT": "1", "CELLCONTRAST_TUNE_GRACE": "6"}
     n_trials = 3
     cmd = _tune_cmd(split_dir, storage, "killed", n_trials, params)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_child_env(tmp_path, **heartbeat),
@@ -300,7 +300,7 @@ def test_killed_worker_resumes_without_redoing_trials(split_dir, tmp_path, monke
     assert _trials(storage, "killed", (TrialState.RUNNING,))  # the trial it was running
 
     # Restart with the same target, after the grace period has passed.
-    time.sleep(max(0.0, killed_at + 2.5 - time.time()))
+    time.sleep(max(0.0, killed_at + 6.5 - time.time()))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     for key, value in heartbeat.items():
