@@ -458,6 +458,9 @@ class TuneResult:
     out: Path
 
 
+_BASE_CACHE: dict = {}
+
+
 class _Objective:
     """Trains and scores one chain per trial; for a component study the frozen base model is
     trained once (``prepare``) and shared by every trial."""
@@ -476,8 +479,15 @@ class _Objective:
         if self.component == "none" or self.base_model is not None:
             return {}
         d = self.data
-        self.base_model = fit_base(d.X["train"], d.y["train"], d.X["val"], d.y["val"], len(d.classes),
-                                   self.base, self.base_params, self.seed)
+        # The mlp and mls studies of one base share the same frozen base: train it once per
+        # process (same data, params and seed give the same model).
+        key = (d.X["train"].shape, d.X["train"].nnz, float(d.X["train"].sum()), self.base,
+               json.dumps(self.base_params, sort_keys=True, default=str), self.seed)
+        if key not in _BASE_CACHE:
+            _BASE_CACHE.clear()  # one base at a time is enough, and bounds memory
+            _BASE_CACHE[key] = fit_base(d.X["train"], d.y["train"], d.X["val"], d.y["val"], len(d.classes),
+                                        self.base, self.base_params, self.seed)
+        self.base_model = _BASE_CACHE[key]
         return {f"base_{k}": v for k, v in self._score(build_chain(self.base_model)).items()}
 
     def _score(self, chain) -> dict:
