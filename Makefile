@@ -14,7 +14,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # dvc stages and MLproject entry points call `cellcontrast`: the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test install lint bench-venv clean
+.PHONY: run quick test install lint bench-venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,9 +27,27 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
+ifeq ($(PROFILE),quick)
+	time $(MAKE) --no-print-directory quick
+else
 	@test -d .dvc || $(BIN)/dvc init -q
 	$(BIN)/dvc config core.analytics false
 	time $(BIN)/dvc repro
+endif
+
+# PROFILE=quick: the same steps on a small atlas, outside DVC (outputs under quick/).
+Q := params-quick.yaml
+quick: $(STAMP)
+	cellcontrast simulate --out quick/atlas.h5ad --cells 12000 --types 30 --genes 400 --individuals 2
+	for s in default scarce; do for seed in 0 1; do \
+	  cellcontrast split --params $(Q) --atlas quick/atlas.h5ad --setting $$s --seed $$seed --out-dir quick/splits/$$s/seed$$seed || exit 1; \
+	done; done
+	for s in default scarce; do cellcontrast tune-setting --params $(Q) --setting $$s || exit 1; done
+	cellcontrast grid --params $(Q)
+	cellcontrast report --params $(Q)
+	cellcontrast export --best --experiment cellcontrast-quick --setting default --seed 0 --out quick/annotator.onnx
+	cellcontrast holdout --atlas quick/atlas.h5ad --split-dir quick/splits/default/seed0 --out quick/query.h5ad --max-cells 5000
+	cellcontrast annotate quick/annotator.onnx quick/query.h5ad --out quick/query_annotated.h5ad --label-key cell_type --min-confidence 0.5
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider
@@ -48,4 +66,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
 clean:
-	rm -rf data models reports mlruns mlflow.db optuna.db
+	rm -rf data models reports quick mlruns mlflow.db optuna.db

@@ -156,6 +156,7 @@ def _tune_base(job: dict) -> dict:
             study_name=study, out=str(Path(job["out"]).with_suffix(f".{component}.json")),
             search_space=space, base_params=merged_params(job["model_params"], best).get(job["base"]),
             experiment=tcfg["experiment"], seed=tcfg["seed"], threads=job["threads"], progress=False,
+            component_params=None if component == "none" else job["model_params"].get(component),
         )
         if component == "none":
             best[job["base"]] = result.get(job["base"], {})
