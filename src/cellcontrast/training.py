@@ -176,6 +176,7 @@ def _val_scores(y_true: np.ndarray, logits: torch.Tensor, n_classes: int) -> dic
         "val_macro_f1": float(f1_score(y_true, pred, labels=np.arange(n_classes), average="macro",
                                        zero_division=0)),
         "val_accuracy": float((pred == y_true).mean()),
+        "val_loss": float(F.cross_entropy(logits, torch.as_tensor(y_true, dtype=torch.long))),
     }
 
 
@@ -199,7 +200,7 @@ def train_classifier(net: nn.Module, train: FeatureSource, train_y: np.ndarray, 
                      best_score: tuple | None = None) -> tuple:
     """Cross-entropy training of ``net`` (features -> logits); keeps the best epoch on val.
 
-    Selection: highest (val macro F1, val accuracy); ties keep the earlier epoch. Training
+    Selection: highest (val macro F1, val accuracy, -val loss); exact ties keep the earlier epoch. Training
     stops after ``patience`` epochs without improvement (``None``: run every epoch).
     ``best_score`` seeds the comparison (the state ``net`` already has, for fine-tuning).
     Returns the best (macro F1, accuracy); ``net`` is left holding the best state, eval mode.
@@ -236,7 +237,9 @@ def train_classifier(net: nn.Module, train: FeatureSource, train_y: np.ndarray, 
         scores = _val_scores(val_y, _apply(net, val), n_classes)
         if log is not None:
             log(stage, epoch, {"loss": total / max(seen, 1), **scores})
-        score = (scores["val_macro_f1"], scores["val_accuracy"])
+        # Ties in F1 and accuracy go to the lower val loss: on easy data F1 reaches 1.0 in the
+        # first epoch, whose barely trained model gives near-uniform confidences.
+        score = (scores["val_macro_f1"], scores["val_accuracy"], -scores["val_loss"])
         if best_score is None or score > best_score:
             best_score, best_state, stale = score, _state(net), 0
         else:
