@@ -10,6 +10,18 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
+@pytest.fixture(autouse=True)
+def _reset_mlflow_tracking_uri():
+    """A test that calls mlflow.set_tracking_uri must not point later tests at its store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    import mlflow
+
+    mlflow.set_tracking_uri(None)  # also unsets the variable, which MLflow had set for subprocesses
+    if before is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def small_atlas():
     from cellcontrast.simulate import simulate_atlas

@@ -42,9 +42,10 @@ class SplitData:
         return fingerprint(self.info)
 
 
-def load_split_data(split_dir: str | Path) -> SplitData:
-    """Counts and integer labels of train/val/test, with the classes in split.json's order."""
-    info, parts = read_split(split_dir)
+def load_split_data(split_dir: str | Path, parts=("train", "val", "test")) -> SplitData:
+    """Counts and integer labels of the split's parts (train/val/test by default; tuning asks
+    for train and val only, so test.h5ad is never opened), classes in split.json's order."""
+    info, parts = read_split(split_dir, parts=parts)
     classes = list(info["classes"])
     genes = parts["train"].var_names.astype(str).tolist()
     X, y = {}, {}

@@ -263,26 +263,9 @@ def describe_space(space: dict[str, tuple]) -> dict[str, str]:
 
 def _load_train_val(split_dir: Path):
     """Train and validation parts of a split (test.h5ad is never opened), as SplitData."""
-    import numpy as np
-    import pandas as pd
-    import scipy.sparse as sp
+    from cellcontrast.experiment import load_split_data
 
-    from cellcontrast.experiment import SplitData
-    from cellcontrast.splits import read_split
-
-    info, parts = read_split(split_dir, parts=("train", "val"))
-    classes = list(info["classes"])
-    genes = parts["train"].var_names.astype(str).tolist()
-    X, y = {}, {}
-    for name, adata in parts.items():
-        if adata.var_names.astype(str).tolist() != genes:
-            raise InputError(f"{split_dir}/{name}.h5ad has other genes than train.h5ad; rebuild the split")
-        labels = pd.Categorical(adata.obs["cell_type"].astype(str), categories=classes)
-        if (labels.codes < 0).any():
-            raise InputError(f"{split_dir}/{name}.h5ad has labels outside split.json's classes; rebuild the split")
-        X[name] = sp.csr_matrix(adata.X, dtype=np.float32)
-        y[name] = labels.codes.astype(np.int64)
-    return SplitData(info=info, classes=classes, genes=genes, X=X, y=y)
+    return load_split_data(split_dir, parts=("train", "val"))
 
 
 def open_storage(url: str | None = None):
