@@ -28,6 +28,7 @@ the light install.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -349,6 +350,71 @@ def _chunk_to_model(chunk, col_map: np.ndarray, n_model: int, start: int, where:
 # --------------------------------------------------------------------------------------
 
 
+def _model_blocks(matrix: QueryMatrix, col_map: np.ndarray, n_model: int, batch_size: int):
+    """Yield (first row, dense [rows, n_model] float32) blocks of the query, in order.
+
+    Reads are large (`batch_size` rows); onnxruntime gets at most INFERENCE_ROWS rows at a
+    time, so its activations (several [rows, width] tensors) stay small.
+    """
+    start = 0
+    while start < matrix.n_obs:
+        stop = matrix.chunk_stop(start, batch_size)
+        chunk = matrix.rows(start, stop)
+        for lo in range(0, stop - start, INFERENCE_ROWS):
+            hi = min(lo + INFERENCE_ROWS, stop - start)
+            yield start + lo, _chunk_to_model(chunk[lo:hi], col_map, n_model, start + lo, matrix.where)
+        start = stop
+
+
+def _read_ahead(matrix: QueryMatrix, col_map: np.ndarray, n_model: int, batch_size: int, depth: int = 2):
+    """`_model_blocks` produced by a background thread, up to `depth` blocks ahead.
+
+    onnxruntime releases the GIL while it runs, so reading, checking and densifying the next
+    block (h5py, numpy) overlaps with inference of this one: the run then takes about the
+    longer of the two rather than their sum. An error in the reader is raised here, in order.
+    """
+    import queue
+    import threading
+
+    blocks: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in _model_blocks(matrix, col_map, n_model, batch_size):
+                while not stop.is_set():
+                    try:
+                        blocks.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            blocks.put(done)
+        except BaseException as err:  # handed to the consumer, raised there
+            blocks.put(err)
+
+    reader = threading.Thread(target=produce, name="cellcontrast-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = blocks.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while reader.is_alive():  # unblock a reader waiting on a full queue, then let it end
+            try:
+                blocks.get_nowait()
+            except queue.Empty:
+                pass
+            reader.join(timeout=0.05)
+
+
 def _top3(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     k = min(3, probs.shape[1])
     idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
@@ -510,27 +576,18 @@ def annotate(
         top_p = np.zeros(top_idx.shape, dtype=np.float32)
         probabilities = np.zeros((n, len(model.classes)), dtype=np.float32) if store_probabilities else None
         disable = (not sys.stderr.isatty()) if progress is None else (not progress)
-        with tqdm(total=n, unit="cells", desc="annotate", file=sys.stderr, disable=disable) as bar:
-            start = 0
-            while start < n:
-                stop = matrix.chunk_stop(start, batch_size)
-                chunk = matrix.rows(start, stop)
-                # onnxruntime gets at most INFERENCE_ROWS rows at a time: its activations
-                # (several [rows, genes] tensors) stay small while reads stay large.
-                for lo in range(0, stop - start, INFERENCE_ROWS):
-                    hi = min(lo + INFERENCE_ROWS, stop - start)
-                    dense = _chunk_to_model(chunk[lo:hi], col_map, n_model, start + lo, matrix.where)
-                    probs = model.predict_proba(dense)
-                    if probs.shape != (hi - lo, len(model.classes)):
-                        raise InputError(
-                            f"the model returned shape {probs.shape} for {hi - lo} cells; re-export it"
-                        )
-                    a, b = start + lo, start + hi
-                    top_idx[a:b], top_p[a:b] = _top3(probs)
-                    if probabilities is not None:
-                        probabilities[a:b] = probs
-                    bar.update(hi - lo)
-                start = stop
+        blocks = _read_ahead(matrix, col_map, n_model, batch_size)
+        with tqdm(total=n, unit="cells", desc="annotate", file=sys.stderr, disable=disable) as bar, \
+                contextlib.closing(blocks):  # stops the reader before the file closes, even on error
+            for a, dense in blocks:
+                probs = model.predict_proba(dense)
+                b = a + dense.shape[0]
+                if probs.shape != (b - a, len(model.classes)):
+                    raise InputError(f"the model returned shape {probs.shape} for {b - a} cells; re-export it")
+                top_idx[a:b], top_p[a:b] = _top3(probs)
+                if probabilities is not None:
+                    probabilities[a:b] = probs
+                bar.update(b - a)
 
     obs.index = obs.index.astype(str)
     pred = _predictions_frame(obs.index, model.classes, top_idx, top_p, min_confidence)
