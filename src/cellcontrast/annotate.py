@@ -101,9 +101,12 @@ def load_model(path: str | os.PathLike, threads: int = 0) -> OnnxAnnotator:
     opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3  # errors only: no optimiser chatter on stderr
-    # No CPU arena: it keeps the peak of every activation for the session's lifetime
-    # (+230 MiB at 8192 rows on a scDAE chain) for no measurable speed gain here.
-    opts.enable_cpu_mem_arena = False
+    # The CPU arena keeps buffers for reuse: blocks are at most INFERENCE_ROWS rows, so it
+    # stays small, and without it every activation is a fresh malloc (about 5% slower).
+    opts.enable_cpu_mem_arena = True
+    # Idle pool threads sleep instead of spinning: the reader thread needs the core meanwhile
+    # (8.7 s against 9.5 s for 200k cells on 2 cores).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.enable_mem_pattern = True
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -328,20 +331,24 @@ def _chunk_to_model(chunk, col_map: np.ndarray, n_model: int, start: int, where:
     import scipy.sparse as sp
 
     n = chunk.shape[0]
-    out = np.zeros((n, n_model), dtype=np.float32)
     if sp.issparse(chunk):
         chunk = sp.csr_matrix(chunk)
         _check_counts(chunk.data, start, where)
-        chunk.sum_duplicates()  # a non-canonical CSR means the sum of repeated entries
+        # Re-index the columns to the model's and let scipy densify (C loop; repeated entries
+        # of a non-canonical CSR are summed): several times faster than numpy fancy indexing.
         cols = col_map[chunk.indices]
         keep = cols >= 0
-        rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(chunk.indptr))
-        out[rows[keep], cols[keep]] = chunk.data[keep]
-    else:
-        chunk = np.asarray(chunk)
-        _check_counts(chunk, start, where)
-        keep = col_map >= 0
-        out[:, col_map[keep]] = chunk[:, keep]
+        data, indptr = chunk.data, chunk.indptr
+        if not keep.all():
+            kept_before = np.concatenate(([0], np.cumsum(keep)))
+            data, cols, indptr = data[keep], cols[keep], kept_before[indptr]
+        mapped = sp.csr_matrix((data.astype(np.float32, copy=False), cols, indptr), shape=(n, n_model))
+        return mapped.toarray()
+    out = np.zeros((n, n_model), dtype=np.float32)
+    chunk = np.asarray(chunk)
+    _check_counts(chunk, start, where)
+    keep = col_map >= 0
+    out[:, col_map[keep]] = chunk[:, keep]
     return out
 
 
@@ -350,28 +357,36 @@ def _chunk_to_model(chunk, col_map: np.ndarray, n_model: int, start: int, where:
 # --------------------------------------------------------------------------------------
 
 
-def _model_blocks(matrix: QueryMatrix, col_map: np.ndarray, n_model: int, batch_size: int):
-    """Yield (first row, dense [rows, n_model] float32) blocks of the query, in order.
+def _read_chunks(matrix: QueryMatrix, batch_size: int):
+    """Yield (first row, chunk) for row chunks of the query: CSR (canonical) or dense."""
+    import scipy.sparse as sp
 
-    Reads are large (`batch_size` rows); onnxruntime gets at most INFERENCE_ROWS rows at a
-    time, so its activations (several [rows, width] tensors) stay small.
-    """
     start = 0
     while start < matrix.n_obs:
         stop = matrix.chunk_stop(start, batch_size)
         chunk = matrix.rows(start, stop)
-        for lo in range(0, stop - start, INFERENCE_ROWS):
-            hi = min(lo + INFERENCE_ROWS, stop - start)
-            yield start + lo, _chunk_to_model(chunk[lo:hi], col_map, n_model, start + lo, matrix.where)
+        yield start, (sp.csr_matrix(chunk) if sp.issparse(chunk) else chunk)
         start = stop
 
 
-def _read_ahead(matrix: QueryMatrix, col_map: np.ndarray, n_model: int, batch_size: int, depth: int = 2):
-    """`_model_blocks` produced by a background thread, up to `depth` blocks ahead.
+def _row_block(chunk, lo: int, hi: int):
+    """Rows [lo, hi) of a CSR matrix as views of its arrays (scipy's slicing copies them)."""
+    import scipy.sparse as sp
 
-    onnxruntime releases the GIL while it runs, so reading, checking and densifying the next
-    block (h5py, numpy) overlaps with inference of this one: the run then takes about the
-    longer of the two rather than their sum. An error in the reader is raised here, in order.
+    if not sp.issparse(chunk):
+        return chunk[lo:hi]
+    a, b = int(chunk.indptr[lo]), int(chunk.indptr[hi])
+    return sp.csr_matrix((chunk.data[a:b], chunk.indices[a:b], chunk.indptr[lo:hi + 1] - a),
+                         shape=(hi - lo, chunk.shape[1]))
+
+
+def _read_ahead(items, depth: int = 2):
+    """The items of the iterator `items`, produced by a background thread up to `depth` ahead.
+
+    Reading a chunk (h5py: mostly decompression) overlaps with checking, densifying and
+    running the previous one (numpy, scipy and onnxruntime release the GIL): a run takes
+    about the longer of the two rather than their sum. An error in the reader is raised
+    here, in order.
     """
     import queue
     import threading
@@ -382,7 +397,7 @@ def _read_ahead(matrix: QueryMatrix, col_map: np.ndarray, n_model: int, batch_si
 
     def produce() -> None:
         try:
-            for item in _model_blocks(matrix, col_map, n_model, batch_size):
+            for item in items:
                 while not stop.is_set():
                     try:
                         blocks.put(item, timeout=0.1)
@@ -576,18 +591,23 @@ def annotate(
         top_p = np.zeros(top_idx.shape, dtype=np.float32)
         probabilities = np.zeros((n, len(model.classes)), dtype=np.float32) if store_probabilities else None
         disable = (not sys.stderr.isatty()) if progress is None else (not progress)
-        blocks = _read_ahead(matrix, col_map, n_model, batch_size)
+        chunks = _read_ahead(_read_chunks(matrix, batch_size))
         with tqdm(total=n, unit="cells", desc="annotate", file=sys.stderr, disable=disable) as bar, \
-                contextlib.closing(blocks):  # stops the reader before the file closes, even on error
-            for a, dense in blocks:
-                probs = model.predict_proba(dense)
-                b = a + dense.shape[0]
-                if probs.shape != (b - a, len(model.classes)):
-                    raise InputError(f"the model returned shape {probs.shape} for {b - a} cells; re-export it")
-                top_idx[a:b], top_p[a:b] = _top3(probs)
-                if probabilities is not None:
-                    probabilities[a:b] = probs
-                bar.update(b - a)
+                contextlib.closing(chunks):  # stops the reader before the file closes, even on error
+            for start, chunk in chunks:
+                # onnxruntime gets at most INFERENCE_ROWS rows at a time: its activations
+                # (several [rows, width] tensors) stay small while reads stay large.
+                for lo in range(0, chunk.shape[0], INFERENCE_ROWS):
+                    hi = min(lo + INFERENCE_ROWS, chunk.shape[0])
+                    a, b = start + lo, start + hi
+                    dense = _chunk_to_model(_row_block(chunk, lo, hi), col_map, n_model, a, matrix.where)
+                    probs = model.predict_proba(dense)
+                    if probs.shape != (b - a, len(model.classes)):
+                        raise InputError(f"the model returned shape {probs.shape} for {b - a} cells; re-export it")
+                    top_idx[a:b], top_p[a:b] = _top3(probs)
+                    if probabilities is not None:
+                        probabilities[a:b] = probs
+                    bar.update(b - a)
 
     obs.index = obs.index.astype(str)
     pred = _predictions_frame(obs.index, model.classes, top_idx, top_p, min_confidence)
@@ -648,14 +668,14 @@ def _found_mask(col_map: np.ndarray, n_model: int) -> np.ndarray:
     return mask
 
 
-def _fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
-    """Have glibc serve blocks >= `nbytes` with mmap, always.
+def _fixed_mmap_threshold(nbytes: int = 64 << 20) -> None:
+    """Fix glibc's mmap threshold at `nbytes` (it otherwise moves).
 
-    glibc raises its mmap threshold each time a large block is freed, after which the
-    per-chunk buffers (a few MB each) come from the heap and fragment it: the peak RSS of a
-    streamed run then wanders by 100-200 MiB from run to run. A fixed threshold returns every
-    chunk's memory at once. Process-wide, hence applied by the command line only; a no-op
-    off glibc.
+    glibc raises its mmap threshold each time a large block is freed, so the peak RSS of a
+    streamed run wandered by 100-200 MiB from run to run. A fixed threshold stops that. Not
+    lower than the per-block buffers (a few MB): blocks served by mmap are fresh pages every
+    time, and their page faults cost a third of the run (1 MiB: 19.5 s, 64 MiB: 13.3 s for
+    200k cells). Process-wide, hence applied by the command line only; a no-op off glibc.
     """
     if not sys.platform.startswith("linux"):
         return

@@ -57,8 +57,9 @@ def _wrap(chain, with_embedding: bool):
             self.inner = inner
 
         def forward(self, counts):
-            if with_embedding:
-                return self.inner(counts), self.inner.embed(counts)
+            if with_embedding:  # one pass through the encoder serves both outputs
+                embedding = self.inner.embed(counts)
+                return torch.softmax(self.inner.head(embedding), dim=-1), embedding
             return self.inner(counts)
 
     return _Export(chain).eval()

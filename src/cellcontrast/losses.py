@@ -8,13 +8,16 @@ to a ``[C, B, B]`` similarity tensor and no Python loop over classes.
 
 Speed (``bench/bench_mls_loss.py``): the ``[C, B, B]`` tensor is the only large one; it is
 allocated once and then worked on in place (a fresh 50 MB CPU buffer costs about as much as
-the whole arithmetic, page faults), and the numerator uses ``[B, B] @ [B, C * D]`` instead.
+the whole arithmetic, page faults), it is stabilised by a bound rather than a row maximum so
+that it stays symmetric (see :class:`_MaskedLogSumExp`), and the numerator uses
+``[B, B] @ [B, C * D]`` instead.
 
 Numerics (DESIGN.md, "Numerics"):
 
-* the self-pair is removed from the denominator by setting its logit to ``-inf`` before the
-  log-sum-exp, which subtracts the row maximum over ``a != i`` before exponentiating; nothing
-  is ever multiplied by a mask after an ``exp``;
+* the denominator is a stabilised log-sum-exp: every logit has the bound ``max|z|^2 / tau``
+  (or, for tiny temperatures, the row maximum over ``a != i``) subtracted before ``exp``, so
+  no term exceeds 1; the self-pair is removed by zeroing its term (or its logit set to
+  ``-inf``), never by multiplying a mask into a sum that could hold ``inf``;
 * the numerator only involves positive pairs ``p != i``, whose logits are finite, so the sum of
   log-probabilities over positives is ``sum_p logit_ip - |P(i)| * lse_i`` and never touches
   the masked diagonal;
@@ -45,34 +48,58 @@ def _check_labels(labels: Tensor, batch: int) -> Tensor:
     return labels
 
 
+# Below this value of 2 * max|z|^2 / tau every term exp((z_i . z_a - max|z|^2) / tau) is at least
+# exp(-80) > float32's smallest normal (1.2e-38): the row sums cannot underflow.
+_MAX_SPREAD = 80.0
+
+
 class _MaskedLogSumExp(torch.autograd.Function):
     """``lse[..., i] = log sum_{a != i} exp(z_i . z_a / tau)`` for ``z[..., B, D]``, ``B >= 2``.
 
     The leading dimensions are flattened to one batch dimension ``N`` and all ``N`` spaces are
-    computed together. Exactly one ``[N, B, B]`` buffer is allocated; every step works in place
-    on it: ``baddbmm`` writes the logits ``z_i . z_a / tau``, the diagonal (self-pair) is set
-    to ``-inf``, the row maximum over ``a != i`` is subtracted and ``exp`` taken, so every
-    entry lies in ``[0, 1]`` and each row sum in ``[1, B - 1]`` (its log is finite). The
-    buffer ``E`` and the row sums ``s`` are kept for backward, which needs two batched
-    matmuls and no further ``[N, B, B]`` tensor:
-    ``dz_i = w_i sum_a E_ia z_a + sum_a w_a E_ai z_a`` with ``w = grad / (tau s)``.
-    (Fresh large buffers are costly on CPU, which is why nothing else of that size is made.)
+    computed together in exactly one ``[N, B, B]`` buffer, worked on in place.
+
+    Stabiliser: with ``m = max_a |z_a|^2`` (1 for unit-norm features), every logit is at most
+    ``m / tau`` (Cauchy-Schwarz), so subtracting that one constant bounds every term by 1,
+    as the row maximum would, and keeps the buffer ``E`` symmetric. Symmetry lets backward
+    use one matmul ``E @ [z, w z]`` for ``dz_i = w_i sum_a E_ia z_a + sum_a w_a E_ai z_a``
+    (``w = grad / (tau s)``, ``s`` the row sums), and the forward needs no max pass: four
+    passes over the buffer in all against nine for the row-max version. Where the terms could
+    underflow (``2 m / tau > 80``, tiny temperatures) the row maximum over ``a != i`` is
+    subtracted instead, and backward takes two matmuls. Either way every entry lies in
+    ``[0, 1]``, each row sum is positive and its log finite; nothing is multiplied by a
+    mask after an ``exp``.
     """
 
     @staticmethod
     def forward(ctx, z: Tensor, inv_tau: float) -> Tensor:
         batch, dim = z.shape[-2], z.shape[-1]
         zc = z.reshape(-1, batch, dim).contiguous()
-        expd = torch.empty(zc.shape[0], batch, batch, dtype=z.dtype, device=z.device)
-        expd.baddbmm_(zc, zc.transpose(1, 2), beta=0.0, alpha=inv_tau)
-        expd.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
-        row_max = expd.amax(dim=-1, keepdim=True)  # finite: each row has B - 1 >= 1 entries
-        expd.sub_(row_max).exp_()
-        row_sum = expd.sum(dim=-1, keepdim=True)
+        max_sq = float(zc.square().sum(dim=-1).max())
+        symmetric = 2.0 * max_sq * inv_tau <= _MAX_SPREAD
+        if symmetric:
+            # One matmul writes the shifted logits (z_i . z_a - m) / tau: an extra coordinate
+            # (-m / tau on the left, 1 on the right) adds the shift without another pass.
+            ones = torch.ones(*zc.shape[:-1], 1, dtype=z.dtype, device=z.device)
+            left = torch.cat((zc * inv_tau, ones * (-max_sq * inv_tau)), dim=-1)
+            right = torch.cat((zc, ones), dim=-1).transpose(1, 2)
+            expd = torch.bmm(left, right)
+            expd.exp_()
+            expd.diagonal(dim1=-2, dim2=-1).zero_()
+            row_sum = expd.sum(dim=-1, keepdim=True)
+            lse = row_sum.log() + max_sq * inv_tau
+        else:
+            expd = torch.empty(zc.shape[0], batch, batch, dtype=z.dtype, device=z.device)
+            expd.baddbmm_(zc, zc.transpose(1, 2), beta=0.0, alpha=inv_tau)
+            expd.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
+            row_max = expd.amax(dim=-1, keepdim=True)  # finite: each row has B - 1 >= 1 entries
+            expd.sub_(row_max).exp_()
+            row_sum = expd.sum(dim=-1, keepdim=True)
+            lse = row_sum.log() + row_max
         ctx.save_for_backward(zc, expd, row_sum)
         ctx.inv_tau = inv_tau
+        ctx.symmetric = symmetric
         ctx.z_shape = z.shape
-        lse = row_sum.log() + row_max
         return lse.reshape(z.shape[:-1])
 
     @staticmethod
@@ -80,9 +107,14 @@ class _MaskedLogSumExp(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         zc, expd, row_sum = ctx.saved_tensors
         w = grad.reshape(row_sum.shape) * ctx.inv_tau / row_sum  # [N, B, 1]
-        grad_z = w * torch.bmm(expd, zc)
-        wz_t = (w * zc).transpose(1, 2).contiguous()  # [N, D, B]
-        grad_z += torch.bmm(wz_t, expd).transpose(1, 2)  # sum_a w_a E_ai z_a
+        dim = zc.shape[-1]
+        if ctx.symmetric:  # E_ai = E_ia: both sums in one pass over E
+            both = torch.bmm(expd, torch.cat((zc, w * zc), dim=-1))  # [N, B, 2D]
+            grad_z = w * both[..., :dim] + both[..., dim:]
+        else:
+            grad_z = w * torch.bmm(expd, zc)
+            wz_t = (w * zc).transpose(1, 2).contiguous()  # [N, D, B]
+            grad_z += torch.bmm(wz_t, expd).transpose(1, 2)  # sum_a w_a E_ai z_a
         return grad_z.reshape(ctx.z_shape), None
 
 
