@@ -128,6 +128,20 @@ def worker_read_anndata(query: str, batch_size: int, layer: str | None) -> dict:
     return {"cells": adata.n_obs, "nnz": nnz}
 
 
+def worker_check_output(query: str, annotated: str) -> dict:
+    """No cell lost: the annotation has every query cell, in order, each with a label and a confidence."""
+    import anndata
+    import numpy as np
+
+    q = anndata.read_h5ad(query, backed="r")
+    out = anndata.read_h5ad(annotated)
+    conf = out.obs["cellcontrast_confidence"].to_numpy()
+    return {"query_cells": int(q.n_obs), "annotated_cells": int(out.n_obs),
+            "same_cells_in_order": bool(np.array_equal(q.obs_names.to_numpy(), out.obs_names.to_numpy())),
+            "all_labelled": bool(out.obs["cellcontrast_label"].notna().all()),
+            "confidence_in_0_1": bool(np.all((conf > 0) & (conf <= 1)))}
+
+
 def worker_torch(query: str, batch_size: int, layer: str | None, model_dir: str, threads: int) -> dict:
     import h5py
     import numpy as np
@@ -226,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8192)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--annotated", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:  # a child process: one measurement, result as a JSON line
@@ -236,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             result = worker_read_h5py(args.out, args.batch_size, args.layer)
         elif args.worker == "read-anndata":
             result = worker_read_anndata(args.out, args.batch_size, args.layer)
+        elif args.worker == "check-output":
+            result = worker_check_output(args.out, args.annotated)
         else:
             result = worker_torch(args.out, args.batch_size, args.layer, args.model_dir, args.threads)
         print(json.dumps(result))
@@ -264,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.layer:
                 cmd += ["--layer", args.layer]
             rows.append(measure("(b) cellcontrast annotate (onnx)", cmd, env))
+            if not rows[-1].get("rc"):
+                check = subprocess.run([*me, "--worker", "check-output", "--annotated", f"{tmp}/annotated.h5ad"],
+                                       capture_output=True, text=True, env=env)
+                lost = json.loads(check.stdout.strip().splitlines()[-1]) if check.returncode == 0 else None
+                rows[-1]["output_check"] = lost or {"error": check.stderr.strip()[-200:]}
         else:
             rows.append({"name": "(b) cellcontrast annotate (onnx)", "skipped": "no --model"})
     if args.model_dir:
@@ -310,6 +332,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"  {row['name']:<36} speed x{row['cells_per_s'] / ref['cells_per_s']:.2f}   "
                   f"peak RSS x{row['rss_mib'] / ref['rss_mib']:.2f}")
+        check = ref.get("output_check", {})
+        intact = (check.get("annotated_cells") == check.get("query_cells") and check.get("same_cells_in_order")
+                  and check.get("all_labelled") and check.get("confidence_in_0_1"))
+        print(f"\noutput check of (b): {json.dumps(check)}")
+        if not intact:
+            print("ERROR: the annotation lost or mislabelled cells", file=sys.stderr)
+            return 1
     return 0
 
 
