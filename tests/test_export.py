@@ -156,6 +156,7 @@ def test_real_chains_onnx_equals_torch(tmp_path):
             if isinstance(module, torch.nn.BatchNorm1d):
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
+        chain.temperature.fill_(1.7)  # a calibrated chain: the temperature is in the graph
         model_dir = chain_mod.save_chain(chain, {"genes": genes, "class_names": classes}, tmp_path / name)
         loaded, config = chain_mod.load_chain(model_dir)
         path = export_chain_to_onnx(loaded, config, tmp_path / f"{name}.onnx")
@@ -167,6 +168,7 @@ def test_real_chains_onnx_equals_torch(tmp_path):
             with torch.no_grad():
                 want = loaded(torch.from_numpy(counts)).numpy()
             np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
+        assert float(loaded.temperature) == pytest.approx(1.7)
 
 
 # ------------------------------------------------------------------ the CLI and MLflow

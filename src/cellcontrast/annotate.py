@@ -549,7 +549,11 @@ def annotate(
     model = load_model(model_path, threads=threads)
     n_model = len(model.genes)
 
-    with h5py.File(query_path, "r") as f:
+    try:
+        query_file = h5py.File(query_path, "r")
+    except OSError as err:
+        raise InputError(f"cannot read the query {query_path} (truncated or damaged?): {_one_line(err)[:200]}") from None
+    with query_file as f:
         try:
             matrix = open_query(f, layer)
             obs = _read_elem(f["obs"]) if "obs" in f else None
@@ -610,6 +614,11 @@ def annotate(
                     bar.update(b - a)
 
     obs.index = obs.index.astype(str)
+    if obs.index.has_duplicates:  # joining on a duplicated index would multiply the rows
+        import anndata
+
+        obs.index = anndata.utils.make_index_unique(obs.index)
+        say("note: the query has duplicate cell names; made unique by suffixes (-1, -2, ...)")
     pred = _predictions_frame(obs.index, model.classes, top_idx, top_p, min_confidence)
     out_obs = obs.drop(columns=[c for c in obs.columns if c in pred.columns]).join(pred)
 

@@ -52,16 +52,23 @@ class Chain(nn.Module):
         self.has_component = component is not None
         self.component = component if component is not None else nn.Identity()
         self.head = head
+        # Temperature scaling of the logits, fitted on validation (calibration.py); 1 = none.
+        self.register_buffer("temperature", torch.ones(()))
 
     def embed(self, counts: torch.Tensor) -> torch.Tensor:
         """The embedding fed to the head: h(g(x)), or g(x) without a component."""
         return self.component(self.encoder(self.preprocess(counts)))
 
     def logits(self, counts: torch.Tensor) -> torch.Tensor:
+        """The head's logits, before temperature scaling."""
         return self.head(self.embed(counts))
 
+    def classify(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities from an embedding: ``softmax(f(embedding) / T)``."""
+        return torch.softmax(self.head(embedding) / self.temperature, dim=-1)
+
     def forward(self, counts: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.logits(counts), dim=-1)
+        return self.classify(self.embed(counts))
 
     @property
     def n_genes(self) -> int:
@@ -134,14 +141,25 @@ def load_chain(model_dir: str | os.PathLike) -> tuple[Chain, dict]:
         build_module(specs["head"]),
     )
     state = torch.load(model_dir / CHAIN_WEIGHTS, map_location="cpu", weights_only=True)
+    state.setdefault("temperature", torch.ones(()))  # chains saved before calibration existed
     chain.load_state_dict(state)
     chain.eval()
     return chain, config
 
 
 @torch.no_grad()
-def predict_proba(chain: nn.Module, counts, batch_size: int = 4096) -> np.ndarray:
-    """Class probabilities ``[n_cells, C]`` for a (sparse or dense) count matrix, in batches."""
+def predict_logits(chain: Chain, counts, batch_size: int = 4096) -> np.ndarray:
+    """The head's logits ``[n_cells, C]`` (before temperature scaling), in batches."""
+    return predict_proba(chain, counts, batch_size, output=chain.logits)
+
+
+@torch.no_grad()
+def predict_proba(chain: nn.Module, counts, batch_size: int = 4096, output=None) -> np.ndarray:
+    """Class probabilities ``[n_cells, C]`` for a (sparse or dense) count matrix, in batches.
+
+    `output` replaces the chain's forward (for example ``chain.logits``).
+    """
+    output = output or chain
     was_training = chain.training
     chain.eval()
     try:
@@ -150,7 +168,7 @@ def predict_proba(chain: nn.Module, counts, batch_size: int = 4096) -> np.ndarra
         for start in range(0, n, batch_size):
             block = counts[start:start + batch_size]
             block = block.toarray() if sp.issparse(block) else np.asarray(block)
-            parts.append(chain(torch.as_tensor(block, dtype=torch.float32)).numpy())
+            parts.append(output(torch.as_tensor(block, dtype=torch.float32)).numpy())
         if not parts:
             return np.zeros((0, chain.n_classes), dtype=np.float32)
         return np.concatenate(parts, axis=0)

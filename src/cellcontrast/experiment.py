@@ -97,15 +97,36 @@ class _MlflowEpochLog:
             mlflow.log_metrics(finite, step=int(epoch))
 
 
+def _calibrate(chain, data: SplitData) -> dict:
+    """Fit the chain's temperature on validation (calibration.py); ECE before, on val and test."""
+    import torch
+
+    from cellcontrast.calibration import expected_calibration_error, fit_temperature
+    from cellcontrast.chain import predict_logits
+
+    logits = {part: predict_logits(chain, data.X[part]) for part in ("val", "test")}
+    temperature = fit_temperature(logits["val"], data.y["val"])
+    chain.temperature.fill_(temperature)
+    out = {"temperature": temperature}
+    for part, z in logits.items():
+        proba = torch.softmax(torch.as_tensor(z, dtype=torch.float64), dim=-1).numpy()
+        out[f"{part}_ece_uncalibrated"] = expected_calibration_error(proba, data.y[part])
+    return out
+
+
 def _evaluate(chain, data: SplitData) -> tuple[dict, dict]:
+    """Calibrate the chain on validation, then val and test metrics (ECE and coverage included)."""
+    from cellcontrast.calibration import coverage_metrics, expected_calibration_error
     from cellcontrast.chain import predict_proba
     from cellcontrast.metrics import classification_metrics
 
-    metrics, proba = {}, {}
+    metrics, proba = _calibrate(chain, data), {}
     for part in ("val", "test"):
         proba[part] = predict_proba(chain, data.X[part])
         for key, value in classification_metrics(data.y[part], proba[part], len(data.classes)).items():
             metrics[f"{part}_{key}"] = value
+        metrics[f"{part}_ece"] = expected_calibration_error(proba[part], data.y[part])
+    metrics.update({f"test_{k}": v for k, v in coverage_metrics(proba["test"], data.y["test"]).items()})
     return metrics, proba
 
 
@@ -173,6 +194,7 @@ def train_cell(
         cell = f"{setting}/seed{info['seed']}/{base}/{component}"
         run_tags = {"grid_cell": cell, "fingerprint": tracking.fingerprint(resolved, data.fingerprint, seed)}
         if skip_finished:
+            tracking.close_dead_runs(experiment_id, run_tags)  # left RUNNING by a killed grid
             done = tracking.finished_run(experiment_id, run_tags)
             if done is not None:
                 row = {"setting": setting, "seed": info["seed"], "base": base, "component": component,
@@ -183,7 +205,7 @@ def train_cell(
                     base_run_id = done.info.run_id
                 continue
         started = time.time()
-        with mlflow.start_run(run_name=cell.replace("/", "-"), tags={**run_tags, **tracking.parent_tags()}) as run:
+        with mlflow.start_run(run_name=cell.replace("/", "-"), tags={**run_tags, **tracking.parent_tags(), **tracking.owner_tags()}) as run:
             mlflow.set_tags({"base": base, "component": component, "setting": setting,
                              "seed": str(info["seed"]), "model_seed": str(seed), **(tags or {})})
             mlflow.log_params(tracking.flatten(resolved))

@@ -57,9 +57,11 @@ def _wrap(chain, with_embedding: bool):
             self.inner = inner
 
         def forward(self, counts):
-            if with_embedding:  # one pass through the encoder serves both outputs
+            if with_embedding:
                 embedding = self.inner.embed(counts)
-                return torch.softmax(self.inner.head(embedding), dim=-1), embedding
+                if hasattr(self.inner, "classify"):  # one pass through the encoder for both outputs
+                    return self.inner.classify(embedding), embedding
+                return self.inner(counts), embedding
             return self.inner(counts)
 
     return _Export(chain).eval()

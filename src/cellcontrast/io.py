@@ -143,11 +143,11 @@ def read_atlas(
 
     labels = adata.obs[label_key]
     missing = labels.isna().to_numpy() | (labels.astype(str).str.strip() == "").to_numpy()
+    if not (mask & ~missing).any():  # refuse before the note: a refusal is one line
+        raise InputError(f"no cell of {path} has a label in {label_key!r}")
     if (missing & mask).any():
         print(f"note: {int((missing & mask).sum())} cells without a label in {label_key!r} are left out", file=sys.stderr)
         mask &= ~missing
-    if not mask.any():
-        raise InputError(f"no cell of {path} has a label in {label_key!r}")
 
     X = sp.csr_matrix(X[mask]) if not sp.isspmatrix_csr(X) or not mask.all() else X
     X = X.astype(np.float32, copy=False)

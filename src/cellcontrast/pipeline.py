@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -69,9 +70,25 @@ def _train_task(task: dict) -> list[dict]:
     )
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: a worker whose parent is gone (killed, even by SIGKILL) exits within
+    half a second, instead of training on unseen (finishing runs while a restarted grid redoes
+    them) and then waiting for ever on the dead parent's queue."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="cellcontrast-parent-watch", daemon=True).start()
+
+
 def _pool(workers: int) -> ProcessPoolExecutor:
     # spawn: torch and sqlite handles must not be shared with a forked parent.
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                               initializer=_die_with_parent, initargs=(os.getpid(),))
 
 
 def _summary(row: dict) -> str:
@@ -201,6 +218,28 @@ def tune_setting_from_params(params_path: str, setting: str) -> dict:
     return tune_setting(setting, grid_config(params), tcfg, space)
 
 
+def _check_benchmark_inputs(args, params: dict, settings: list[str], seeds: list[int]) -> None:
+    """Read the atlas and draw every split (without writing it), and check the model
+    parameters, so that a bad atlas, setting or parameter stops the benchmark with one line
+    before anything is written under --out-dir or trained."""
+    import contextlib
+    import io
+
+    from cellcontrast.experiment import _check_params
+    from cellcontrast.io import LABEL, read_atlas
+    from cellcontrast.params import setting_params
+    from cellcontrast.splits import make_split
+
+    chosen = {setting: setting_params(params, setting) for setting in settings}
+    _check_params(params.get("model_params") or {})
+    # Notes and warnings are held back here: they come again when the splits are written.
+    with contextlib.redirect_stderr(io.StringIO()):
+        labels = read_atlas(args.atlas, label_key=args.label_key, layer=args.layer, filters=args.filters).obs[LABEL]
+        for s in chosen.values():
+            for seed in seeds:
+                make_split(labels, s["k"], s["cap"], seed, s["fractions"], s["equalize"])
+
+
 def benchmark(args) -> pd.DataFrame:
     """`cellcontrast benchmark`: splits, tuning, grid and report on any atlas, into out_dir."""
     from cellcontrast.report import make_report
@@ -212,6 +251,7 @@ def benchmark(args) -> pd.DataFrame:
         raise InputError("--seeds must be at least 1")
     out = Path(args.out_dir)
     seeds = list(range(args.seeds))
+    _check_benchmark_inputs(args, params, settings, seeds)
     for setting in settings:
         for seed in seeds:
             split_dir = out / "splits" / setting / f"seed{seed}"

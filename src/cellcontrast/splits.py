@@ -24,6 +24,8 @@ from cellcontrast.io import LABEL, read_atlas
 from cellcontrast.params import load_params, setting_params
 
 PARTS = ("train", "val", "test")
+# What training and tuning read from split.json.
+SPLIT_KEYS = ("setting", "k", "n_per_type", "seed", "n_cells", "classes", "source")
 
 
 @dataclass
@@ -147,7 +149,13 @@ def read_split(split_dir: str | Path, parts=PARTS) -> tuple[dict, dict[str, ad.A
     meta = split_dir / "split.json"
     if not meta.exists():
         raise InputError(f"{split_dir} is not a split folder (no split.json); make one with `cellcontrast split`")
-    info = json.loads(meta.read_text())
+    try:
+        info = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{meta} is damaged (not JSON); rebuild the split with `cellcontrast split`") from None
+    missing = [key for key in SPLIT_KEYS if key not in info] if isinstance(info, dict) else list(SPLIT_KEYS)
+    if missing:
+        raise InputError(f"{meta} lacks {', '.join(missing)}; rebuild the split with `cellcontrast split`")
     return info, {p: open_h5ad(split_dir / f"{p}.h5ad") for p in parts}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -65,3 +66,40 @@ def finished_run(experiment_id: str, tags: dict[str, str]):
         order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
     )
     return runs[0] if runs else None
+
+
+def owner_tags() -> dict[str, str]:
+    """The host and process of a run, so that a later grid can tell a run whose process died."""
+    return {"cellcontrast.host": socket.gethostname(), "cellcontrast.pid": str(os.getpid())}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    try:  # a zombie that nobody reaped is dead too
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def close_dead_runs(experiment_id: str, tags: dict[str, str]) -> list[str]:
+    """Mark KILLED the RUNNING runs whose tags all match and whose process, on this host, is
+    gone (a killed grid); returns their ids. Runs of other hosts or live processes are left."""
+    query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+    runs = mlflow.search_runs([experiment_id], filter_string=f"{query} and attributes.status = 'RUNNING'",
+                              output_format="list")
+    client = mlflow.MlflowClient()
+    closed = []
+    for run in runs:
+        host, pid = run.data.tags.get("cellcontrast.host"), run.data.tags.get("cellcontrast.pid", "")
+        if host != socket.gethostname() or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, "killed_because", "its process died before the run finished")
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    return closed

@@ -24,6 +24,8 @@ separable and picked worse epochs.
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -286,7 +288,27 @@ def resolve_params(name: str, params: dict | None) -> dict:
     unknown = set(params or {}) - set(DEFAULT_PARAMS[name]) - {"head"}
     if unknown:
         raise ValueError(f"unknown parameters for {name}: {sorted(unknown)}")
+    for key, value in (params or {}).items():
+        if key in DEFAULT_PARAMS[name]:
+            _check_value(name, key, DEFAULT_PARAMS[name][key], value)
     return {**DEFAULT_PARAMS[name], **(params or {})}
+
+
+def _check_value(name: str, key: str, default, value) -> None:
+    """A value of the default's kind: a number for a number (whole for a whole number, not
+    negative unless the default is), true/false for a flag. None and lists are not checked."""
+    if value is None or default is None or not isinstance(default, bool | numbers.Real):
+        return
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}.{key} must be true or false, not {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name}.{key} must be a number, not {value!r}")
+    if isinstance(default, numbers.Integral) and value != int(value):
+        raise ValueError(f"{name}.{key} must be a whole number, not {value!r}")
+    if value < 0 <= default:
+        raise ValueError(f"{name}.{key} must not be negative, not {value!r}")
 
 
 def fit_base(train_counts, train_y: np.ndarray, val_counts, val_y: np.ndarray, n_classes: int,

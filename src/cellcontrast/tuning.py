@@ -626,6 +626,8 @@ def run_study(split_dir, base: str, component: str, n_trials: int, storage: str 
     study_name = study_name or f"{setting}-{base}-{component}"
     out = Path(out) if out else Path("models/tuned") / f"{study_name}.json"
     storage_obj = open_storage(storage)  # before the data: a bad URL fails fast
+    # A damaged split fails before a study or an MLflow run is created.
+    data = _load_train_val(split_dir)
 
     import mlflow
     import optuna
@@ -668,7 +670,6 @@ def run_study(split_dir, base: str, component: str, n_trials: int, storage: str 
         done = len(_finished(study))
         remaining = n_trials - done
         if remaining > 0:
-            data = _load_train_val(split_dir)
             objective = _Objective(data, base, component, space, base_params, component_params,
                                    int(info.get("seed", 0)), tags)
             base_scores = objective.prepare()
