@@ -127,7 +127,7 @@ grid:
 model_params:
   lr: {epochs: 5}
   mlp: {max_epochs: 100, patience: null}
-  mls: {max_epochs: 100, patience: null}
+  mls: {max_epochs: 20, patience: null}
 """
 
 
