@@ -204,3 +204,33 @@ def test_cli_writes_report_and_logs_mlflow_run(tmp_path, capsys, mlflow_store, r
     assert run.data.metrics["default.lr-mls.top1"] == pytest.approx(_hand("default", "lr", "mls", 0)[0])
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"table1.md", "table1.csv", "figure2.png", "metrics.json"} <= logged
+
+
+def _with_calibration(results: pd.DataFrame) -> pd.DataFrame:
+    df = results.copy()
+    rank = {("lr", "none"): 0.9, ("scdae", "mlp"): 0.95}
+    df["val_macro_f1"] = [rank.get((b, c), 0.5) for b, c in zip(df["base"], df["component"], strict=True)]
+    df["temperature"] = 1.5
+    df["test_ece_uncalibrated"] = 0.12
+    df["test_ece"] = 0.03
+    for t, cov, acc in (("00", 1.0, 0.80), ("50", 0.9, 0.85), ("90", 0.6, 0.95)):
+        df[f"test_coverage_t{t}"] = cov
+        df[f"test_accuracy_t{t}"] = acc
+    return df
+
+
+def test_calibration_report_files_and_validation_choice(results, tmp_path):
+    calibrated = _with_calibration(results)
+    frame = report.calibration_data(calibrated)
+    chosen = frame[frame["chosen"]]
+    assert set(chosen["setting"]) == {"default", "scarce"} and set(chosen["model"]) == {"scDAE + MLP"}
+    paths = report.make_report(calibrated, tmp_path, log_to_mlflow=False)
+    for name in ("calibration_md", "calibration_csv", "calibration_png"):
+        assert paths[name].is_file() and paths[name].stat().st_size > 0
+    text = paths["calibration_md"].read_text()
+    assert "\u2192 scDAE + MLP" in text and "| 0.1200 | 0.0300 |" in text and "0.600 / 0.9500" in text
+
+
+def test_no_calibration_columns_no_calibration_files(written):
+    assert "calibration_md" not in written
+    assert report.calibration_data(_results()) is None

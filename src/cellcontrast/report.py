@@ -18,6 +18,9 @@ Output (in ``out_dir``, every file written atomically):
   n, base, component); ``model`` is "<setting>: <display name>", unique across settings, so
   a bar template does not stack the settings onto each other.
 - ``metrics.json``: DVC metrics, ``{setting: {"base+component": {top1, top3, macro_f1}}}`` (means).
+- ``calibration.md`` / ``.csv`` / ``.png``: per model, the temperature fitted on validation, test
+  ECE before and after it, and test accuracy against coverage at confidence thresholds (the
+  trade `annotate --min-confidence` makes), the chain chosen on validation marked.
 
 With ``log_to_mlflow`` the files are also logged to one MLflow run (name "report", tag
 ``kind=report``) with every mean as a metric named ``<setting>.<base>-<component>.<metric>``
@@ -310,6 +313,100 @@ def figure2(results: pd.DataFrame):
     return fig
 
 
+# ----------------------------------------------------------------------------- calibration
+
+
+def calibration_data(results: pd.DataFrame) -> pd.DataFrame | None:
+    """Per setting and model, means over seeds of the temperature, test ECE before and after
+    temperature scaling, and test coverage / accuracy at each confidence threshold; ``chosen``
+    marks the model with the best mean VALIDATION macro F1 of its setting (what `export --best`
+    would pick). None when the results carry no calibration columns (older runs)."""
+    df = clean_results(results)
+    coverage = sorted(c for c in df.columns if c.startswith(("test_coverage_t", "test_accuracy_t")))
+    needed = ["temperature", "test_ece_uncalibrated", "test_ece"]
+    if any(c not in df.columns for c in needed) or not coverage:
+        return None
+    cols = needed + coverage + (["val_macro_f1"] if "val_macro_f1" in df.columns else [])
+    for col in cols:
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    frame = df.groupby(["setting", "base", "component"], sort=False)[cols].mean().reset_index()
+    frame["n"] = df.groupby(["setting", "base", "component"], sort=False).size().to_numpy()
+    frame["model"] = [model_name(b, c) for b, c in zip(frame["base"], frame["component"], strict=True)]
+    frame["chosen"] = False
+    if "val_macro_f1" in frame.columns:
+        for _, sub in frame.groupby("setting"):
+            if sub["val_macro_f1"].notna().any():
+                frame.loc[sub["val_macro_f1"].idxmax(), "chosen"] = True
+    order = {s: i for i, s in enumerate(settings_in(df))}
+    rank = {(b, c): i * 10 + j for i, b in enumerate(BASE_ORDER) for j, c in enumerate(COMPONENT_ORDER)}
+    frame["_o"] = [(order.get(s, 99), rank.get((b, c), 999)) for s, b, c in
+                   zip(frame["setting"], frame["base"], frame["component"], strict=True)]
+    return frame.sort_values("_o").drop(columns="_o").reset_index(drop=True)
+
+
+def _thresholds(frame: pd.DataFrame) -> list[str]:
+    return sorted({c.rsplit("_t", 1)[1] for c in frame.columns if c.startswith("test_coverage_t")})
+
+
+def calibration_markdown(frame: pd.DataFrame) -> str:
+    """One table per setting: temperature, ECE before -> after, coverage and accuracy kept."""
+    shown = [t for t in ("50", "90") if t in _thresholds(frame)]
+    lines = ["# Calibrated confidence (test, mean over seeds)", "",
+             "Temperature T fitted on validation NLL; ECE = expected calibration error of the "
+             "confidence (15 bins). Coverage / accuracy: the fraction of test cells with "
+             "confidence >= p and the accuracy among them (the rest would be `Unassigned`). "
+             "\u2192 marks the chain chosen on validation.", ""]
+    for setting in _ordered(frame["setting"].unique(), SETTING_ORDER):
+        sub = frame[frame["setting"] == setting]
+        lines += [f"## {SETTING_NAMES.get(setting, setting)} (`{setting}`)", ""]
+        head = ["Model", "T", "ECE before", "ECE after", "accuracy (all cells)"]
+        head += [f"coverage / accuracy at p={int(t) / 100:g}" for t in shown]
+        lines += ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"]
+        for _, row in sub.iterrows():
+            cells = [("\u2192 " if row["chosen"] else "") + row["model"], f"{row['temperature']:.2f}",
+                     f"{row['test_ece_uncalibrated']:.4f}", f"{row['test_ece']:.4f}",
+                     f"{row.get('test_accuracy_t00', float('nan')):.4f}"]
+            for t in shown:
+                cells.append(f"{row[f'test_coverage_t{t}']:.3f} / {row.get(f'test_accuracy_t{t}', float('nan')):.4f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def calibration_figure(frame: pd.DataFrame):
+    """Per setting: accuracy vs coverage of every chain (chosen one bold) and ECE before/after."""
+    from matplotlib.figure import Figure
+
+    settings = _ordered(frame["setting"].unique(), SETTING_ORDER)
+    thresholds = _thresholds(frame)
+    fig = Figure(figsize=(11, 3.8 * len(settings)), layout="constrained")
+    axes = fig.subplots(len(settings), 2, squeeze=False)
+    for (ax_cov, ax_ece), setting in zip(axes, settings, strict=True):
+        sub = frame[frame["setting"] == setting]
+        for _, row in sub.iterrows():
+            cov = [row[f"test_coverage_t{t}"] for t in thresholds]
+            acc = [row.get(f"test_accuracy_t{t}", np.nan) for t in thresholds]
+            style = {"linewidth": 2.6, "zorder": 3} if row["chosen"] else {"linewidth": 1.0, "alpha": 0.7}
+            ax_cov.plot(cov, acc, marker="o", markersize=3, label=row["model"] + (" (chosen)" if row["chosen"] else ""),
+                        **style)
+        ax_cov.set_xlabel("coverage (fraction of cells kept)")
+        ax_cov.set_ylabel("accuracy of kept cells")
+        ax_cov.set_title(f"{SETTING_NAMES.get(setting, setting)}: accuracy vs coverage "
+                         f"(thresholds {', '.join(str(int(t) / 100) for t in thresholds)})", fontsize=10)
+        ax_cov.invert_xaxis()
+        ax_cov.grid(alpha=0.3)
+        ax_cov.legend(fontsize=7, ncol=2)
+        x = np.arange(len(sub))
+        ax_ece.bar(x - 0.2, sub["test_ece_uncalibrated"], 0.4, label="before (T = 1)", color="#c44e52")
+        ax_ece.bar(x + 0.2, sub["test_ece"], 0.4, label="after temperature scaling", color="#4c72b0")
+        ax_ece.set_xticks(x, sub["model"], rotation=45, ha="right", fontsize=8)
+        ax_ece.set_ylabel("test ECE")
+        ax_ece.set_title(f"{SETTING_NAMES.get(setting, setting)}: calibration error", fontsize=10)
+        ax_ece.grid(axis="y", alpha=0.3)
+        ax_ece.legend(fontsize=8)
+    return fig
+
+
 # ----------------------------------------------------------------------------- metrics
 
 
@@ -380,7 +477,9 @@ def make_report(results: pd.DataFrame, out_dir, log_to_mlflow: bool = True,
                 experiment: str = "cellcontrast") -> dict[str, Path]:
     """Write Table 1, Figure 2, DVC metrics and plots into `out_dir`; returns {name: path}.
 
-    Names: ``table1_md``, ``table1_csv``, ``figure2_png``, ``figure2_csv``, ``metrics_json``.
+    Names: ``table1_md``, ``table1_csv``, ``figure2_png``, ``figure2_csv``, ``metrics_json``, and
+    when the runs logged calibration metrics ``calibration_md``, ``calibration_csv``,
+    ``calibration_png`` (temperature, ECE before/after, accuracy vs coverage).
     With `log_to_mlflow`, logs them to one MLflow run "report" (tag ``kind=report``).
     """
     df = clean_results(results)
@@ -404,6 +503,16 @@ def make_report(results: pd.DataFrame, out_dir, log_to_mlflow: bool = True,
     metrics = metrics_dict(summary)
     _write_text(paths["metrics_json"], json.dumps(metrics, indent=2) + "\n")
 
+    calibration = calibration_data(df)
+    if calibration is not None:
+        paths.update({"calibration_md": out / "calibration.md", "calibration_csv": out / "calibration.csv",
+                      "calibration_png": out / "calibration.png"})
+        _write_text(paths["calibration_md"], calibration_markdown(calibration))
+        with atomic_path(paths["calibration_csv"]) as tmp:
+            calibration.to_csv(tmp, index=False)
+        with atomic_path(paths["calibration_png"]) as tmp:
+            calibration_figure(calibration).savefig(tmp, format="png", dpi=110)
+
     if log_to_mlflow:
         _log_to_mlflow(paths, metrics, df, experiment)
     return paths
@@ -418,8 +527,8 @@ def _log_to_mlflow(paths: dict[str, Path], metrics: dict, results: pd.DataFrame,
         mlflow.log_params({"settings": ",".join(settings_in(results)),
                            "n_runs": len(results),
                            "n_seeds": int(results["seed"].nunique())})
-        for name in ("table1_md", "table1_csv", "figure2_png", "figure2_csv", "metrics_json"):
-            mlflow.log_artifact(str(paths[name]))
+        for path in paths.values():
+            mlflow.log_artifact(str(path))
         flat = mlflow_metrics(metrics)
         if flat:
             mlflow.log_metrics(flat)
