@@ -95,6 +95,17 @@ def test_lr_matches_numpy_reference(data):
     assert list(module.selected_genes()) == sorted(module.selected_genes())
 
 
+def test_lr_without_standardisation_is_plain_log1p(data):
+    train, _ = data
+    module = LRPreprocess.fit(train, n_hvg=50, standardize=False)
+    x = train.toarray().astype(np.float64)
+    expected = np.log1p(x / x.sum(1, keepdims=True) * 1e4)[:, module.selected_genes()]
+    np.testing.assert_allclose(module(dense(train)).numpy(), expected, atol=1e-4)
+    assert module.get_config()["standardize"] is False
+    assert "no standardisation" in module.describe()
+    assert list(module.selected_genes()) == list(LRPreprocess.fit(train, n_hvg=50).selected_genes())
+
+
 def test_lr_constant_gene_gets_unit_sd_and_clip_applies():
     rng = np.random.default_rng(0)
     x = rng.poisson(3.0, (20, 30)).astype(np.float32)

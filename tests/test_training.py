@@ -58,7 +58,8 @@ def bases(splits):
     out = {}
     for base, params in BASE_PARAMS.items():
         start = time.perf_counter()
-        out[base] = fit_base(xt, yt, xv, yv, N_CLASSES, base, params, seed=0)
+        # for_component: the bases are shared with the component tests (LR keeps z-scores).
+        out[base] = fit_base(xt, yt, xv, yv, N_CLASSES, base, params, seed=0, for_component=True)
         out[base].fit_seconds = time.perf_counter() - start
     return out
 
@@ -209,3 +210,33 @@ def test_actinn_component_head_uses_its_own_learning_rate(bases, splits, monkeyp
     assert seen[-1]["lr"] == DEFAULT_PARAMS["actinn"]["component_head_lr"]
     train_head_on_component(model, h, z_train, yt, z_val, yv, N_CLASSES, {"epochs": 1, "lr": 0.5})
     assert seen[-1]["lr"] == 0.5  # an explicit head override wins
+
+
+def test_lr_auto_scaling_keeps_the_variant_better_on_validation(splits):
+    """standardize "auto" fits both variants with the same seed and keeps the better on val
+    (macro F1, then accuracy; ties go to the z-scored one): it equals the better forced fit."""
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    params = {"lr": 1e-2, "epochs": 8}
+    forced = {flag: fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {**params, "standardize": flag}, seed=0)
+              for flag in (True, False)}
+    scores = {flag: tuple(classification_metrics(yv, predict_proba(build_chain(m), xv), N_CLASSES)[k]
+                          for k in ("macro_f1", "top1")) for flag, m in forced.items()}
+    auto = fit_base(xt, yt, xv, yv, N_CLASSES, "lr", params, seed=0)
+    expected = False if scores[False] > scores[True] else True
+    assert auto.preprocess.standardize is expected
+    assert auto.train_params["standardize"] is expected
+    np.testing.assert_allclose(predict_proba(build_chain(auto), xv),
+                               predict_proba(build_chain(forced[expected]), xv), atol=1e-6)
+
+
+def test_lr_standardize_must_be_a_flag_or_auto(splits):
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    with pytest.raises(ValueError, match="standardize"):
+        fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {"standardize": "sometimes"}, seed=0)
+
+
+def test_components_on_lr_get_the_z_scored_base(splits):
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    assert fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {"epochs": 3}, seed=0, for_component=True).preprocess.standardize
+    chain = fit_chain(xt, yt, xv, yv, N_CLASSES, "lr", "mlp", {"lr": {"epochs": 3}, "mlp": {"max_epochs": 2}}, seed=0)
+    assert chain.preprocess.standardize

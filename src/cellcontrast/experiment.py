@@ -174,7 +174,13 @@ def train_cell(
 
     from cellcontrast import tracking
     from cellcontrast.chain import save_chain
-    from cellcontrast.training import build_chain, fit_base, fit_component, resolve_params
+    from cellcontrast.training import (
+        build_chain,
+        fit_base,
+        fit_component,
+        needs_component_base,
+        resolve_params,
+    )
 
     params = params or {}
     _check_params(params)
@@ -213,11 +219,14 @@ def train_cell(
             mlflow.log_params({"split.source_sha256": info["source"]["sha256"],
                                "split.n_train": info["n_cells"]["train"], "split.dir": str(split_dir),
                                "model_seed": seed})
-            if base_model is None:
+            if base_model is None or (component != "none" and needs_component_base(base_model, params.get(base))):
                 base_model = fit_base(data.X["train"], data.y["train"], data.X["val"], data.y["val"],
-                                      len(data.classes), base, params.get(base), seed, log)
+                                      len(data.classes), base, params.get(base), seed, log,
+                                      for_component=component != "none")
                 if component == "none":
                     base_run_id = run.info.run_id
+            if base == "lr":  # what "auto" chose on validation
+                mlflow.log_param("lr.standardized", base_model.preprocess.standardize)
             if component == "none":
                 chain = build_chain(base_model)
             else:

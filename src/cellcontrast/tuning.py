@@ -469,7 +469,7 @@ class _Objective:
         if key not in _BASE_CACHE:
             _BASE_CACHE.clear()  # one base at a time is enough, and bounds memory
             _BASE_CACHE[key] = fit_base(d.X["train"], d.y["train"], d.X["val"], d.y["val"], len(d.classes),
-                                        self.base, self.base_params, self.seed)
+                                        self.base, self.base_params, self.seed, for_component=True)
         self.base_model = _BASE_CACHE[key]
         return {f"base_{k}": v for k, v in self._score(build_chain(self.base_model)).items()}
 
