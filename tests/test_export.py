@@ -304,3 +304,23 @@ def test_exported_model_annotates_like_torch(exported, tmp_path):
     with torch.no_grad():
         want = chain(torch.from_numpy(counts)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_export_registers_under_an_mlflow_project_run(tmp_path, fake_chain_module, mlflow_store, monkeypatch, capsys):
+    """`mlflow run` sets MLFLOW_RUN_ID to the project's run, in another experiment: the export
+    run is nested under it instead of failing (it did, in the pipeline's export stage)."""
+    import mlflow
+
+    mlflow.set_experiment("project")
+    with mlflow.start_run() as project:
+        pass
+    monkeypatch.setenv("MLFLOW_RUN_ID", project.info.run_id)
+    monkeypatch.delenv("CELLCONTRAST_PARENT_RUN_ID", raising=False)
+    model_dir = fake_chain_module(tmp_path / "c0", seed=0)
+    out = tmp_path / "a.onnx"
+    assert main(["export", "--model-dir", str(model_dir), "--out", str(out), "--experiment", "exp"]) == 0
+    capsys.readouterr()
+    client = mlflow.MlflowClient()
+    export_run = client.get_run(client.search_model_versions(f"name='{REGISTERED_MODEL_NAME}'")[0].run_id)
+    assert export_run.data.tags["mlflow.parentRunId"] == project.info.run_id
+    assert client.get_experiment(export_run.info.experiment_id).name == "exp"

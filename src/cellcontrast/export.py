@@ -385,10 +385,15 @@ def _register(out_path: Path, config: dict, source_run_id: str | None, experimen
     import mlflow
     import onnx
 
-    mlflow.set_experiment(experiment)
+    from cellcontrast import tracking
+
+    # Under `mlflow run` MLFLOW_RUN_ID names the project's run (in its own experiment):
+    # starting a run in `experiment` with it set fails, so nest under it instead.
+    tracking.setup(experiment)
     model = onnx.load_model(str(out_path))
     tags = {"cellcontrast.kind": "export", "source_run_id": source_run_id or "",
-            "base": str(config.get("base", "")), "component": str(config.get("component", ""))}
+            "base": str(config.get("base", "")), "component": str(config.get("component", "")),
+            **tracking.parent_tags()}
     with mlflow.start_run(run_name="export-onnx", tags=tags) as run:
         metrics = config.get("metrics") or {}
         mlflow.log_params({
