@@ -64,6 +64,10 @@ def test_finished_cells_are_skipped_and_bases_shared(tiny_split, tmp_path, mlflo
     assert [r["skipped"] for r in again] == [True, True]
     assert [r["run_id"] for r in again] == [r["run_id"] for r in first]
     assert np.isclose(again[1]["test_top1"], first[1]["test_top1"])
+    # A skipped cell reports what the run logged, calibration included (the report needs it).
+    for fresh, skipped in zip(first, again, strict=True):
+        assert set(skipped) == set(fresh)
+        assert np.isclose(skipped["temperature"], fresh["temperature"])
     # other parameters: a new run
     changed = train_cell(tiny_split, "lr", ["none"], {**FAST_PARAMS, "lr": {"epochs": 6}}, out_root=tmp_path / "m",
                          quiet=True, skip_finished=True)

@@ -205,7 +205,8 @@ def train_cell(
             if done is not None:
                 row = {"setting": setting, "seed": info["seed"], "base": base, "component": component,
                        "run_id": done.info.run_id, "skipped": True,
-                       **{k: v for k, v in done.data.metrics.items() if k.startswith(("val_", "test_"))}}
+                       **{k: v for k, v in done.data.metrics.items()
+                          if k.startswith(("val_", "test_")) or k in ("temperature", "train_seconds")}}
                 rows.append(row)
                 if component == "none":
                     base_run_id = done.info.run_id
