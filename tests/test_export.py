@@ -315,7 +315,10 @@ def test_export_registers_under_an_mlflow_project_run(tmp_path, fake_chain_modul
     with mlflow.start_run() as project:
         pass
     monkeypatch.setenv("MLFLOW_RUN_ID", project.info.run_id)
-    monkeypatch.delenv("CELLCONTRAST_PARENT_RUN_ID", raising=False)
+    # tracking.setup moves the run id to CELLCONTRAST_PARENT_RUN_ID; setenv first so that
+    # monkeypatch removes it after the test (it would nest every later test's runs).
+    monkeypatch.setenv("CELLCONTRAST_PARENT_RUN_ID", "")
+    monkeypatch.delenv("CELLCONTRAST_PARENT_RUN_ID")
     model_dir = fake_chain_module(tmp_path / "c0", seed=0)
     out = tmp_path / "a.onnx"
     assert main(["export", "--model-dir", str(model_dir), "--out", str(out), "--experiment", "exp"]) == 0
