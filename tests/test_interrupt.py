@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -131,17 +132,25 @@ model_params:
 """
 
 
-def _grid_runs(db: Path) -> list[tuple[str, str, str]]:
-    """(run id, status, grid cell) of every run in the MLflow sqlite store."""
+def _grid_runs(db: Path, attempts: int = 1) -> list[tuple[str, str, str]]:
+    """(run id, status, grid cell) of every run in the MLflow sqlite store.
+
+    Opened read-write: a process killed inside a write leaves a hot journal, which SQLite
+    must roll back before anyone can read, and a read-only connection cannot (it raised,
+    and this returned nothing). ``attempts`` > 1: retry a busy store, then raise."""
     if not db.exists():
         return []
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            return con.execute(
-                "select r.run_uuid, r.status, t.value from runs r join tags t "
-                "on t.run_uuid = r.run_uuid and t.key = 'grid_cell'").fetchall()
-    except sqlite3.OperationalError:  # tables not created yet, or locked for a moment
-        return []
+    for attempt in range(attempts):
+        try:
+            with contextlib.closing(sqlite3.connect(db, timeout=5)) as con:
+                return con.execute(
+                    "select r.run_uuid, r.status, t.value from runs r join tags t "
+                    "on t.run_uuid = r.run_uuid and t.key = 'grid_cell'").fetchall()
+        except sqlite3.OperationalError:  # tables not created yet, or locked for a moment
+            if attempt == attempts - 1 and attempts > 1:
+                raise
+            time.sleep(0.2)
+    return []
 
 
 def test_grid_killed_after_first_cell_resumes_without_redoing_it(tiny_split, tmp_path):
@@ -178,7 +187,7 @@ def test_grid_killed_after_first_cell_resumes_without_redoing_it(tiny_split, tmp
         proc.stderr.close()
     assert list(finished_before) == ["default/seed0/lr/none"]
     assert len(running_at_kill) == 1
-    left = {rid: status for rid, status, _ in _grid_runs(db)}
+    left = {rid: status for rid, status, _ in _grid_runs(db, attempts=25)}
     assert left[running_at_kill[0]] == "RUNNING"  # what SIGKILL leaves: nobody closed it
     assert not (tmp_path / "results.csv").exists()
 
@@ -186,7 +195,7 @@ def test_grid_killed_after_first_cell_resumes_without_redoing_it(tiny_split, tmp
     assert again.returncode == 0, again.stderr[-3000:]
     assert "skipped (already finished)" in again.stderr
 
-    runs = _grid_runs(db)
+    runs = _grid_runs(db, attempts=25)
     by_cell: dict[str, list[str]] = {}
     for rid, status, cell in runs:
         if status == "FINISHED":
