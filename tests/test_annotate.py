@@ -204,6 +204,30 @@ def test_byte_capped_chunks_give_same_result(model_path, query, tmp_path, monkey
     pd.testing.assert_frame_equal(a.drop(columns="batch"), b.drop(columns="batch"))
 
 
+def test_gzip_chunks_inflated_in_threads_give_same_result(model_path, query, tmp_path, monkeypatch):
+    """A query whose CSR arrays are gzip chunks of 11 values: reads span and split chunks."""
+    import h5py
+
+    import cellcontrast.h5chunks as h5chunks
+
+    path, counts = query
+    rewritten = tmp_path / "small_chunks.h5ad"
+    rewritten.write_bytes(path.read_bytes())
+    with h5py.File(rewritten, "r+") as f:
+        for name in ("data", "indices"):
+            values = f["X"][name][:]
+            del f["X"][name]
+            f["X"].create_dataset(name, data=values, chunks=(11,), compression="gzip")
+    reads = []
+    submit = h5chunks.ChunkedGzipArray.submit
+    monkeypatch.setattr(h5chunks.ChunkedGzipArray, "submit", lambda self, lo, hi: reads.append(hi - lo) or submit(self, lo, hi))
+    monkeypatch.setattr("cellcontrast.annotate.READ_BYTES", 800)  # about 100 values a read
+    annotate(model_path, rewritten, tmp_path / "out.h5ad", store_probabilities=True, log=lambda *_: None)
+    assert len(reads) > 10  # the inflating reader did the reading
+    res = ad.read_h5ad(tmp_path / "out.h5ad")
+    np.testing.assert_allclose(res.obsm["cellcontrast_probabilities"], reference_proba(counts), atol=1e-5)
+
+
 def test_missing_genes_are_zeros(model_path, tmp_path, capsys):
     counts = make_counts(20, len(MODEL_GENES), seed=5)
     keep = np.arange(len(MODEL_GENES)) >= 6  # the query lacks the first six model genes

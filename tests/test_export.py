@@ -133,6 +133,10 @@ def _real_chains():
     out = []
     lr = models.LogisticRegression(preprocessing.fit_preprocess("lr", counts, n_hvg=30), N_CLASSES)
     out.append(("lr-none", chain_mod.Chain(lr.preprocess, lr.encoder, None, lr.head)))
+    # Every gene kept and no z-scoring: the graph skips the gather and the standardisation.
+    lr_all = models.LogisticRegression(preprocessing.fit_preprocess("lr", counts, n_hvg=100, standardize=False),
+                                       N_CLASSES)
+    out.append(("lr-all-unscaled", chain_mod.Chain(lr_all.preprocess, lr_all.encoder, None, lr_all.head)))
     act = models.Actinn(preprocessing.fit_preprocess("actinn", counts), N_CLASSES)
     mls = components.MLSComponent(act.encoder.out_dim, N_CLASSES)
     head = models.LinearHead(mls.out_dim, N_CLASSES)
@@ -169,6 +173,11 @@ def test_real_chains_onnx_equals_torch(tmp_path):
                 want = loaded(torch.from_numpy(counts)).numpy()
             np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
         assert float(loaded.temperature) == pytest.approx(1.7)
+        ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+        if name == "lr-all-unscaled":  # nothing to select, nothing to standardise
+            assert "Gather" not in ops and "Sub" not in ops
+        else:
+            assert "Gather" in ops
 
 
 # ------------------------------------------------------------------ the CLI and MLflow

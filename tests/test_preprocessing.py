@@ -122,7 +122,20 @@ def test_lr_constant_gene_gets_unit_sd_and_clip_applies():
 def test_all_genes_kept_when_fewer_than_n_hvg(data):
     train, _ = data
     assert LRPreprocess.fit(train, n_hvg=2000).out_dim == train.shape[1]
-    assert ScdaePreprocess.fit(train, n_hvg=2000).out_dim == train.shape[1]
+    module = ScdaePreprocess.fit(train, n_hvg=2000)
+    assert module.out_dim == train.shape[1]
+    # Keeping every gene skips the gather: the features are still every gene, in order.
+    x = train.toarray().astype(np.float64)
+    expected = np.log1p(x / x.sum(1, keepdims=True) * 1e4) / module.scale.numpy()
+    np.testing.assert_allclose(module(dense(train)).numpy(), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("index", [[3, 1, 2], [0, 0, 5], [-1, 2, 3], [0, 1, 200]])
+def test_loading_a_bad_gene_index_is_refused(index):
+    module = LRPreprocess(n_genes=200, n_selected=3)
+    state = {**module.state_dict(), "gene_index": torch.tensor(index)}
+    with pytest.raises(ValueError, match="gene_index must be sorted, unique"):
+        module.load_state_dict(state)
 
 
 def test_hvg_agrees_with_scanpy_seurat(data):

@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,8 @@ class QueryMatrix:
     _elem: Any = None
     _indptr: np.ndarray | None = field(default=None, repr=False)
     _backed: Any = field(default=None, repr=False)
+    # CSR data and indices read by inflating their gzip chunks in threads (h5chunks), if stored so
+    _inflated: tuple | None = field(default=None, repr=False)
 
     def chunk_stop(self, start: int, batch_size: int, max_bytes: int | None = None) -> int:
         """End of the chunk starting at `start`: `batch_size` rows, fewer if they exceed `max_bytes`."""
@@ -215,8 +218,12 @@ class QueryMatrix:
         if self.kind == "csr":
             lo, hi = int(self._indptr[start]), int(self._indptr[stop])
             indptr = self._indptr[start : stop + 1] - lo
-            data = self._elem["data"][lo:hi]
-            indices = self._elem["indices"][lo:hi]
+            if self._inflated is not None:
+                waits = [array.submit(lo, hi) for array in self._inflated]  # both inflate at once
+                data, indices = (wait() for wait in waits)
+            else:
+                data = self._elem["data"][lo:hi]
+                indices = self._elem["indices"][lo:hi]
             return sp.csr_matrix((data, indices, indptr), shape=(stop - start, self.n_vars))
         # CSC cannot be read by rows cheaply; anndata's backed slicing does what can be done.
         if self._backed is None:
@@ -229,8 +236,12 @@ class QueryMatrix:
         return sp.csr_matrix(self._backed[start:stop])
 
 
-def open_query(file, layer: str | None) -> QueryMatrix:
-    """Locate the count matrix and its gene names in an open h5ad (h5py.File)."""
+def open_query(file, layer: str | None, pool=None) -> QueryMatrix:
+    """Locate the count matrix and its gene names in an open h5ad (h5py.File).
+
+    With a thread ``pool``, gzip-compressed CSR arrays are inflated on its threads (see
+    ``h5chunks``); the pool must outlive the reads.
+    """
     if layer in (None, "", "X"):
         where, var_group = "X", "var"
     elif layer == "raw":
@@ -272,7 +283,14 @@ def open_query(file, layer: str | None) -> QueryMatrix:
         )
     if n_vars != len(var_names):
         raise InputError(f"the query's {where} has {n_vars} columns but {var_group} lists {len(var_names)} genes")
-    return QueryMatrix(file, where, n_obs, n_vars, kind, var_names, elem, indptr)
+    matrix = QueryMatrix(file, where, n_obs, n_vars, kind, var_names, elem, indptr)
+    if kind == "csr" and pool is not None:
+        from cellcontrast.h5chunks import ChunkedGzipArray
+
+        arrays = (elem["data"], elem["indices"])
+        if all(ChunkedGzipArray.supports(a) for a in arrays):
+            matrix._inflated = tuple(ChunkedGzipArray(a, pool) for a in arrays)
+    return matrix
 
 
 def align_genes(
@@ -305,51 +323,100 @@ def align_genes(
 
 def _check_counts(values: np.ndarray, start: int, where: str) -> None:
     """Refuse negative, non-finite and non-integer values (values of one chunk)."""
-    if values.size == 0:
+    if values.size == 0 or values.dtype.kind in "biu":  # integers: counts unless negative
+        if values.size and values.min() < 0:
+            raise InputError(
+                f"the query's {where} holds negative values (e.g. {int(values.min())}); this looks "
+                "like scaled data: pass raw counts, e.g. --layer counts or --layer raw"
+            )
         return
-    if not np.all(np.isfinite(values)):
+    lowest, highest = values.min(), values.max()  # NaN anywhere makes both NaN
+    if not (np.isfinite(lowest) and np.isfinite(highest)):
         raise InputError(
             f"the query's {where} holds NaN or infinite values (first in the chunk starting at cell "
             f"{start}); pass raw counts, e.g. --layer counts or --layer raw"
         )
-    if values.min() < 0:
+    if lowest < 0:
         raise InputError(
-            f"the query's {where} holds negative values (e.g. {float(values.min()):g}); this looks "
+            f"the query's {where} holds negative values (e.g. {float(lowest):g}); this looks "
             "like scaled data: pass raw counts, e.g. --layer counts or --layer raw"
         )
-    frac = np.abs(values - np.rint(values))
+    frac = np.rint(values)
+    np.subtract(values, frac, out=frac)
+    np.abs(frac, out=frac)
     if frac.max() > _INTEGER_TOLERANCE:
-        kind = "log-normalised" if values.max() < 30 else "normalised"
+        kind = "log-normalised" if highest < 30 else "normalised"
         raise InputError(
             f"the query's {where} values are not counts: looks like {kind} data "
             f"(e.g. {float(values.flat[int(np.argmax(frac))]):g}); pass raw counts, e.g. --layer counts or --layer raw"
         )
 
 
-def _chunk_to_model(chunk, col_map: np.ndarray, n_model: int, start: int, where: str) -> np.ndarray:
-    """Validate a chunk and scatter its columns into a dense [n, n_model] float32 array."""
+@dataclass
+class _ModelRows:
+    """A read chunk checked and re-indexed to the model's genes: a CSR (int32 indices,
+    float32 values) in model columns, or, for a dense query, the dense rows themselves."""
+
+    n_model: int
+    dense: np.ndarray | None = None
+    indptr: np.ndarray | None = None
+    indices: np.ndarray | None = None
+    data: np.ndarray | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.dense) if self.dense is not None else len(self.indptr) - 1
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) as a dense float32 [hi - lo, n_model] array."""
+        if self.dense is not None:
+            return self.dense[lo:hi]
+        a, b = int(self.indptr[lo]), int(self.indptr[hi])
+        indptr = self.indptr[lo:hi + 1] - self.indptr[lo]
+        out = np.zeros((hi - lo, self.n_model), dtype=np.float32)
+        # scipy's C scatter (repeated entries of a non-canonical CSR are summed; GIL released),
+        # called on the arrays directly: a csr_matrix per block copied its slices and checked
+        # them again, a quarter of the densifying time.
+        try:
+            from scipy.sparse._sparsetools import csr_todense
+        except ImportError:  # scipy moved it: the public, slower route
+            import scipy.sparse as sp
+
+            return sp.csr_matrix((self.data[a:b], self.indices[a:b], indptr), shape=out.shape).toarray()
+        csr_todense(hi - lo, self.n_model, indptr, self.indices[a:b], self.data[a:b], out)
+        return out
+
+
+def _to_model_columns(chunk, col_map: np.ndarray, n_model: int, start: int, where: str) -> _ModelRows:
+    """Validate a read chunk and re-index its columns to the model's (unknown genes dropped)."""
     import scipy.sparse as sp
 
-    n = chunk.shape[0]
-    if sp.issparse(chunk):
-        chunk = sp.csr_matrix(chunk)
-        _check_counts(chunk.data, start, where)
-        # Re-index the columns to the model's and let scipy densify (C loop; repeated entries
-        # of a non-canonical CSR are summed): several times faster than numpy fancy indexing.
-        cols = col_map[chunk.indices]
+    if not sp.issparse(chunk):
+        chunk = np.asarray(chunk)
+        _check_counts(chunk, start, where)
+        out = np.zeros((chunk.shape[0], n_model), dtype=np.float32)
+        keep = col_map >= 0
+        out[:, col_map[keep]] = chunk[:, keep]
+        return _ModelRows(n_model, dense=out)
+    chunk = sp.csr_matrix(chunk)
+    _check_counts(chunk.data, start, where)
+    data = chunk.data.astype(np.float32, copy=False)
+    indptr = chunk.indptr.astype(np.int32, copy=False) if chunk.nnz < 2**31 else chunk.indptr
+    if len(col_map) == n_model and np.array_equal(col_map, np.arange(n_model)):
+        cols = chunk.indices  # the query's genes are the model's, in order
+    else:
+        cols = col_map.astype(np.int32)[chunk.indices]
         keep = cols >= 0
-        data, indptr = chunk.data, chunk.indptr
         if not keep.all():
-            kept_before = np.concatenate(([0], np.cumsum(keep)))
+            kept_before = np.concatenate(([0], np.cumsum(keep))).astype(indptr.dtype)
             data, cols, indptr = data[keep], cols[keep], kept_before[indptr]
-        mapped = sp.csr_matrix((data.astype(np.float32, copy=False), cols, indptr), shape=(n, n_model))
-        return mapped.toarray()
-    out = np.zeros((n, n_model), dtype=np.float32)
-    chunk = np.asarray(chunk)
-    _check_counts(chunk, start, where)
-    keep = col_map >= 0
-    out[:, col_map[keep]] = chunk[:, keep]
-    return out
+    return _ModelRows(n_model, indptr=indptr, indices=cols.astype(indptr.dtype, copy=False), data=data)
+
+
+def _chunk_to_model(chunk, col_map: np.ndarray, n_model: int, start: int, where: str) -> np.ndarray:
+    """Validate a chunk and scatter its columns into a dense [n, n_model] float32 array."""
+    mapped = _to_model_columns(chunk, col_map, n_model, start, where)
+    return mapped.rows(0, mapped.n_rows)
 
 
 # --------------------------------------------------------------------------------------
@@ -367,17 +434,6 @@ def _read_chunks(matrix: QueryMatrix, batch_size: int):
         chunk = matrix.rows(start, stop)
         yield start, (sp.csr_matrix(chunk) if sp.issparse(chunk) else chunk)
         start = stop
-
-
-def _row_block(chunk, lo: int, hi: int):
-    """Rows [lo, hi) of a CSR matrix as views of its arrays (scipy's slicing copies them)."""
-    import scipy.sparse as sp
-
-    if not sp.issparse(chunk):
-        return chunk[lo:hi]
-    a, b = int(chunk.indptr[lo]), int(chunk.indptr[hi])
-    return sp.csr_matrix((chunk.data[a:b], chunk.indices[a:b], chunk.indptr[lo:hi + 1] - a),
-                         shape=(hi - lo, chunk.shape[1]))
 
 
 def _read_ahead(items, depth: int = 2):
@@ -553,9 +609,11 @@ def annotate(
         query_file = h5py.File(query_path, "r")
     except OSError as err:
         raise InputError(f"cannot read the query {query_path} (truncated or damaged?): {_one_line(err)[:200]}") from None
-    with query_file as f:
+    # Threads that inflate the query's gzip chunks (h5chunks) beside the annotating thread.
+    pool = ThreadPoolExecutor(max_workers=threads or _cores(), thread_name_prefix="cellcontrast-inflate")
+    with query_file as f, pool:
         try:
-            matrix = open_query(f, layer)
+            matrix = open_query(f, layer, pool)
             obs = _read_elem(f["obs"]) if "obs" in f else None
         except InputError:
             raise
@@ -599,13 +657,13 @@ def annotate(
         with tqdm(total=n, unit="cells", desc="annotate", file=sys.stderr, disable=disable) as bar, \
                 contextlib.closing(chunks):  # stops the reader before the file closes, even on error
             for start, chunk in chunks:
+                mapped = _to_model_columns(chunk, col_map, n_model, start, matrix.where)
                 # onnxruntime gets at most INFERENCE_ROWS rows at a time: its activations
                 # (several [rows, width] tensors) stay small while reads stay large.
-                for lo in range(0, chunk.shape[0], INFERENCE_ROWS):
-                    hi = min(lo + INFERENCE_ROWS, chunk.shape[0])
+                for lo in range(0, mapped.n_rows, INFERENCE_ROWS):
+                    hi = min(lo + INFERENCE_ROWS, mapped.n_rows)
                     a, b = start + lo, start + hi
-                    dense = _chunk_to_model(_row_block(chunk, lo, hi), col_map, n_model, a, matrix.where)
-                    probs = model.predict_proba(dense)
+                    probs = model.predict_proba(mapped.rows(lo, hi))
                     if probs.shape != (b - a, len(model.classes)):
                         raise InputError(f"the model returned shape {probs.shape} for {b - a} cells; re-export it")
                     top_idx[a:b], top_p[a:b] = _top3(probs)
@@ -669,6 +727,13 @@ def annotate(
         + (f"; {n_unassigned} Unassigned (confidence < {min_confidence:g})" if min_confidence > 0 else "")
     )
     return summary
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _found_mask(col_map: np.ndarray, n_model: int) -> np.ndarray:
