@@ -214,13 +214,20 @@ def test_actinn_component_head_uses_its_own_learning_rate(bases, splits, monkeyp
 
 def test_lr_auto_scaling_keeps_the_variant_better_on_validation(splits):
     """standardize "auto" fits both variants with the same seed and keeps the better on val
-    (macro F1, then accuracy; ties go to the z-scored one): it equals the better forced fit."""
+    (macro F1, then accuracy, then lower loss; exact ties go to the z-scored one): it equals
+    the better forced fit."""
     (xt, yt), (xv, yv) = splits["train"], splits["val"]
     params = {"lr": 1e-2, "epochs": 8}
     forced = {flag: fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {**params, "standardize": flag}, seed=0)
               for flag in (True, False)}
-    scores = {flag: tuple(classification_metrics(yv, predict_proba(build_chain(m), xv), N_CLASSES)[k]
-                          for k in ("macro_f1", "top1")) for flag, m in forced.items()}
+
+    def score(model):
+        proba = predict_proba(build_chain(model), xv)
+        metrics = classification_metrics(yv, proba, N_CLASSES)
+        loss = -np.log(np.clip(proba[np.arange(len(yv)), yv], 1e-30, None)).mean()
+        return metrics["macro_f1"], metrics["top1"], -round(float(loss), 4)
+
+    scores = {flag: score(m) for flag, m in forced.items()}
     auto = fit_base(xt, yt, xv, yv, N_CLASSES, "lr", params, seed=0)
     expected = False if scores[False] > scores[True] else True
     assert auto.preprocess.standardize is expected
@@ -240,3 +247,62 @@ def test_components_on_lr_get_the_z_scored_base(splits):
     assert fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {"epochs": 3}, seed=0, for_component=True).preprocess.standardize
     chain = fit_chain(xt, yt, xv, yv, N_CLASSES, "lr", "mlp", {"lr": {"epochs": 3}, "mlp": {"max_epochs": 2}}, seed=0)
     assert chain.preprocess.standardize
+
+
+def test_lbfgs_reaches_the_convex_optimum(splits):
+    """One l2: the fit equals scikit-learn's multinomial L-BFGS logistic regression on the same
+    features (C = 1 / (l2 * n): sklearn sums the loss, we average it)."""
+    from sklearn.linear_model import LogisticRegression
+
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    l2 = 1e-2
+    model = fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {"standardize": True, "l2_path": [l2], "max_iter": 500}, seed=0)
+    with torch.no_grad():
+        z_train = model.preprocess(torch.as_tensor(xt.toarray())).numpy()
+        z_val = model.preprocess(torch.as_tensor(xv.toarray())).numpy()
+    reference = LogisticRegression(C=1.0 / (l2 * len(yt)), tol=1e-10, max_iter=5000).fit(z_train, yt)
+    with torch.no_grad():
+        ours = torch.softmax(model.head(torch.as_tensor(z_val)), dim=1).numpy()
+    np.testing.assert_allclose(ours, reference.predict_proba(z_val), atol=2e-3)
+    assert model.train_params["chosen_l2"] == l2
+
+
+def test_lbfgs_path_keeps_the_best_l2_on_validation_and_stops_early(splits):
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    records = []
+    path = [1e2, 1e1, 1.0, 1e-1, 1e-2, 1e-3, 1e-4]
+    model = fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {"standardize": True, "l2_path": path, "path_patience": 1},
+                     seed=0, log=lambda stage, step, m: records.append(m))
+    assert [m["l2"] for m in records] == path[:len(records)]  # strongest first
+    scores = [(m["val_macro_f1"], m["val_accuracy"], -m["val_loss"]) for m in records]
+    best = int(np.argmax([s == max(scores) for s in scores]))  # first of the best: ties to the stronger
+    assert model.train_params["chosen_l2"] == records[best]["l2"]
+    # it stopped one value after the last improvement, or ran the whole path
+    improved = [i for i in range(len(scores)) if scores[i] > max(scores[:i], default=(-1,))]
+    assert len(records) == min(len(path), improved[-1] + 2)
+    np.testing.assert_allclose(classification_metrics(yv, predict_proba(build_chain(model), xv), N_CLASSES)["macro_f1"],
+                               records[best]["val_macro_f1"], atol=1e-9)
+
+
+def test_lbfgs_is_deterministic_and_adam_still_available(splits):
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    a = fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {"l2_path": [1e-2, 1e-3]}, seed=0)
+    b = fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {"l2_path": [1e-2, 1e-3]}, seed=5)  # no randomness in it
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    adam = fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {"solver": "adam", "epochs": 3}, seed=0)
+    assert adam.train_params["chosen_l2"] == DEFAULT_PARAMS["lr"]["l2"]
+    assert not torch.equal(adam.head.linear.weight, a.head.linear.weight)
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"solver": "sgd"}, "solver"),
+    ({"l2_path": []}, "l2_path"),
+    ({"l2_path": [1e-2, -1.0]}, "l2_path"),
+    ({"l2_path": 0.01}, "l2_path"),
+    ({"l2_path": ["a"]}, "l2_path"),
+])
+def test_lbfgs_settings_are_validated(splits, params, match):
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    with pytest.raises(ValueError, match=match):
+        fit_base(xt, yt, xv, yv, N_CLASSES, "lr", params, seed=0)

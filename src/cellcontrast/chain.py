@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from torch import nn
 from cellcontrast import components as _components
 from cellcontrast import models as _models
 from cellcontrast import preprocessing as _preprocessing
+from cellcontrast.errors import InputError
 from cellcontrast.files import atomic_path
 
 CHAIN_WEIGHTS = "chain.pt"
@@ -140,7 +142,13 @@ def load_chain(model_dir: str | os.PathLike) -> tuple[Chain, dict]:
         build_module(specs["component"]) if specs.get("component") else None,
         build_module(specs["head"]),
     )
-    state = torch.load(model_dir / CHAIN_WEIGHTS, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(model_dir / CHAIN_WEIGHTS, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, i.e. running the file's code: no.
+        raise InputError(f"cannot load the chain in {model_dir}: {CHAIN_WEIGHTS} is not a file of plain tensors "
+                         "(damaged, or a pickle that could run code, which is never loaded); "
+                         "save the chain with `cellcontrast train`") from None
     state.setdefault("temperature", torch.ones(()))  # chains saved before calibration existed
     chain.load_state_dict(state)
     chain.eval()

@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     # Library warnings (anndata, mlflow) are noise for a command-line user.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # Their UserWarnings too: a refused input must read as one line (anndata warns about the
+    # duplicate gene names we then refuse; torch about the pickle we then refuse).
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(anndata|torch|h5py|mlflow|optuna|scanpy)\b")
     try:
         _dispatch(args)
     except InputError as err:

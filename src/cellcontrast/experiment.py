@@ -228,6 +228,7 @@ def train_cell(
                     base_run_id = run.info.run_id
             if base == "lr":  # what "auto" chose on validation
                 mlflow.log_param("lr.standardized", base_model.preprocess.standardize)
+                mlflow.log_param("lr.chosen_l2", getattr(base_model, "train_params", {}).get("chosen_l2"))
             if component == "none":
                 chain = build_chain(base_model)
             else:

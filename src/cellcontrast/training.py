@@ -51,8 +51,16 @@ DEFAULT_PARAMS: dict[str, dict] = {
     # and on plain log1p genes and keep the better on val macro F1 (ties: z-scored). On the
     # simulated atlas z-scoring cost ~0.03 (Default seed 0 val F1 0.909 vs 0.936, scikit-learn
     # LR): it gives noisy low-expressed genes the weight of markers. true/false force one.
+    # solver "lbfgs" (beyond the paper's recipe; "adam" keeps it): full-batch L-BFGS on the
+    # same loss, along l2_path from the strongest penalty down, each fit warm-started from the
+    # last; the l2 with the best val macro F1 is kept, and the path stops after
+    # ``path_patience`` values without improvement. Adam's epoch-picked fit stopped short of
+    # the optimum: on the atlas it trailed scikit-learn's L-BFGS LR on the same genes (Default
+    # seed 0 val F1 0.931 vs 0.944; natural 0.905 vs 0.944 with this path).
     "lr": {"n_hvg": 2000, "clip": 10.0, "lr": 1e-2, "l2": 1e-3, "batch_size": 128,
-           "epochs": 40, "patience": 10, "standardize": "auto"},
+           "epochs": 40, "patience": 10, "standardize": "auto", "solver": "lbfgs",
+           "l2_path": [1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4], "max_iter": 100,
+           "path_patience": 2},
     # ACTINN (mafeiyang/ACTINN): Adam 1e-4 decayed x0.95 every 1,000 steps, batch 128,
     # cost = mean CE + 0.005 * sum_W tf.nn.l2_loss(W) (= sum(W^2) / 2, weights only).
     # The original trains 50 epochs and keeps the last; we keep the best epoch on val.
@@ -289,14 +297,23 @@ class _EncoderHead(nn.Module):
 def resolve_params(name: str, params: dict | None) -> dict:
     if name not in DEFAULT_PARAMS:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(DEFAULT_PARAMS)}")
-    unknown = set(params or {}) - set(DEFAULT_PARAMS[name]) - {"head"}
+    unknown = set(params or {}) - set(DEFAULT_PARAMS[name]) - {"head", "chosen_l2"}
     if unknown:
         raise ValueError(f"unknown parameters for {name}: {sorted(unknown)}")
     for key, value in (params or {}).items():
         if key in DEFAULT_PARAMS[name]:
             _check_value(name, key, DEFAULT_PARAMS[name][key], value)
-    if name == "lr" and (params or {}).get("standardize", "auto") not in (True, False, "auto"):
-        raise ValueError(f"lr.standardize must be true, false or auto, not {params['standardize']!r}")
+    if name == "lr":
+        p = params or {}
+        if p.get("standardize", "auto") not in (True, False, "auto"):
+            raise ValueError(f"lr.standardize must be true, false or auto, not {p['standardize']!r}")
+        if p.get("solver", "lbfgs") not in ("lbfgs", "adam"):
+            raise ValueError(f"lr.solver must be lbfgs or adam, not {p['solver']!r}")
+        path = p.get("l2_path", DEFAULT_PARAMS["lr"]["l2_path"])
+        if (not isinstance(path, list | tuple) or not path
+                or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                           for v in path)):
+            raise ValueError(f"lr.l2_path must be a list of positive numbers, not {path!r}")
     return {**DEFAULT_PARAMS[name], **(params or {})}
 
 
@@ -367,14 +384,67 @@ def _fit_lr(train_counts, train_y, val_counts, val_y, n_classes: int, p: dict, s
         preprocess = LRPreprocess.fit(train_counts, n_hvg=p["n_hvg"], clip=p["clip"], standardize=standardize)
         model = BASE_MODELS["lr"](preprocess, n_classes)
         model.preprocess.eval()
-        score = train_classifier(_EncoderHead(model.encoder, model.head), FeatureSource(train_counts, preprocess),
-                                 train_y, FeatureSource(val_counts, preprocess), val_y, n_classes, p, seed,
-                                 log, stage="lr" if i == 0 else "lr_unscaled")
+        fit = _fit_linear_lbfgs if p["solver"] == "lbfgs" else train_classifier
+        net = _EncoderHead(model.encoder, model.head)
+        score = fit(net, FeatureSource(train_counts, preprocess), train_y, FeatureSource(val_counts, preprocess),
+                    val_y, n_classes, p, seed, log, stage="lr" if i == 0 else "lr_unscaled")
         if best_score is None or score > best_score:
-            best_model, best_score = model, score
-    best_model.train_params = {**p, "standardize": best_model.preprocess.standardize}
+            best_model, best_score, best_l2 = model, score, getattr(net, "l2", p["l2"])
+    # chosen_l2: the penalty of the kept fit (L-BFGS: picked on val along l2_path).
+    best_model.train_params = {**p, "standardize": best_model.preprocess.standardize, "chosen_l2": best_l2}
     best_model.eval()
     return best_model
+
+
+def _fit_linear_lbfgs(net: _EncoderHead, train: FeatureSource, train_y, val: FeatureSource, val_y,
+                      n_classes: int, p: dict, seed: int, log: Log | None = None, stage: str = "lr") -> tuple:
+    """Full-batch L-BFGS of a linear head on mean cross-entropy + l2 * sum(W^2) / 2, along
+    ``l2_path`` (strongest first, each fit warm-started from the previous one); keeps the l2
+    with the best (val macro F1, val accuracy, -val loss), exact ties to the stronger penalty.
+
+    The loss is deterministic (no batches to shuffle), so ``seed`` plays no part. The gradient
+    is summed over row blocks, so a training matrix too large to cache works too. Returns the
+    best score; ``net`` is left holding the best weights, in eval mode, and ``net.l2`` the l2.
+    """
+    head = net.head.linear if hasattr(net.head, "linear") else net.head
+    weight, bias = head.weight, head.bias
+    y = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
+    n = max(len(train), 1)
+    with torch.no_grad():  # start from zero: the path's first (strongest) fit is then cheap
+        weight.zero_()
+        bias.zero_()
+    best_score, best_state, best_l2, stale = None, None, None, 0
+    for step, l2 in enumerate(sorted({float(v) for v in p["l2_path"]}, reverse=True)):
+        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=int(p["max_iter"]), history_size=20,
+                                      tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+        def closure(l2=l2, optimizer=optimizer):
+            optimizer.zero_grad(set_to_none=True)
+            total, start = torch.zeros(()), 0
+            for block in train.batches():  # the full batch, a block of rows at a time
+                loss = F.cross_entropy(net(block), y[start:start + len(block)], reduction="sum") / n
+                loss.backward()
+                total, start = total + loss.detach(), start + len(block)
+            penalty = 0.5 * l2 * weight.pow(2).sum()
+            penalty.backward()
+            return total + penalty.detach()
+
+        net.train()
+        train_loss = float(optimizer.step(closure))
+        scores = _val_scores(np.asarray(val_y), _apply(net, val), n_classes)
+        if log is not None:
+            log(stage, step, {"loss": train_loss, "l2": l2, **scores})
+        score = (scores["val_macro_f1"], scores["val_accuracy"], -scores["val_loss"])
+        if best_score is None or score > best_score:
+            best_score, best_state, best_l2, stale = score, _state(net), l2, 0
+        else:
+            stale += 1
+            if stale >= int(p["path_patience"]):
+                break
+    net.load_state_dict(best_state)
+    net.l2 = best_l2
+    net.eval()
+    return best_score
 
 
 def needs_component_base(model: BaseModel, params: dict | None) -> bool:

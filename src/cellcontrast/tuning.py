@@ -13,7 +13,9 @@ small: two knobs each, around the published values):
 - ``mls``: temperature, hidden_dim, lr (same ranges; hidden_dim also offers the recipe's own
   default when that is not in the list, e.g. -1, a linear h_k);
 - component ``none``, i.e. the base model's own key sizes: ``lr`` (logistic regression):
-  l2 (log-uniform 1e-5..1e-1) and n_hvg {500, 1000, 2000}; ``actinn``: lr (log-uniform
+  n_hvg {500, 1000, 2000} (its L-BFGS solver picks l2 on validation along ``l2_path``
+  itself; with ``solver: adam``, add ``lr: {l2: [1.0e-5, 1.0e-1]}`` to the tune section);
+  ``actinn``: lr (log-uniform
   1e-5..1e-3, around ACTINN's 1e-4) and l2 (log-uniform 5e-4..5e-2, around its 0.005);
   ``scdae``: dropout (uniform 0..0.7; the original drops 70%) and the classifier lr
   (log-uniform 1e-4..1e-2).
@@ -90,7 +92,7 @@ DEFAULT_SEARCH_SPACE: dict[str, dict] = {
     "mlp": {"temperature": [0.02, 1.0], "hidden_dim": [64, 128, 256], "out_dim": [32, 64, 128],
             "lr": [1e-4, 1e-2]},
     "mls": {"temperature": [0.02, 1.0], "hidden_dim": [64, 128, 256], "lr": [1e-4, 1e-2]},
-    "lr": {"l2": [1e-5, 1e-1], "n_hvg": [500, 1000, 2000]},
+    "lr": {"n_hvg": [500, 1000, 2000]},
     "actinn": {"lr": [1e-5, 1e-3], "l2": [5e-4, 5e-2]},
     "scdae": {"dropout": {"low": 0.0, "high": 0.7}, "lr": [1e-4, 1e-2]},
 }
