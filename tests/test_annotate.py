@@ -379,3 +379,25 @@ def test_torch_never_imported(model_path, query, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
     assert out.exists()
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_densify_maps_columns_sums_duplicates_and_drops_unknown_genes(monkeypatch, fallback):
+    from cellcontrast import annotate as annotate_mod
+
+    if fallback:  # scipy without the C helper: the public route gives the same rows
+        import scipy.sparse._sparsetools as tools
+
+        monkeypatch.setattr(tools, "csr_todense", lambda *a: (_ for _ in ()).throw(TypeError("moved")))
+    # 3 cells x 4 query genes; query gene 2 is unknown to the model; cell 1 repeats gene 0
+    indptr = np.array([0, 2, 5, 6])
+    indices = np.array([0, 3, 0, 0, 2, 1])
+    data = np.array([1, 2, 3, 4, 5, 6], dtype=np.float32)
+    chunk = sp.csr_matrix((data, indices, indptr), shape=(3, 4))
+    col_map = np.array([2, 0, -1, 1])  # query gene -> model column
+    mapped = annotate_mod._to_model_columns(chunk, col_map, 3, 0, "X")
+    expected = np.array([[0, 2, 1], [0, 0, 7], [6, 0, 0]], dtype=np.float32)
+    np.testing.assert_array_equal(mapped.rows(0, 3), expected)
+    np.testing.assert_array_equal(mapped.rows(1, 3), expected[1:])
+    identity = annotate_mod._to_model_columns(chunk, np.arange(4), 4, 0, "X")
+    np.testing.assert_array_equal(identity.rows(0, 3), chunk.toarray())

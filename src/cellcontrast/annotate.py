@@ -379,12 +379,13 @@ class _ModelRows:
         # them again, a quarter of the densifying time.
         try:
             from scipy.sparse._sparsetools import csr_todense
-        except ImportError:  # scipy moved it: the public, slower route
+
+            csr_todense(hi - lo, self.n_model, indptr, self.indices[a:b], self.data[a:b], out)
+            return out
+        except (ImportError, TypeError):  # scipy moved or changed it: the public, slower route
             import scipy.sparse as sp
 
             return sp.csr_matrix((self.data[a:b], self.indices[a:b], indptr), shape=out.shape).toarray()
-        csr_todense(hi - lo, self.n_model, indptr, self.indices[a:b], self.data[a:b], out)
-        return out
 
 
 def _to_model_columns(chunk, col_map: np.ndarray, n_model: int, start: int, where: str) -> _ModelRows:
