@@ -215,6 +215,45 @@ def test_mls_is_sum_of_per_space_supcon():
     torch.testing.assert_close(za.grad, zb.grad, rtol=1e-4, atol=1e-6)
 
 
+
+def plain_autograd_mls(features: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
+    """Eq. 2 written with dense masks and torch.logsumexp, differentiated by autograd."""
+    z = features.transpose(0, 1)  # [C, B, 2]
+    b = z.shape[1]
+    logits = z @ z.transpose(1, 2) / tau
+    eye = torch.eye(b, dtype=torch.bool)
+    lse = torch.logsumexp(logits.masked_fill(eye, float("-inf")), dim=-1)  # [C, B]
+    pos = (labels[:, None] == labels[None, :]) & ~eye
+    n_pos = pos.sum(dim=-1)
+    has_pos = n_pos > 0
+    mean_pos = (logits * pos).sum(dim=-1)[:, has_pos] / n_pos[has_pos]
+    return -(mean_pos - lse[:, has_pos]).mean(dim=-1).sum()
+
+
+@pytest.mark.parametrize("tau", [0.2, 0.005])  # bound stabiliser; row-max fallback
+@pytest.mark.parametrize("grad_enabled", [True, False])
+def test_mls_chunked_over_spaces_matches_plain_autograd(monkeypatch, tau, grad_enabled):
+    import cellcontrast.losses as losses
+
+    b, c = 24, 11
+    # 3 spaces a chunk: 4 chunks, the last one short
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 3 * b * b + 5)
+    y = labels_for(b, 4, 21)
+    y[-1] = 99  # one anchor without a positive
+    z = unit((b, c, 2), 21)
+    z_ref = z.clone().requires_grad_()
+    expected = plain_autograd_mls(z_ref, y, tau)
+    expected.backward()
+    z_got = z.clone().requires_grad_()
+    with torch.set_grad_enabled(grad_enabled):
+        got = mls_loss(z_got, y, tau)
+    torch.testing.assert_close(got.detach(), expected.detach(), rtol=1e-10, atol=1e-10)
+    if grad_enabled:
+        (got * 2.5).backward()  # backward scales the gradient formed in forward
+        torch.testing.assert_close(z_got.grad, 2.5 * z_ref.grad, rtol=1e-9, atol=1e-12)
+    else:
+        assert not got.requires_grad
+
 def test_rejects_bad_inputs():
     z = unit((4, 3), 0)
     with pytest.raises(ValueError):

@@ -3,14 +3,16 @@
 Both losses are computed by one private function, :func:`_supcon_from_features`, which takes
 unit-norm embeddings ``z[..., B, D]`` with any leading batch shape: the single-space loss
 (MLP-CL, eq. 1) has no leading dimension, the multi-latent-space loss (MLS-CL, eq. 2) has one
-of size ``C`` (one latent space per class), so all ``C`` spaces go through one batched matmul
-to a ``[C, B, B]`` similarity tensor and no Python loop over classes.
+of size ``C`` (one latent space per class), so the ``C`` spaces go through batched matmuls
+(``[k, B, B]`` similarities for a chunk of ``k`` spaces at a time) and no Python loop over
+classes.
 
-Speed (``bench/bench_mls_loss.py``): the ``[C, B, B]`` tensor is the only large one; it is
-allocated once and then worked on in place (a fresh 50 MB CPU buffer costs about as much as
-the whole arithmetic, page faults), it is stabilised by a bound rather than a row maximum so
-that it stays symmetric (see :class:`_MaskedLogSumExp`), and the numerator uses
-``[B, B] @ [B, C * D]`` instead.
+Speed (``bench/bench_mls_loss.py``): the similarity buffer is the only large tensor. It holds
+a cache-sized chunk of spaces and is reused for the next chunk (a fresh 50 MB CPU buffer per
+call costs about as much as the whole arithmetic, in page faults); it is worked on in place,
+stabilised by a bound rather than a row maximum so that it stays symmetric, and the gradient
+is formed while the chunk is in cache (see :class:`_WeightedMaskedLogSumExp`). The numerator
+uses ``[B, B] @ [B, C * D]`` instead.
 
 Numerics (DESIGN.md, "Numerics"):
 
@@ -52,70 +54,84 @@ def _check_labels(labels: Tensor, batch: int) -> Tensor:
 # exp(-80) > float32's smallest normal (1.2e-38): the row sums cannot underflow.
 _MAX_SPREAD = 80.0
 
+# Spaces are processed in chunks whose [k, B, B] buffer holds about this many elements per torch
+# thread (1 MiB of float32): the buffer then stays in the cores' L2 caches through every pass over it, and it is
+# small enough for malloc to reuse heap memory instead of mapping (and page-faulting) fresh
+# memory on each call, which a [C, B, B] buffer of 50 MB did (2x slower at C = 50, B = 512).
+_CHUNK_ELEMENTS = 1 << 18
 
-class _MaskedLogSumExp(torch.autograd.Function):
-    """``lse[..., i] = log sum_{a != i} exp(z_i . z_a / tau)`` for ``z[..., B, D]``, ``B >= 2``.
 
-    The leading dimensions are flattened to one batch dimension ``N`` and all ``N`` spaces are
-    computed together in exactly one ``[N, B, B]`` buffer, worked on in place.
+class _WeightedMaskedLogSumExp(torch.autograd.Function):
+    """``out[n] = sum_i c_i log sum_{a != i} exp(z_ni . z_na / tau)`` for ``z[N, B, D]``, ``B >= 2``.
+
+    ``c[B]`` are constant anchor weights. Because the output is one number per space, the
+    gradient of each space is fixed up to the scalar that backward receives: it is formed in
+    the same pass as the value, chunk by chunk, while the chunk's ``[k, B, B]`` buffer is
+    still in cache, and backward only scales it. No ``[N, B, B]`` tensor is kept.
 
     Stabiliser: with ``m = max_a |z_a|^2`` (1 for unit-norm features), every logit is at most
     ``m / tau`` (Cauchy-Schwarz), so subtracting that one constant bounds every term by 1,
-    as the row maximum would, and keeps the buffer ``E`` symmetric. Symmetry lets backward
-    use one matmul ``E @ [z, w z]`` for ``dz_i = w_i sum_a E_ia z_a + sum_a w_a E_ai z_a``
-    (``w = grad / (tau s)``, ``s`` the row sums), and the forward needs no max pass: four
-    passes over the buffer in all against nine for the row-max version. Where the terms could
-    underflow (``2 m / tau > 80``, tiny temperatures) the row maximum over ``a != i`` is
-    subtracted instead, and backward takes two matmuls. Either way every entry lies in
-    ``[0, 1]``, each row sum is positive and its log finite; nothing is multiplied by a
-    mask after an ``exp``.
+    as the row maximum would, and keeps the buffer ``E`` symmetric: the gradient
+    ``dz_i = w_i sum_a E_ia z_a + sum_a w_a E_ai z_a`` (``w = c / (tau s)``, ``s`` the row
+    sums) is then one matmul ``E @ [z, w z]``, and the value needs no max pass. Where the
+    terms could underflow (``2 m / tau > 80``, tiny temperatures) the row maximum over
+    ``a != i`` is subtracted instead, and the gradient takes two matmuls. Either way every
+    entry lies in ``[0, 1]``, each row sum is positive and its log finite; nothing is
+    multiplied by a mask after an ``exp``.
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, inv_tau: float) -> Tensor:
-        batch, dim = z.shape[-2], z.shape[-1]
-        zc = z.reshape(-1, batch, dim).contiguous()
-        max_sq = float(zc.square().sum(dim=-1).max())
+    def forward(ctx, z: Tensor, weights: Tensor, inv_tau: float, want_grad: bool) -> Tensor:
+        n_spaces, batch, dim = z.shape
+        max_sq = float(z.square().sum(dim=-1).max())
         symmetric = 2.0 * max_sq * inv_tau <= _MAX_SPREAD
         if symmetric:
             # One matmul writes the shifted logits (z_i . z_a - m) / tau: an extra coordinate
             # (-m / tau on the left, 1 on the right) adds the shift without another pass.
-            ones = torch.ones(*zc.shape[:-1], 1, dtype=z.dtype, device=z.device)
-            left = torch.cat((zc * inv_tau, ones * (-max_sq * inv_tau)), dim=-1)
-            right = torch.cat((zc, ones), dim=-1).transpose(1, 2)
-            expd = torch.bmm(left, right)
-            expd.exp_()
-            expd.diagonal(dim1=-2, dim2=-1).zero_()
-            row_sum = expd.sum(dim=-1, keepdim=True)
-            lse = row_sum.log() + max_sq * inv_tau
-        else:
-            expd = torch.empty(zc.shape[0], batch, batch, dtype=z.dtype, device=z.device)
-            expd.baddbmm_(zc, zc.transpose(1, 2), beta=0.0, alpha=inv_tau)
-            expd.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
-            row_max = expd.amax(dim=-1, keepdim=True)  # finite: each row has B - 1 >= 1 entries
-            expd.sub_(row_max).exp_()
-            row_sum = expd.sum(dim=-1, keepdim=True)
-            lse = row_sum.log() + row_max
-        ctx.save_for_backward(zc, expd, row_sum)
-        ctx.inv_tau = inv_tau
-        ctx.symmetric = symmetric
-        ctx.z_shape = z.shape
-        return lse.reshape(z.shape[:-1])
+            ones = torch.ones(n_spaces, batch, 1, dtype=z.dtype, device=z.device)
+            left = torch.cat((z * inv_tau, ones * (-max_sq * inv_tau)), dim=-1)
+            right = torch.cat((z, ones), dim=-1).transpose(1, 2)
+        # each thread works on its own part of a chunk, so a chunk can hold one L2's worth each
+        per_chunk = max(1, _CHUNK_ELEMENTS * torch.get_num_threads() // (batch * batch))
+        buffer = torch.empty(min(per_chunk, n_spaces), batch, batch, dtype=z.dtype, device=z.device)
+        out = torch.empty(n_spaces, dtype=z.dtype, device=z.device)
+        grad_z = torch.empty_like(z) if want_grad else None
+        for start in range(0, n_spaces, per_chunk):
+            stop = min(n_spaces, start + per_chunk)
+            zc, expd = z[start:stop], buffer[: stop - start]
+            if symmetric:
+                torch.bmm(left[start:stop], right[start:stop], out=expd)
+                expd.exp_()
+                expd.diagonal(dim1=-2, dim2=-1).zero_()
+                row_sum = expd.sum(dim=-1, keepdim=True)
+                lse = row_sum.log() + max_sq * inv_tau
+            else:
+                expd.baddbmm_(zc, zc.transpose(1, 2), beta=0.0, alpha=inv_tau)
+                expd.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
+                row_max = expd.amax(dim=-1, keepdim=True)  # finite: each row has B - 1 >= 1 entries
+                expd.sub_(row_max).exp_()
+                row_sum = expd.sum(dim=-1, keepdim=True)
+                lse = row_sum.log() + row_max
+            out[start:stop] = (lse.squeeze(-1) * weights).sum(dim=-1)
+            if want_grad:
+                w = weights[:, None] * inv_tau / row_sum  # [k, B, 1]
+                if symmetric:  # E_ai = E_ia: both sums in one pass over E
+                    both = torch.bmm(expd, torch.cat((zc, w * zc), dim=-1))  # [k, B, 2D]
+                    grad_z[start:stop] = w * both[..., :dim] + both[..., dim:]
+                else:
+                    grad_chunk = w * torch.bmm(expd, zc)
+                    wz_t = (w * zc).transpose(1, 2).contiguous()  # [k, D, B]
+                    grad_chunk += torch.bmm(wz_t, expd).transpose(1, 2)  # sum_a w_a E_ai z_a
+                    grad_z[start:stop] = grad_chunk
+        if want_grad:
+            ctx.save_for_backward(grad_z)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        zc, expd, row_sum = ctx.saved_tensors
-        w = grad.reshape(row_sum.shape) * ctx.inv_tau / row_sum  # [N, B, 1]
-        dim = zc.shape[-1]
-        if ctx.symmetric:  # E_ai = E_ia: both sums in one pass over E
-            both = torch.bmm(expd, torch.cat((zc, w * zc), dim=-1))  # [N, B, 2D]
-            grad_z = w * both[..., :dim] + both[..., dim:]
-        else:
-            grad_z = w * torch.bmm(expd, zc)
-            wz_t = (w * zc).transpose(1, 2).contiguous()  # [N, D, B]
-            grad_z += torch.bmm(wz_t, expd).transpose(1, 2)  # sum_a w_a E_ai z_a
-        return grad_z.reshape(ctx.z_shape), None
+        (grad_z,) = ctx.saved_tensors
+        return grad[:, None, None] * grad_z, None, None, None
 
 
 def _sum_over_positives(z: Tensor, pos: Tensor) -> Tensor:
@@ -157,15 +173,17 @@ def _supcon_from_features(z: Tensor, labels: Tensor, temperature: float) -> Tens
     if n_anchors == 0:
         return zero
 
-    # log of the denominator, stabilised and with the self-pair masked out: [..., B]
-    lse = _MaskedLogSumExp.apply(z, 1.0 / tau)
     # sum over positives of the logits z_i . z_p / tau: [..., B] (no [.., B, B] tensor)
     pos_logit_sum = (z * _sum_over_positives(z, pos.to(z.dtype))).sum(dim=-1) / tau
-    n_pos_f = n_pos.to(z.dtype)
-    sum_log_prob = pos_logit_sum - n_pos_f * lse
-    mean_log_prob = sum_log_prob / n_pos_f.clamp(min=1.0)  # anchors without positives: 0
+    # For an anchor with positives, mean_p log prob = pos_logit_sum / |P(i)| - lse_i, so the
+    # loss is -sum_i c_i pos_logit_sum_i / |P(i)| + sum_i c_i lse_i with c = has_pos / n_anchors.
     weights = has_pos.to(z.dtype) / n_anchors
-    return -(mean_log_prob * weights).sum(dim=-1)
+    numerator = (pos_logit_sum * (weights / n_pos.to(z.dtype).clamp(min=1.0))).sum(dim=-1)
+    # the log-denominators (stabilised, self-pair masked), weighted and summed per space
+    flat = z.reshape(-1, batch, z.shape[-1]).contiguous()
+    want_grad = torch.is_grad_enabled() and flat.requires_grad  # skip it for evaluation
+    denominator = _WeightedMaskedLogSumExp.apply(flat, weights, 1.0 / tau, want_grad)
+    return denominator.reshape(z.shape[:-2]) - numerator
 
 
 def supcon_loss(features: Tensor, labels: Tensor, temperature: float) -> Tensor:
