@@ -150,24 +150,38 @@ def tune_config(params: dict) -> dict:
     return cfg
 
 
+def tuning_study_name(base: str, component: str, split_info: dict, space: dict, model_params: dict,
+                      tuned: dict, n_trials: int, seed: int) -> str:
+    """``{setting}-{base}-{component}-{digest}``: what the trials measured is in the digest (the
+    split with its data's hash, search space, fixed params, already-tuned params, the recipe's
+    defaults, trial target and sampler seed). Changing any of them starts a new study instead
+    of resuming one whose trials were scored on another atlas, range or recipe, whose stale
+    best would otherwise be returned without a new trial."""
+    from cellcontrast.tracking import fingerprint
+    from cellcontrast.training import DEFAULT_PARAMS
+
+    recipe = {name: DEFAULT_PARAMS.get(name) for name in (base, component)}
+    digest = fingerprint(space, model_params, tuned, n_trials, recipe, seed, split_info)
+    return f"{split_info['setting']}-{base}-{component}-{digest[:8]}"
+
+
 def _tune_base(job: dict) -> dict:
     """Tune one base in a worker: first its own key sizes (component none), then each
     component on top of the tuned, frozen base. Writes tuned_dir/setting/base.json."""
     import torch
 
-    from cellcontrast.tracking import fingerprint
     from cellcontrast.tuning import tune
 
     torch.set_num_threads(job["threads"])
     space, tcfg = job["search_space"], job["tune"]
+    split_info = json.loads((Path(job["split_dir"]) / "split.json").read_text())
     best: dict = {}
     for component in job["components"]:
         n_trials = tcfg["base_trials"] if component == "none" else tcfg["n_trials"]
         if n_trials < 1:
             continue
-        # The search space and fixed params are part of the study's name: changing the
-        # temperature range starts a new study instead of resuming one over the old range.
-        study = f"{job['setting']}-{job['base']}-{component}-" + fingerprint(space, job["model_params"], best, n_trials)[:8]
+        study = tuning_study_name(job["base"], component, split_info, space, job["model_params"], best,
+                                  n_trials, tcfg["seed"])
         result = tune(
             job["split_dir"], job["base"], component, n_trials, storage=tcfg["storage"],
             study_name=study, out=str(Path(job["out"]).with_suffix(f".{component}.json")),

@@ -1,0 +1,54 @@
+"""Tests for the pipeline's orchestration helpers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from cellcontrast import training
+from cellcontrast.pipeline import tuning_study_name
+
+SPLIT = {"setting": "default", "seed": 0, "classes": ["a", "b"],
+         "source": {"path": "data/atlas.h5ad", "sha256": "0" * 64, "label_key": "cell_type"}}
+SPACE = {"temperature": [0.05, 0.5]}
+
+
+def name(split=SPLIT, space=SPACE, model_params=None, tuned=None, n_trials=4, seed=0,
+         base="lr", component="mlp"):
+    return tuning_study_name(base, component, split, space, model_params or {}, tuned or {},
+                             n_trials, seed)
+
+
+def test_study_name_is_stable_and_readable():
+    assert name() == name()
+    assert name().startswith("default-lr-mlp-")
+
+
+def other_atlas():
+    split = copy.deepcopy(SPLIT)
+    split["source"]["sha256"] = "1" * 64
+    return {"split": split}
+
+
+def other_recipe(monkeypatch):
+    recipe = copy.deepcopy(training.DEFAULT_PARAMS)
+    recipe["lr"]["max_iter"] = recipe["lr"].get("max_iter", 100) + 1
+    monkeypatch.setattr(training, "DEFAULT_PARAMS", recipe)
+    return {}
+
+
+@pytest.mark.parametrize("change", [
+    lambda mp: other_atlas(),
+    lambda mp: {"split": {**SPLIT, "seed": 1}},
+    lambda mp: {"space": {"temperature": [0.05, 0.9]}},
+    lambda mp: {"model_params": {"mlp": {"hidden": 64}}},
+    lambda mp: {"tuned": {"lr": {"n_hvg": 500}}},
+    lambda mp: {"n_trials": 8},
+    lambda mp: {"seed": 1},
+    other_recipe,
+], ids=["atlas", "split-seed", "space", "fixed-params", "tuned-base", "trials", "sampler-seed", "recipe"])
+def test_study_name_changes_with_what_the_trials_measured(monkeypatch, change):
+    before = name()
+    # a resumed study with the old trials would return their stale best without a new trial
+    assert name(**change(monkeypatch)) != before
