@@ -55,9 +55,10 @@ def _check_labels(labels: Tensor, batch: int) -> Tensor:
 _MAX_SPREAD = 80.0
 
 # Spaces are processed in chunks whose [k, B, B] buffer holds about this many elements per torch
-# thread (1 MiB of float32): the buffer then stays in the cores' L2 caches through every pass over it, and it is
-# small enough for malloc to reuse heap memory instead of mapping (and page-faulting) fresh
-# memory on each call, which a [C, B, B] buffer of 50 MB did (2x slower at C = 50, B = 512).
+# thread (1 MiB of float32): the buffer then stays in the cores' L2 caches through every pass
+# over it, and it is small enough for malloc to reuse heap memory instead of mapping (and
+# page-faulting) fresh memory on each call, as a [C, B, B] buffer of 52 MB did (C = 50,
+# B = 512: 2x slower in about one process in four).
 _CHUNK_ELEMENTS = 1 << 18
 
 
