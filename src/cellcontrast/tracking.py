@@ -6,10 +6,13 @@ unless ``MLFLOW_TRACKING_URI`` says otherwise, so a tracking server is a one-var
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import socket
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -31,7 +34,50 @@ def setup(experiment: str) -> str:
     if project_run:
         os.environ["CELLCONTRAST_PARENT_RUN_ID"] = project_run
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-    return mlflow.set_experiment(experiment).experiment_id
+    # two `cellcontrast train` starting at once on a new store would both create its tables
+    with store_init_lock(mlflow.get_tracking_uri()):
+        return mlflow.set_experiment(experiment).experiment_id
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL, or None for any other URL."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - not a URL sqlalchemy understands: not a sqlite file
+        return None
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database).expanduser().resolve()
+
+
+@contextlib.contextmanager
+def store_init_lock(url: str):
+    """Serialise opening a local sqlite store among this machine's processes.
+
+    MLflow and Optuna create (and migrate) their tables when they first open a database; two
+    processes doing it at once on a new sqlite file fail or corrupt it ("table experiments
+    already exists", "duplicate column name", "table _alembic_tmp_... already exists"). A
+    server database (PostgreSQL, MySQL) handles this itself: no lock then. The lock file lives
+    in the temporary folder, named after the database's path, so nothing is left beside the
+    user's files. Not re-entrant: do not nest it for the same URL.
+    """
+    db = sqlite_file(url)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        fcntl = None
+    if db is None or fcntl is None:
+        yield
+        return
+    digest = hashlib.sha256(str(db).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"cellcontrast-store-{digest}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def parent_tags() -> dict[str, str]:

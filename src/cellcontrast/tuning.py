@@ -70,14 +70,11 @@ atomically to ``out`` (default ``models/tuned/{study_name}.json``).
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
 import os
 import socket
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -276,6 +273,8 @@ def open_storage(url: str | None = None):
     import sqlalchemy
     from sqlalchemy.engine import make_url
 
+    from cellcontrast import tracking
+
     url = url or DEFAULT_STORAGE
     try:
         parsed = make_url(url)
@@ -294,7 +293,7 @@ def open_storage(url: str | None = None):
     last: Exception | None = None
     for attempt in range(6):
         try:
-            with warnings.catch_warnings(), _store_init_lock(url):
+            with warnings.catch_warnings(), tracking.store_init_lock(url):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(
                     url, engine_kwargs=engine_kwargs, heartbeat_interval=interval, grace_period=grace,
@@ -341,52 +340,12 @@ def _fail_stale(study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def _sqlite_file(url: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URL, or None for any other URL."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url)
-    except Exception:
-        return None
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
-        return None
-    return Path(parsed.database).expanduser().resolve()
-
-
-@contextlib.contextmanager
-def _store_init_lock(url: str):
-    """Serialise opening a local sqlite store among this machine's processes.
-
-    MLflow and Optuna create (and migrate) their tables when they first open a database; two
-    workers doing it at once on a new sqlite file corrupt it (``table _alembic_tmp_... already
-    exists``). A server database (PostgreSQL, MySQL) handles this itself: no lock then.
-    """
-    db = _sqlite_file(url)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        fcntl = None
-    if db is None or fcntl is None:
-        yield
-        return
-    digest = hashlib.sha256(str(db).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"cellcontrast-store-{digest}.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _setup_tracking(experiment: str) -> str:
     from cellcontrast import tracking
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.DEFAULT_TRACKING_URI
     for attempt in range(4):
         try:
-            with _store_init_lock(uri):
-                return tracking.setup(experiment)
+            return tracking.setup(experiment)  # which holds the store's init lock
         except Exception:  # a tracking server busy or restarting: a few retries
             if attempt == 3:
                 raise
