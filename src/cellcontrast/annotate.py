@@ -323,12 +323,7 @@ def align_genes(
 
 def _check_counts(values: np.ndarray, start: int, where: str) -> None:
     """Refuse negative, non-finite and non-integer values (values of one chunk)."""
-    if values.size == 0 or values.dtype.kind in "biu":  # integers: counts unless negative
-        if values.size and values.min() < 0:
-            raise InputError(
-                f"the query's {where} holds negative values (e.g. {int(values.min())}); this looks "
-                "like scaled data: pass raw counts, e.g. --layer counts or --layer raw"
-            )
+    if values.size == 0:
         return
     lowest, highest = values.min(), values.max()  # NaN anywhere makes both NaN
     if not (np.isfinite(lowest) and np.isfinite(highest)):
@@ -341,6 +336,8 @@ def _check_counts(values: np.ndarray, start: int, where: str) -> None:
             f"the query's {where} holds negative values (e.g. {float(lowest):g}); this looks "
             "like scaled data: pass raw counts, e.g. --layer counts or --layer raw"
         )
+    if values.dtype.kind in "biu":  # integers are counts once they are not negative
+        return
     frac = np.rint(values)
     np.subtract(values, frac, out=frac)
     np.abs(frac, out=frac)
