@@ -17,6 +17,9 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 .PHONY: run quick test install lint bench-venv clean
 
 $(STAMP): pyproject.toml
+	@# A full disk otherwise shows up as a pip OSError or a truncated torch file, far from its cause.
+	@test -x $(BIN)/python || { free=$$(df -Pk . | awk 'NR==2 {print $$4}'); \
+	  if [ "$$free" -lt 3145728 ]; then echo "make: the install needs about 3 GB free; this disk has $$((free / 1024)) MB" >&2; exit 1; fi; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch is pinned to the CPU wheel; a looser spec would pull a CUDA build.
 	$(BIN)/pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true

@@ -56,7 +56,9 @@ def _kernel_manager(tmp_path: Path):
         "display_name": "Python 3 (test)", "language": "python",
     }))
     ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")])
-    return KernelManager(kernel_name="python3", kernel_spec_manager=ksm)
+    # The connection file goes in tmp_path too: by default it is left in the temporary folder.
+    return KernelManager(kernel_name="python3", kernel_spec_manager=ksm,
+                         connection_file=str(tmp_path / "kernel-connection.json"))
 
 
 def _texts(nb) -> list[str]:

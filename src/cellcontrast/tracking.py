@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -59,9 +58,10 @@ def store_init_lock(url: str):
     MLflow and Optuna create (and migrate) their tables when they first open a database; two
     processes doing it at once on a new sqlite file fail or corrupt it ("table experiments
     already exists", "duplicate column name", "table _alembic_tmp_... already exists"). A
-    server database (PostgreSQL, MySQL) handles this itself: no lock then. The lock file lives
-    in the temporary folder, named after the database's path, so nothing is left beside the
-    user's files. Not re-entrant: do not nest it for the same URL.
+    server database (PostgreSQL, MySQL) handles this itself: no lock then. The lock is taken on
+    the database's folder (a directory can be flocked), so no lock file is left anywhere; before,
+    one file per store piled up in the temporary folder. Not re-entrant: do not nest it for the
+    same URL.
     """
     db = sqlite_file(url)
     try:
@@ -71,13 +71,17 @@ def store_init_lock(url: str):
     if db is None or fcntl is None:
         yield
         return
-    digest = hashlib.sha256(str(db).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"cellcontrast-store-{digest}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    # sqlite needs the folder anyway; made first so every process locks the same one.
+    db.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(db.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(folder, fcntl.LOCK_UN)
+    finally:
+        os.close(folder)
 
 
 def parent_tags() -> dict[str, str]:
