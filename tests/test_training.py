@@ -206,10 +206,61 @@ def test_actinn_component_head_uses_its_own_learning_rate(bases, splits, monkeyp
                         lambda *a, **k: seen.append(a[6]) or real(*a, **k))
     z_train, z_val = embed_frozen(model, xt), embed_frozen(model, xv)
     h = train_component(z_train, yt, z_val, yv, N_CLASSES, "mlp", {"max_epochs": 1}, seed=0)
-    train_head_on_component(model, h, z_train, yt, z_val, yv, N_CLASSES, {"epochs": 1}, seed=0)
+    train_head_on_component(model, h, z_train, yt, z_val, yv, N_CLASSES, {"epochs": 1}, seed=0, solver="adam")
     assert seen[-1]["lr"] == DEFAULT_PARAMS["actinn"]["component_head_lr"]
-    train_head_on_component(model, h, z_train, yt, z_val, yv, N_CLASSES, {"epochs": 1, "lr": 0.5})
+    train_head_on_component(model, h, z_train, yt, z_val, yv, N_CLASSES, {"epochs": 1, "lr": 0.5}, solver="adam")
     assert seen[-1]["lr"] == 0.5  # an explicit head override wins
+
+
+@pytest.mark.parametrize("base", ["lr", "actinn"])
+def test_linear_component_head_is_fitted_to_its_optimum_along_the_l2_path(base, bases, splits, monkeypatch):
+    import torch.nn.functional as F
+
+    import cellcontrast.training as training
+
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    model = bases[base]
+    monkeypatch.setattr(training, "train_classifier", lambda *a, **k: pytest.fail("Adam recipe used"))
+    z_train, z_val = embed_frozen(model, xt), embed_frozen(model, xv)
+    h = train_component(z_train, yt, z_val, yv, N_CLASSES, "mlp", {"max_epochs": 2}, seed=0)
+    path = [1e-1, 1e-3, 1e-2]  # given out of order: fitted strongest first
+    records = []
+    head = train_head_on_component(model, h, z_train, yt, z_val, yv, N_CLASSES, seed=0, l2_path=path,
+                                   log=lambda stage, step, m: records.append((stage, m)))
+    assert [m["l2"] for _, m in records] == sorted(path, reverse=True)[:len(records)]
+    assert {stage for stage, _ in records} == {"component_head"}
+    best = max(records, key=lambda r: (r[1]["val_macro_f1"], r[1]["val_accuracy"], -r[1]["val_loss"]))[1]
+    # The kept head is the optimum of mean CE + l2/2 |W|^2 at the val-best l2: gradient ~ 0.
+    with torch.no_grad():
+        e_train = h(z_train)
+    head.requires_grad_(True)
+    weight = head.linear.weight
+    loss = F.cross_entropy(head(e_train), torch.as_tensor(yt)) + 0.5 * best["l2"] * weight.pow(2).sum()
+    grads = torch.autograd.grad(loss, [weight, head.linear.bias])
+    assert max(float(g.abs().max()) for g in grads) < 1e-4
+
+
+def test_scdae_component_head_keeps_its_recipe(bases, splits, monkeypatch):
+    import cellcontrast.training as training
+
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    model = bases["scdae"]
+    seen = []
+    real = training.train_classifier
+    monkeypatch.setattr(training, "train_classifier", lambda *a, **k: seen.append(a[6]) or real(*a, **k))
+    monkeypatch.setattr(training, "_fit_linear_lbfgs", lambda *a, **k: pytest.fail("L-BFGS on an MLP head"))
+    z_train, z_val = embed_frozen(model, xt), embed_frozen(model, xv)
+    h = train_component(z_train, yt, z_val, yv, N_CLASSES, "mlp", {"max_epochs": 1}, seed=0)
+    train_head_on_component(model, h, z_train, yt, z_val, yv, N_CLASSES, {"epochs": 1}, seed=0)
+    assert len(seen) == 1 and seen[0]["epochs"] == 1
+
+
+@pytest.mark.parametrize("bad", [{"head_solver": "sgd"}, {"head_l2_path": []}, {"head_l2_path": [1e-3, -1.0]}])
+def test_bad_component_head_recipe_is_refused(bad):
+    from cellcontrast.training import resolve_params
+
+    with pytest.raises(ValueError, match="head_"):
+        resolve_params("mlp", bad)
 
 
 def test_lr_auto_scaling_keeps_the_variant_better_on_validation(splits):
