@@ -42,6 +42,9 @@ from cellcontrast.preprocessing import ActinnPreprocess, LRPreprocess, ScdaePrep
 
 Log = Callable[[str, int, dict], None]
 
+# Step 4's L2 path for a linear head on h(z) (see head_solver below); one list for both components.
+COMPONENT_HEAD_L2_PATH = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6]
+
 DEFAULT_PARAMS: dict[str, dict] = {
     # Logistic regression: one linear layer on standardised HVG expression; cross-entropy plus
     # l2 * sum(W^2) / 2 on the weights (not the bias), Adam, epoch picked on val macro F1.
@@ -114,11 +117,11 @@ DEFAULT_PARAMS: dict[str, dict] = {
     "mlp": {"hidden_dim": None, "out_dim": None, "temperature": 0.1, "lr": 1e-3,
             "weight_decay": 0.1, "batch_size": 256, "samples_per_class": 4, "max_epochs": 100,
             "patience": 10, "select": "centroid", "head_solver": "lbfgs",
-            "head_l2_path": [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6]},
+            "head_l2_path": COMPONENT_HEAD_L2_PATH},
     "mls": {"hidden_dim": -1, "class_hidden_dim": 0, "temperature": 0.1, "lr": 1e-3,
             "weight_decay": 0.1, "batch_size": 256, "samples_per_class": 4, "max_epochs": 100,
             "patience": 30, "select": "centroid", "head_solver": "lbfgs",
-            "head_l2_path": [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6]},
+            "head_l2_path": COMPONENT_HEAD_L2_PATH},
 }
 
 EVAL_BATCH = 4096
@@ -716,16 +719,16 @@ def train_head_on_component(base_model: BaseModel, h: nn.Module, z_train: torch.
     """Step 4: a fresh head on the frozen h(z); h itself only runs in eval mode under no_grad.
 
     A linear head (LR, ACTINN) is fitted by L-BFGS along ``l2_path`` (the mlp recipe's
-    ``head_l2_path`` by default) when ``solver`` is "lbfgs"; otherwise, and always for scDAE's
+    ``COMPONENT_HEAD_L2_PATH`` by default) when ``solver`` is "lbfgs"; otherwise, and always for scDAE's
     MLP head, it is trained with the base model's head recipe (``head_params`` overrides it).
     """
-    train_y, val_y = np.asarray(train_y, dtype=int), np.asarray(val_y, dtype=int)
-    e_train, e_val = _apply(h, FeatureSource(z_train)), _apply(h, FeatureSource(z_val))
     if solver not in ("lbfgs", "adam"):
         raise ValueError(f"head solver must be lbfgs or adam, not {solver!r}")
+    train_y, val_y = np.asarray(train_y, dtype=int), np.asarray(val_y, dtype=int)
+    e_train, e_val = _apply(h, FeatureSource(z_train)), _apply(h, FeatureSource(z_val))
     if solver == "lbfgs" and isinstance(base_model.head, LinearHead):
         head = _fresh_head(base_model, h.out_dim, n_classes)
-        path = list(l2_path or DEFAULT_PARAMS["mlp"]["head_l2_path"])
+        path = list(l2_path or COMPONENT_HEAD_L2_PATH)
         recipe = {**DEFAULT_PARAMS["lr"], "l2_path": path}  # max_iter, path_patience as LR's
         _fit_linear_lbfgs(_EncoderHead(nn.Identity(), head), FeatureSource(e_train), train_y,
                           FeatureSource(e_val), val_y, n_classes, recipe, seed, log, stage=stage)
