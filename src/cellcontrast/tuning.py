@@ -333,6 +333,8 @@ def _close_stale_trial_run(study, trial) -> None:
 
 
 def _fail_stale(study) -> None:
+    # Known gap: Optuna only fails RUNNING trials that have a stale heartbeat; a worker killed
+    # between creating a trial and its first beat leaves that trial RUNNING for good.
     import optuna
 
     with warnings.catch_warnings():
