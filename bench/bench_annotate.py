@@ -104,7 +104,7 @@ def worker_read_h5py(query: str, batch_size: int, layer: str | None) -> dict:
     import h5py
     import numpy as np
 
-    from cellcontrast.annotate import open_query
+    from cellcontrast.annotate.stream import open_query
 
     nnz = 0
     with h5py.File(query, "r") as f:
@@ -147,8 +147,8 @@ def worker_torch(query: str, batch_size: int, layer: str | None, model_dir: str,
     import numpy as np
     import torch
 
-    from cellcontrast.annotate import _chunk_to_model, align_genes, open_query
-    from cellcontrast.chain import load_chain
+    from cellcontrast.annotate.stream import _chunk_to_model, align_genes, open_query
+    from cellcontrast.nn.chain import load_chain
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(measure("(a') read chunks, anndata backed", [*me, "--worker", "read-anndata"], env))
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
-            cmd = [sys.executable, "-m", "cellcontrast.cli", "annotate", args.model, str(query),
+            cmd = [sys.executable, "-m", "cellcontrast.cli.entry", "annotate", args.model, str(query),
                    "--out", f"{tmp}/annotated.h5ad", "--batch-size", str(args.batch_size),
                    "--threads", str(args.threads)]
             if args.layer:

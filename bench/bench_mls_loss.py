@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cellcontrast.losses import mls_loss, supcon_loss
+from cellcontrast.nn.losses import mls_loss, supcon_loss
 
 
 def batched(features: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:

@@ -39,8 +39,8 @@ tune:
 
 
 def make_split(out_dir: Path) -> Path:
-    from cellcontrast.simulate import simulate_atlas
-    from cellcontrast.splits import split_atlas_to_dir
+    from cellcontrast.data.simulate import simulate_atlas
+    from cellcontrast.data.splits import split_atlas_to_dir
 
     atlas = out_dir / "atlas.h5ad"
     simulate_atlas(n_cells=3000, n_types=20, n_genes=200, n_individuals=2, seed=1).write_h5ad(atlas)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     storage = f"sqlite:///{out}/optuna.db"
     tracking = f"sqlite:///{out}/mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "cellcontrast.cli", "tune", "--split-dir", str(split), "--base", "lr",
+    cmd = [sys.executable, "-m", "cellcontrast.cli.entry", "tune", "--split-dir", str(split), "--base", "lr",
            "--component", "mlp", "--n-trials", str(args.trials), "--storage", storage,
            "--study-name", "load", "--params", str(params), "--out", str(out / "best.json")]
 

@@ -16,10 +16,10 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from cellcontrast.io import LABEL, read_atlas
-from cellcontrast.params import load_params, setting_params
-from cellcontrast.simulate import simulate_atlas
-from cellcontrast.splits import make_split
+from cellcontrast.data.atlas import LABEL, read_atlas
+from cellcontrast.core.params import load_params, setting_params
+from cellcontrast.data.simulate import simulate_atlas
+from cellcontrast.data.splits import make_split
 
 PAPER_LR_TOP1 = {"default": 0.9285, "scarce": 0.8188}
 

@@ -153,7 +153,7 @@ def results_cover(path: Path, settings: list[str], seeds: list[int]) -> bool:
 def cellcontrast_stage(name: str, atlas: Path, ds_out: Path, args, settings, seeds) -> str | None:
     """Run `cellcontrast benchmark` (or only the splits); returns an error message or None."""
     results = ds_out / "results.csv"
-    cli = [sys.executable, "-m", "cellcontrast.cli"]
+    cli = [sys.executable, "-m", "cellcontrast.cli.entry"]
     if args.skip_cellcontrast:
         for split in split_dirs(ds_out, settings, seeds):
             if (split / "split.json").exists() and not args.force:
@@ -238,9 +238,9 @@ def chain_rows(name: str, ds_out: Path, settings, seeds, threads: int) -> tuple[
         return [], [], []
     import torch
 
-    from cellcontrast.chain import load_chain, predict_proba
-    from cellcontrast.experiment import load_split_data
-    from cellcontrast.metrics import per_class_f1
+    from cellcontrast.nn.chain import load_chain, predict_proba
+    from cellcontrast.experiments.cell import load_split_data
+    from cellcontrast.train.metrics import per_class_f1
 
     torch.set_num_threads(threads)
     table = pd.read_csv(results)

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from sklearn.metrics import f1_score
 
-from cellcontrast import sampler as sampler_mod
-from cellcontrast.experiment import load_split_data
-from cellcontrast.training import (
+from cellcontrast.train import sampler as sampler_mod
+from cellcontrast.experiments.cell import load_split_data
+from cellcontrast.train.training import (
     COMPONENT_HEAD_L2_PATH,
     FeatureSource,
     _centroid_f1,

@@ -24,7 +24,7 @@ def _reset_mlflow_tracking_uri():
 
 @pytest.fixture(scope="session")
 def small_atlas():
-    from cellcontrast.simulate import simulate_atlas
+    from cellcontrast.data.simulate import simulate_atlas
 
     return simulate_atlas(n_cells=3000, n_types=20, n_genes=200, n_individuals=2, seed=1)
 
@@ -51,7 +51,7 @@ def small_params(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_split(small_atlas_path, tmp_path_factory):
     """A small Default-like split (8 types x 60 cells, 200 genes) on disk."""
-    from cellcontrast.splits import split_atlas_to_dir
+    from cellcontrast.data.splits import split_atlas_to_dir
 
     out = tmp_path_factory.mktemp("split") / "default" / "seed0"
     split_atlas_to_dir(small_atlas_path, "default", 0, out,

@@ -23,8 +23,8 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from cellcontrast.annotate import UNASSIGNED, annotate  # noqa: E402
-from cellcontrast.cli import main  # noqa: E402
+from cellcontrast.annotate.stream import UNASSIGNED, annotate  # noqa: E402
+from cellcontrast.cli.entry import main  # noqa: E402
 
 N_CLASSES = 4
 MODEL_GENES = [f"Gene{i}" for i in range(30)]
@@ -189,7 +189,7 @@ def test_chunked_equals_one_batch_and_dense(model_path, query, tmp_path):
 
 
 def test_byte_capped_chunks_give_same_result(model_path, query, tmp_path, monkeypatch):
-    import cellcontrast.annotate as annotate_mod
+    import cellcontrast.annotate.stream as annotate_mod
 
     path, counts = query
     ref = annotate(model_path, path, tmp_path / "ref.h5ad", log=lambda *_: None)
@@ -208,7 +208,7 @@ def test_gzip_chunks_inflated_in_threads_give_same_result(model_path, query, tmp
     """A query whose CSR arrays are gzip chunks of 11 values: reads span and split chunks."""
     import h5py
 
-    import cellcontrast.h5chunks as h5chunks
+    import cellcontrast.data.h5chunks as h5chunks
 
     path, counts = query
     rewritten = tmp_path / "small_chunks.h5ad"
@@ -221,7 +221,7 @@ def test_gzip_chunks_inflated_in_threads_give_same_result(model_path, query, tmp
     reads = []
     submit = h5chunks.ChunkedGzipArray.submit
     monkeypatch.setattr(h5chunks.ChunkedGzipArray, "submit", lambda self, lo, hi: reads.append(hi - lo) or submit(self, lo, hi))
-    monkeypatch.setattr("cellcontrast.annotate.READ_BYTES", 800)  # about 100 values a read
+    monkeypatch.setattr("cellcontrast.annotate.stream.READ_BYTES", 800)  # about 100 values a read
     annotate(model_path, rewritten, tmp_path / "out.h5ad", store_probabilities=True, log=lambda *_: None)
     assert len(reads) > 10  # the inflating reader did the reading
     res = ad.read_h5ad(tmp_path / "out.h5ad")
@@ -368,7 +368,7 @@ def test_torch_never_imported(model_path, query, tmp_path):
     out = tmp_path / "sub.h5ad"
     code = textwrap.dedent(f"""
         import sys
-        from cellcontrast.cli import main
+        from cellcontrast.cli.entry import main
         rc = main(["annotate", {str(model_path)!r}, {str(path)!r}, "--out", {str(out)!r}])
         assert rc == 0, rc
         heavy = [m for m in ("torch", "mlflow", "sklearn") if m in sys.modules]
@@ -383,7 +383,7 @@ def test_torch_never_imported(model_path, query, tmp_path):
 
 @pytest.mark.parametrize("fallback", [False, True])
 def test_densify_maps_columns_sums_duplicates_and_drops_unknown_genes(monkeypatch, fallback):
-    from cellcontrast import annotate as annotate_mod
+    from cellcontrast.annotate import stream as annotate_mod
 
     if fallback:  # scipy without the C helper: the public route gives the same rows
         import scipy.sparse._sparsetools as tools

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from cellcontrast.cli import main
+from cellcontrast.cli.entry import main
 
 # ------------------------------------------------------------------ helpers
 
@@ -548,9 +548,9 @@ def _real_chain_dir(path: Path) -> Path:
     """A real (untrained) LR chain saved by cellcontrast.chain.save_chain."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
-    from cellcontrast.chain import Chain, save_chain
-    from cellcontrast.models import LogisticRegression
-    from cellcontrast.preprocessing import fit_preprocess
+    from cellcontrast.nn.chain import Chain, save_chain
+    from cellcontrast.nn.bases import LogisticRegression
+    from cellcontrast.nn.preprocessing import fit_preprocess
 
     counts = _ta().make_counts(50, 40, seed=1)
     torch.manual_seed(0)

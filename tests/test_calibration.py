@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellcontrast.calibration import (
+from cellcontrast.train.calibration import (
     coverage_metrics,
     expected_calibration_error,
     fit_temperature,
@@ -67,9 +67,9 @@ def test_no_cell_kept_leaves_the_accuracy_out():
 
 
 def test_chain_temperature_changes_confidence_not_predictions(tiny_split):
-    from cellcontrast.chain import load_chain, predict_logits, predict_proba, save_chain
-    from cellcontrast.experiment import load_split_data
-    from cellcontrast.training import build_chain, fit_base
+    from cellcontrast.nn.chain import load_chain, predict_logits, predict_proba, save_chain
+    from cellcontrast.experiments.cell import load_split_data
+    from cellcontrast.train.training import build_chain, fit_base
 
     data = load_split_data(tiny_split)
     base = fit_base(data.X["train"], data.y["train"], data.X["val"], data.y["val"], len(data.classes),

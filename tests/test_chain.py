@@ -7,10 +7,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cellcontrast.chain import Chain, load_chain, predict_proba, save_chain
-from cellcontrast.components import MLPComponent, MLSComponent
-from cellcontrast.models import Actinn, LinearHead, LogisticRegression, ScDAE, ScdaeHead
-from cellcontrast.preprocessing import ActinnPreprocess, LRPreprocess, ScdaePreprocess
+from cellcontrast.nn.chain import Chain, load_chain, predict_proba, save_chain
+from cellcontrast.nn.components import MLPComponent, MLSComponent
+from cellcontrast.nn.bases import Actinn, LinearHead, LogisticRegression, ScDAE, ScdaeHead
+from cellcontrast.nn.preprocessing import ActinnPreprocess, LRPreprocess, ScdaePreprocess
 
 torch.set_num_threads(1)
 N_CLASSES = 4

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from cellcontrast.components import MLPComponent, MLSComponent
+from cellcontrast.nn.components import MLPComponent, MLSComponent
 
 torch.set_num_threads(1)
 
@@ -48,7 +48,7 @@ def test_mls_class_spaces_are_distinct():
 
 @pytest.mark.parametrize("kind", ["mlp", "mls"])
 def test_gradients_flow_through_the_losses(kind):
-    from cellcontrast.losses import mls_loss, supcon_loss
+    from cellcontrast.nn.losses import mls_loss, supcon_loss
 
     torch.manual_seed(0)
     h = MLPComponent(6) if kind == "mlp" else MLSComponent(6, 3)

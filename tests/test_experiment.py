@@ -5,7 +5,7 @@ import json
 import mlflow
 import numpy as np
 
-from cellcontrast.cli import main
+from cellcontrast.cli.entry import main
 from conftest import FAST_PARAMS
 
 
@@ -41,9 +41,9 @@ def test_train_logs_one_complete_run(tiny_split, tmp_path, mlflow_store, capsys)
 
 
 def test_saved_chain_reproduces_the_logged_metrics(tiny_split, tmp_path, mlflow_store, capsys):
-    from cellcontrast.chain import load_chain, predict_proba
-    from cellcontrast.experiment import load_split_data
-    from cellcontrast.metrics import classification_metrics
+    from cellcontrast.nn.chain import load_chain, predict_proba
+    from cellcontrast.experiments.cell import load_split_data
+    from cellcontrast.train.metrics import classification_metrics
 
     result = _train(tiny_split, tmp_path, "actinn", "mlp", capsys)
     chain, config = load_chain(tmp_path / "models" / "actinn-mlp")
@@ -54,7 +54,7 @@ def test_saved_chain_reproduces_the_logged_metrics(tiny_split, tmp_path, mlflow_
 
 
 def test_finished_cells_are_skipped_and_bases_shared(tiny_split, tmp_path, mlflow_store):
-    from cellcontrast.experiment import train_cell
+    from cellcontrast.experiments.cell import train_cell
 
     first = train_cell(tiny_split, "lr", ["none", "mlp"], FAST_PARAMS, out_root=tmp_path / "m", quiet=True,
                        skip_finished=True)
@@ -77,7 +77,7 @@ def test_finished_cells_are_skipped_and_bases_shared(tiny_split, tmp_path, mlflo
 
 
 def test_same_seed_same_metrics(tiny_split, tmp_path, mlflow_store):
-    from cellcontrast.experiment import train_cell
+    from cellcontrast.experiments.cell import train_cell
 
     a = train_cell(tiny_split, "lr", ["mlp"], FAST_PARAMS, out_root=tmp_path / "a", quiet=True)
     b = train_cell(tiny_split, "lr", ["mlp"], FAST_PARAMS, out_root=tmp_path / "b", quiet=True)

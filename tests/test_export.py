@@ -14,9 +14,9 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from cellcontrast import __version__  # noqa: E402
-from cellcontrast.cli import main  # noqa: E402
-from cellcontrast.export import (  # noqa: E402
+from cellcontrast.core.version import __version__  # noqa: E402
+from cellcontrast.cli.entry import main  # noqa: E402
+from cellcontrast.export.onnx import (  # noqa: E402
     REGISTERED_MODEL_NAME,
     export_chain_to_onnx,
     read_onnx_metadata,
@@ -113,7 +113,7 @@ def test_dynamic_batch_matches_torch(exported, batch):
 
 
 def test_config_mismatch_is_input_error(tmp_path):
-    from cellcontrast.errors import InputError
+    from cellcontrast.core.errors import InputError
 
     with pytest.raises(InputError, match="classes"):
         export_chain_to_onnx(TinyChain().eval(), tiny_config(classes=["a", "b"]), tmp_path / "m.onnx")
@@ -124,10 +124,10 @@ def test_config_mismatch_is_input_error(tmp_path):
 
 
 def _real_chains():
-    chain_mod = pytest.importorskip("cellcontrast.chain")
-    models = pytest.importorskip("cellcontrast.models")
-    components = pytest.importorskip("cellcontrast.components")
-    preprocessing = pytest.importorskip("cellcontrast.preprocessing")
+    chain_mod = pytest.importorskip("cellcontrast.nn.chain")
+    models = pytest.importorskip("cellcontrast.nn.bases")
+    components = pytest.importorskip("cellcontrast.nn.components")
+    preprocessing = pytest.importorskip("cellcontrast.nn.preprocessing")
     counts = _counts(120, n_genes=60, seed=3)
     torch.manual_seed(0)
     out = []
@@ -185,7 +185,7 @@ def test_real_chains_onnx_equals_torch(tmp_path):
 
 @pytest.fixture
 def fake_chain_module(monkeypatch):
-    """A stand-in `cellcontrast.chain` whose load_chain rebuilds TinyChain from a folder."""
+    """A stand-in `cellcontrast.nn.chain` whose load_chain rebuilds TinyChain from a folder."""
 
     def save(model_dir, seed=0, **extra):
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -198,9 +198,9 @@ def fake_chain_module(monkeypatch):
         chain.load_state_dict(torch.load(f"{model_dir}/chain.pt", weights_only=True))
         return chain.eval(), json.loads(open(f"{model_dir}/config.json").read())
 
-    fake = types.ModuleType("cellcontrast.chain")
+    fake = types.ModuleType("cellcontrast.nn.chain")
     fake.load_chain = load_chain
-    monkeypatch.setitem(sys.modules, "cellcontrast.chain", fake)
+    monkeypatch.setitem(sys.modules, "cellcontrast.nn.chain", fake)
     return save
 
 
@@ -284,8 +284,8 @@ def test_cli_mlflow_best_run_id_and_register(tmp_path, fake_chain_module, mlflow
 
 
 def test_export_from_cli_rejects_non_onnx_suffix(tmp_path):
-    from cellcontrast.errors import InputError
-    from cellcontrast.export import export_from_cli
+    from cellcontrast.core.errors import InputError
+    from cellcontrast.export.onnx import export_from_cli
 
     args = Namespace(out=str(tmp_path / "m.txt"), model_dir="x", run_id=None, best=False,
                      experiment="e", no_register=True)
@@ -299,7 +299,7 @@ def test_exported_model_annotates_like_torch(exported, tmp_path):
     import pandas as pd
     import scipy.sparse as sp
 
-    from cellcontrast.annotate import annotate
+    from cellcontrast.annotate.stream import annotate
 
     chain, path = exported
     counts = _counts(25, seed=11)

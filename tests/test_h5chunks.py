@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cellcontrast.h5chunks import ChunkedGzipArray
+from cellcontrast.data.h5chunks import ChunkedGzipArray
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from cellcontrast.cli import main
-from cellcontrast.errors import InputError
-from cellcontrast.io import read_atlas
+from cellcontrast.cli.entry import main
+from cellcontrast.core.errors import InputError
+from cellcontrast.data.atlas import read_atlas
 
 
 def _atlas(X, labels=None, genes=None):

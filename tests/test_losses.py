@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cellcontrast.losses import mls_loss, supcon_loss
+from cellcontrast.nn.losses import mls_loss, supcon_loss
 
 torch.set_num_threads(1)
 
@@ -233,7 +233,7 @@ def plain_autograd_mls(features: torch.Tensor, labels: torch.Tensor, tau: float)
 @pytest.mark.parametrize("tau", [0.2, 0.005])  # bound stabiliser; row-max fallback
 @pytest.mark.parametrize("grad_enabled", [True, False])
 def test_mls_chunked_over_spaces_matches_plain_autograd(monkeypatch, tau, grad_enabled):
-    import cellcontrast.losses as losses
+    import cellcontrast.nn.losses as losses
 
     b, c = 24, 11
     # 3 spaces a chunk: 4 chunks, the last one short

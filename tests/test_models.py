@@ -6,8 +6,8 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from cellcontrast.models import Actinn, LogisticRegression, ScDAE
-from cellcontrast.preprocessing import ActinnPreprocess, LRPreprocess, ScdaePreprocess
+from cellcontrast.nn.bases import Actinn, LogisticRegression, ScDAE
+from cellcontrast.nn.preprocessing import ActinnPreprocess, LRPreprocess, ScdaePreprocess
 
 torch.set_num_threads(1)
 

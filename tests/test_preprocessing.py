@@ -5,7 +5,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cellcontrast.preprocessing import (
+from cellcontrast.nn.preprocessing import (
     ActinnPreprocess,
     LRPreprocess,
     ScdaePreprocess,

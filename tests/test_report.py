@@ -9,7 +9,7 @@ import statistics
 import pandas as pd
 import pytest
 
-from cellcontrast import report
+from cellcontrast.experiments import report
 
 SEEDS = (0, 1, 2)
 DELTAS = (-0.01, 0.0, 0.02)  # per-seed offsets, scaled per component so that sds differ
@@ -173,7 +173,7 @@ def _params(tmp_path, results_path):
 
 @pytest.mark.parametrize("content", [None, ""])
 def test_cli_without_results_is_one_line_exit_2(tmp_path, capsys, content):
-    from cellcontrast.cli import main
+    from cellcontrast.cli.entry import main
 
     results_path = tmp_path / "results.csv"
     if content is not None:
@@ -188,7 +188,7 @@ def test_cli_without_results_is_one_line_exit_2(tmp_path, capsys, content):
 def test_cli_writes_report_and_logs_mlflow_run(tmp_path, capsys, mlflow_store, results):
     import mlflow
 
-    from cellcontrast.cli import main
+    from cellcontrast.cli.entry import main
 
     results_path = tmp_path / "results.csv"
     results.to_csv(results_path, index=False)

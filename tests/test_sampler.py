@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from cellcontrast.sampler import ClassAwareBatchSampler
+from cellcontrast.train.sampler import ClassAwareBatchSampler
 
 
 def imbalanced_labels(n_classes: int = 50, seed: int = 0) -> np.ndarray:

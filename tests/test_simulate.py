@@ -1,7 +1,7 @@
 import numpy as np
 import scipy.sparse as sp
 
-from cellcontrast.simulate import simulate_atlas
+from cellcontrast.data.simulate import simulate_atlas
 
 
 def test_shape_types_and_metadata(small_atlas):
@@ -24,7 +24,7 @@ def test_deterministic_for_a_seed_and_different_across_seeds():
 
 def test_long_tailed_abundance_at_the_defaults_is_cheap_to_check():
     # Only the abundance model, not the counts: types sorted by size must decay steeply.
-    from cellcontrast.simulate import SimulationKnobs, _type_abundances
+    from cellcontrast.data.simulate import SimulationKnobs, _type_abundances
 
     counts = _type_abundances(97, 90_000, SimulationKnobs().abundance_decay, np.random.default_rng(0))
     assert counts.sum() == 90_000

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from cellcontrast.errors import InputError
-from cellcontrast.splits import make_split, part_sizes, split_atlas_to_dir
+from cellcontrast.core.errors import InputError
+from cellcontrast.data.splits import make_split, part_sizes, split_atlas_to_dir
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -9,7 +9,7 @@ import sys
 
 def test_processes_starting_together_on_a_new_store_share_one_experiment(tmp_path):
     # Without the creation lock the losers failed on MLflow's table creation and migrations.
-    code = "from cellcontrast import tracking; print(tracking.setup('together'))"
+    code = "from cellcontrast.experiments import tracking; print(tracking.setup('together'))"
     store, scratch = tmp_path / "store", tmp_path / "scratch"
     scratch.mkdir()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "TMPDIR": str(scratch)}

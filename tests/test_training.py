@@ -7,9 +7,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cellcontrast.chain import predict_proba
-from cellcontrast.metrics import classification_metrics
-from cellcontrast.training import (
+from cellcontrast.nn.chain import predict_proba
+from cellcontrast.train.metrics import classification_metrics
+from cellcontrast.train.training import (
     DEFAULT_PARAMS,
     build_chain,
     embed_frozen,
@@ -160,7 +160,7 @@ def test_params_are_validated():
 
 
 def test_min_steps_lengthens_small_recipes_within_a_cap():
-    from cellcontrast.training import MAX_EPOCH_FACTOR, _n_epochs
+    from cellcontrast.train.training import MAX_EPOCH_FACTOR, _n_epochs
 
     recipe = {"epochs": 50, "batch_size": 128, "min_steps": 3000}
     assert _n_epochs(recipe, 10_000) == 50  # 78 steps/epoch: already >= 3000 steps
@@ -170,7 +170,7 @@ def test_min_steps_lengthens_small_recipes_within_a_cap():
 
 
 def test_centroid_probe_scores_separable_embeddings():
-    from cellcontrast.training import _centroid_f1, _centroid_subset
+    from cellcontrast.train.training import _centroid_f1, _centroid_subset
 
     y = np.repeat(np.arange(3), 4)
     e = torch.nn.functional.one_hot(torch.as_tensor(y), 3).float() + 0.01
@@ -196,7 +196,7 @@ def test_component_selection_criteria(select, bases, splits):
 
 
 def test_actinn_component_head_uses_its_own_learning_rate(bases, splits, monkeypatch):
-    import cellcontrast.training as training
+    import cellcontrast.train.training as training
 
     (xt, yt), (xv, yv) = splits["train"], splits["val"]
     model = bases["actinn"]
@@ -216,7 +216,7 @@ def test_actinn_component_head_uses_its_own_learning_rate(bases, splits, monkeyp
 def test_linear_component_head_is_fitted_to_its_optimum_along_the_l2_path(base, bases, splits, monkeypatch):
     import torch.nn.functional as F
 
-    import cellcontrast.training as training
+    import cellcontrast.train.training as training
 
     (xt, yt), (xv, yv) = splits["train"], splits["val"]
     model = bases[base]
@@ -241,7 +241,7 @@ def test_linear_component_head_is_fitted_to_its_optimum_along_the_l2_path(base, 
 
 
 def test_scdae_component_head_keeps_its_recipe(bases, splits, monkeypatch):
-    import cellcontrast.training as training
+    import cellcontrast.train.training as training
 
     (xt, yt), (xv, yv) = splits["train"], splits["val"]
     model = bases["scdae"]
@@ -257,7 +257,7 @@ def test_scdae_component_head_keeps_its_recipe(bases, splits, monkeypatch):
 
 @pytest.mark.parametrize("bad", [{"head_solver": "sgd"}, {"head_l2_path": []}, {"head_l2_path": [1e-3, -1.0]}])
 def test_bad_component_head_recipe_is_refused(bad):
-    from cellcontrast.training import resolve_params
+    from cellcontrast.train.training import resolve_params
 
     with pytest.raises(ValueError, match="head_"):
         resolve_params("mlp", bad)

@@ -17,9 +17,9 @@ import torch
 from optuna.trial import TrialState
 
 from cellcontrast import cli
-from cellcontrast.errors import InputError
-from cellcontrast.training import resolve_params
-from cellcontrast.tuning import _TrialLog, resolve_search_space, tune
+from cellcontrast.core.errors import InputError
+from cellcontrast.train.training import resolve_params
+from cellcontrast.experiments.tuning import _TrialLog, resolve_search_space, tune
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Tiny models and epoch budgets: a trial takes well under a second.
@@ -46,8 +46,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def split_dir(tmp_path_factory):
-    from cellcontrast.simulate import simulate_atlas
-    from cellcontrast.splits import split_atlas_to_dir
+    from cellcontrast.data.simulate import simulate_atlas
+    from cellcontrast.data.splits import split_atlas_to_dir
 
     root = tmp_path_factory.mktemp("tune_split")
     simulate_atlas(n_cells=1500, n_types=8, n_genes=120, seed=0).write_h5ad(root / "atlas.h5ad")
@@ -77,7 +77,7 @@ def _child_env(tmp_path: Path, **extra) -> dict:
 
 
 def _tune_cmd(split_dir, storage, name, n_trials, params_path) -> list[str]:
-    return [sys.executable, "-m", "cellcontrast.cli", "tune", "--split-dir", str(split_dir),
+    return [sys.executable, "-m", "cellcontrast.cli.entry", "tune", "--split-dir", str(split_dir),
             "--base", "lr", "--component", "mlp", "--n-trials", str(n_trials), "--storage", storage,
             "--study-name", name, "--params", str(params_path), "--out", f"{name}.json"]
 
@@ -131,7 +131,7 @@ def test_study_writes_train_params_and_nested_mlflow_runs(split_dir, work):
                                                    "finetune_epochs": 1, "encoder_dims": [64, 32, 16],
                                                    "classifier_dims": [16, 16]})])
 def test_base_study_tunes_the_base_own_sizes(split_dir, work, base, fixed):
-    from cellcontrast.training import DEFAULT_PARAMS
+    from cellcontrast.train.training import DEFAULT_PARAMS
 
     tmp_path, storage = work
     if "min_steps" in DEFAULT_PARAMS[base]:  # keep the tiny epoch budget tiny
@@ -176,7 +176,7 @@ def test_never_reads_the_test_part(split_dir, work):
 
 
 def test_pruner_gets_the_best_head_score_so_far(monkeypatch):
-    from cellcontrast import tuning
+    from cellcontrast.experiments import tuning
 
     monkeypatch.setattr(tuning, "PRUNER_WARMUP_STEPS", 1)
     monkeypatch.setattr(tuning, "PRUNE_CHECK_EVERY", 1)

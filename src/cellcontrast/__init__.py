@@ -1,3 +1,5 @@
 """cellcontrast: cell-type annotation with supervised contrastive learning."""
 
-__version__ = "0.1.0"
+from cellcontrast.core.version import __version__
+
+__all__ = ["__version__"]

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from cellcontrast.errors import InputError
-from cellcontrast.files import atomic_path
-from cellcontrast.params import load_params
+from cellcontrast.core.errors import InputError
+from cellcontrast.core.files import atomic_path
+from cellcontrast.core.params import load_params
 
 DEFAULTS = {
     "bases": ["lr", "actinn", "scdae"],
@@ -60,7 +60,7 @@ def _train_task(task: dict) -> list[dict]:
     """One grid task in a worker process: a base and its components on one split."""
     import torch
 
-    from cellcontrast.experiment import train_cell
+    from cellcontrast.experiments.cell import train_cell
 
     torch.set_num_threads(task["threads"])
     return train_cell(
@@ -118,7 +118,7 @@ def run_grid(cfg: dict) -> pd.DataFrame:
     # Slow bases first, so the two workers finish together.
     cost = {"scdae": 0, "actinn": 1, "lr": 2}
     tasks.sort(key=lambda t: (cost.get(t["base"], 3), t["split_dir"]))
-    from cellcontrast import tracking
+    from cellcontrast.experiments import tracking
 
     # Create the store and experiment here: two workers creating them at once race.
     tracking.setup(cfg["experiment"])
@@ -157,8 +157,8 @@ def tuning_study_name(base: str, component: str, split_info: dict, space: dict, 
     defaults, trial target and sampler seed). Changing any of them starts a new study instead
     of resuming one whose trials were scored on another atlas, range or recipe, whose stale
     best would otherwise be returned without a new trial."""
-    from cellcontrast.tracking import fingerprint
-    from cellcontrast.training import DEFAULT_PARAMS
+    from cellcontrast.experiments.tracking import fingerprint
+    from cellcontrast.train.training import DEFAULT_PARAMS
 
     recipe = {name: DEFAULT_PARAMS.get(name) for name in (base, component)}
     digest = fingerprint(space, model_params, tuned, n_trials, recipe, seed, split_info)
@@ -170,7 +170,7 @@ def _tune_base(job: dict) -> dict:
     component on top of the tuned, frozen base. Writes tuned_dir/setting/base.json."""
     import torch
 
-    from cellcontrast.tuning import tune
+    from cellcontrast.experiments.tuning import tune
 
     torch.set_num_threads(job["threads"])
     space, tcfg = job["search_space"], job["tune"]
@@ -202,7 +202,7 @@ def tune_setting(setting: str, cfg: dict, tcfg: dict, search_space: dict) -> dic
     """Tune every base (and its components) of one setting on seed 0's validation split."""
     from tqdm import tqdm
 
-    from cellcontrast import tracking
+    from cellcontrast.experiments import tracking
 
     split_dir = Path(cfg["split_root"]) / setting / f"seed{cfg['seeds'][0]}"
     if not (split_dir / "split.json").exists():
@@ -239,10 +239,10 @@ def _check_benchmark_inputs(args, params: dict, settings: list[str], seeds: list
     import contextlib
     import io
 
-    from cellcontrast.experiment import _check_params
-    from cellcontrast.io import LABEL, read_atlas
-    from cellcontrast.params import setting_params
-    from cellcontrast.splits import make_split
+    from cellcontrast.experiments.cell import _check_params
+    from cellcontrast.data.atlas import LABEL, read_atlas
+    from cellcontrast.core.params import setting_params
+    from cellcontrast.data.splits import make_split
 
     chosen = {setting: setting_params(params, setting) for setting in settings}
     _check_params(params.get("model_params") or {})
@@ -256,8 +256,8 @@ def _check_benchmark_inputs(args, params: dict, settings: list[str], seeds: list
 
 def benchmark(args) -> pd.DataFrame:
     """`cellcontrast benchmark`: splits, tuning, grid and report on any atlas, into out_dir."""
-    from cellcontrast.report import make_report
-    from cellcontrast.splits import split_atlas_to_dir
+    from cellcontrast.experiments.report import make_report
+    from cellcontrast.data.splits import split_atlas_to_dir
 
     params = load_params(args.params)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]

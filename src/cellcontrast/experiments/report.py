@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cellcontrast.errors import InputError
-from cellcontrast.files import atomic_path
+from cellcontrast.core.errors import InputError
+from cellcontrast.core.files import atomic_path
 
 SETTING_ORDER = ("default", "scarce", "natural")
 SETTING_NAMES = {"default": "Default", "scarce": "Data Scarce", "natural": "Natural"}
@@ -519,7 +519,7 @@ def make_report(results: pd.DataFrame, out_dir, log_to_mlflow: bool = True,
 
 
 def _log_to_mlflow(paths: dict[str, Path], metrics: dict, results: pd.DataFrame, experiment: str) -> None:
-    from cellcontrast import tracking
+    from cellcontrast.experiments import tracking
 
     mlflow = tracking.mlflow
     tracking.setup(experiment)
@@ -536,7 +536,7 @@ def _log_to_mlflow(paths: dict[str, Path], metrics: dict, results: pd.DataFrame,
 
 def report_from_cli(args) -> None:
     """`cellcontrast report`: options from params.yaml's `report:` section."""
-    from cellcontrast.params import load_params
+    from cellcontrast.core.params import load_params
 
     cfg = load_params(args.params).get("report") or {}
     results_path = Path(cfg.get("results", "reports/results.csv"))

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cellcontrast.errors import InputError
+from cellcontrast.core.errors import InputError
 
 LABEL = "cell_type"
 

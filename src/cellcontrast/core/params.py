@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from cellcontrast.errors import InputError
+from cellcontrast.core.errors import InputError
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:

@@ -12,8 +12,8 @@ import json
 import sys
 import warnings
 
-from cellcontrast import __version__
-from cellcontrast.errors import InputError
+from cellcontrast.core.version import __version__
+from cellcontrast.core.errors import InputError
 
 
 def _add_atlas_options(p: argparse.ArgumentParser) -> None:
@@ -137,14 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _dispatch(args: argparse.Namespace) -> None:
     cmd = args.command
     if cmd == "simulate":
-        from cellcontrast.simulate import simulate_atlas_to_file
+        from cellcontrast.data.simulate import simulate_atlas_to_file
 
         simulate_atlas_to_file(
             args.out, n_cells=args.cells, n_types=args.types, n_genes=args.genes,
             n_individuals=args.individuals, seed=args.seed,
         )
     elif cmd == "split":
-        from cellcontrast.splits import split_atlas_to_dir
+        from cellcontrast.data.splits import split_atlas_to_dir
 
         info = split_atlas_to_dir(
             args.atlas, setting=args.setting, seed=args.seed, out_dir=args.out_dir,
@@ -153,40 +153,40 @@ def _dispatch(args: argparse.Namespace) -> None:
         )
         print(json.dumps({k: info[k] for k in ("setting", "k", "n_per_type", "seed", "n_cells")}))
     elif cmd == "holdout":
-        from cellcontrast.splits import write_holdout_query
+        from cellcontrast.data.splits import write_holdout_query
 
         write_holdout_query(args.atlas, args.split_dir, args.out, args.max_cells)
     elif cmd == "tune-setting":
-        from cellcontrast.pipeline import tune_setting_from_params
+        from cellcontrast.experiments.grid import tune_setting_from_params
 
         tune_setting_from_params(args.params, args.setting)
     elif cmd == "train":
-        from cellcontrast.experiment import train_from_cli
+        from cellcontrast.experiments.cell import train_from_cli
 
         train_from_cli(args)
     elif cmd == "tune":
-        from cellcontrast.tuning import tune_from_cli
+        from cellcontrast.experiments.tuning import tune_from_cli
 
         tune_from_cli(args)
     elif cmd == "grid":
-        from cellcontrast.experiment import grid_from_cli
+        from cellcontrast.experiments.cell import grid_from_cli
 
         grid_from_cli(args)
     elif cmd == "report":
-        from cellcontrast.report import report_from_cli
+        from cellcontrast.experiments.report import report_from_cli
 
         report_from_cli(args)
     elif cmd == "benchmark":
-        from cellcontrast.experiment import benchmark_from_cli
+        from cellcontrast.experiments.cell import benchmark_from_cli
 
         args.filters = _parse_filters(args.filter)
         benchmark_from_cli(args)
     elif cmd == "export":
-        from cellcontrast.export import export_from_cli
+        from cellcontrast.export.onnx import export_from_cli
 
         export_from_cli(args)
     elif cmd == "annotate":
-        from cellcontrast.annotate import annotate_from_cli
+        from cellcontrast.annotate.stream import annotate_from_cli
 
         annotate_from_cli(args)
     else:  # pragma: no cover - argparse refuses unknown commands

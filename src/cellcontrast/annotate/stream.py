@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellcontrast import __version__
-from cellcontrast.errors import InputError
-from cellcontrast.files import atomic_path
+from cellcontrast.core.version import __version__
+from cellcontrast.core.errors import InputError
+from cellcontrast.core.files import atomic_path
 
 UNASSIGNED = "Unassigned"
 PREFIX = "cellcontrast_"
@@ -285,7 +285,7 @@ def open_query(file, layer: str | None, pool=None) -> QueryMatrix:
         raise InputError(f"the query's {where} has {n_vars} columns but {var_group} lists {len(var_names)} genes")
     matrix = QueryMatrix(file, where, n_obs, n_vars, kind, var_names, elem, indptr)
     if kind == "csr" and pool is not None:
-        from cellcontrast.h5chunks import ChunkedGzipArray
+        from cellcontrast.data.h5chunks import ChunkedGzipArray
 
         arrays = (elem["data"], elem["indices"])
         if all(ChunkedGzipArray.supports(a) for a in arrays):

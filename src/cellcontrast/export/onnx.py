@@ -26,9 +26,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from cellcontrast import __version__
-from cellcontrast.errors import InputError
-from cellcontrast.files import atomic_path
+from cellcontrast.core.version import __version__
+from cellcontrast.core.errors import InputError
+from cellcontrast.core.files import atomic_path
 
 INPUT_NAME = "counts"
 PROBABILITIES = "probabilities"
@@ -290,7 +290,7 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _load_chain_dir(model_dir: str | os.PathLike):
-    from cellcontrast.chain import load_chain
+    from cellcontrast.nn.chain import load_chain
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -385,7 +385,7 @@ def _register(out_path: Path, config: dict, source_run_id: str | None, experimen
     import mlflow
     import onnx
 
-    from cellcontrast import tracking
+    from cellcontrast.experiments import tracking
 
     # Under `mlflow run` MLFLOW_RUN_ID names the project's run (in its own experiment):
     # starting a run in `experiment` with it set fails, so nest under it instead.

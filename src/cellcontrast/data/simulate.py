@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cellcontrast.errors import InputError
-from cellcontrast.files import atomic_path
+from cellcontrast.core.errors import InputError
+from cellcontrast.core.files import atomic_path
 
 COMPARTMENTS = ["Immune", "Epithelial", "Stromal", "Endothelial", "Neural", "Germline"]
 LINEAGE_WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]

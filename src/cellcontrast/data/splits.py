@@ -18,10 +18,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from cellcontrast.errors import InputError
-from cellcontrast.files import atomic_path
-from cellcontrast.io import LABEL, read_atlas
-from cellcontrast.params import load_params, setting_params
+from cellcontrast.core.errors import InputError
+from cellcontrast.core.files import atomic_path
+from cellcontrast.data.atlas import LABEL, read_atlas
+from cellcontrast.core.params import load_params, setting_params
 
 PARTS = ("train", "val", "test")
 # What training and tuning read from split.json.
@@ -143,7 +143,7 @@ def split_atlas_to_dir(
 
 def read_split(split_dir: str | Path, parts=PARTS) -> tuple[dict, dict[str, ad.AnnData]]:
     """Load split.json and the requested parts of a split folder."""
-    from cellcontrast.io import open_h5ad
+    from cellcontrast.data.atlas import open_h5ad
 
     split_dir = Path(split_dir)
     meta = split_dir / "split.json"

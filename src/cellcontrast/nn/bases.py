@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cellcontrast.preprocessing import _GeneSelecting
+from cellcontrast.nn.preprocessing import _GeneSelecting
 
 # ---------------------------------------------------------------- encoders
 

@@ -22,11 +22,11 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from cellcontrast import components as _components
-from cellcontrast import models as _models
-from cellcontrast import preprocessing as _preprocessing
-from cellcontrast.errors import InputError
-from cellcontrast.files import atomic_path
+from cellcontrast.nn import components as _components
+from cellcontrast.nn import bases as _models
+from cellcontrast.nn import preprocessing as _preprocessing
+from cellcontrast.core.errors import InputError
+from cellcontrast.core.files import atomic_path
 
 CHAIN_WEIGHTS = "chain.pt"
 CHAIN_CONFIG = "config.json"

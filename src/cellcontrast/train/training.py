@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from torch import nn
 
-from cellcontrast.chain import Chain
-from cellcontrast.components import MLPComponent, MLSComponent
-from cellcontrast.models import BASE_MODELS, BaseModel, LinearHead, ScDAE, ScdaeHead
-from cellcontrast.preprocessing import ActinnPreprocess, LRPreprocess, ScdaePreprocess
+from cellcontrast.nn.chain import Chain
+from cellcontrast.nn.components import MLPComponent, MLSComponent
+from cellcontrast.nn.bases import BASE_MODELS, BaseModel, LinearHead, ScDAE, ScdaeHead
+from cellcontrast.nn.preprocessing import ActinnPreprocess, LRPreprocess, ScdaePreprocess
 
 Log = Callable[[str, int, dict], None]
 
@@ -610,8 +610,8 @@ def train_component(z_train: torch.Tensor, train_y: np.ndarray, z_val: torch.Ten
 
     Returns h frozen (eval mode, ``requires_grad`` off).
     """
-    from cellcontrast.losses import mls_loss, supcon_loss
-    from cellcontrast.sampler import ClassAwareBatchSampler
+    from cellcontrast.nn.losses import mls_loss, supcon_loss
+    from cellcontrast.train.sampler import ClassAwareBatchSampler
 
     p = resolve_params(component, params)
     train_y, val_y = np.asarray(train_y, dtype=int), np.asarray(val_y, dtype=int)

@@ -80,7 +80,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from cellcontrast.errors import InputError
+from cellcontrast.core.errors import InputError
 
 BASES = ("lr", "actinn", "scdae")
 COMPONENTS = ("none", "mlp", "mls")
@@ -98,7 +98,7 @@ DEFAULT_SEARCH_SPACE: dict[str, dict] = {
 def _default_choices(model: str, key: str, choices: list) -> list:
     """``choices`` plus the recipe's own default for ``key`` when that is a number not among
     them (MLS's default hidden_dim -1, a linear h_k, is then always a candidate)."""
-    from cellcontrast.training import DEFAULT_PARAMS
+    from cellcontrast.train.training import DEFAULT_PARAMS
 
     default = DEFAULT_PARAMS.get(model, {}).get(key)
     if isinstance(default, int) and not isinstance(default, bool) and default not in choices:
@@ -193,7 +193,7 @@ def _choices(where: str, values) -> list:
 
 
 def _is_model_section(key: str, value) -> bool:
-    from cellcontrast.training import DEFAULT_PARAMS
+    from cellcontrast.train.training import DEFAULT_PARAMS
 
     return key in DEFAULT_PARAMS and isinstance(value, dict) and not (set(value) <= _SPEC_KEYS and value)
 
@@ -201,7 +201,7 @@ def _is_model_section(key: str, value) -> bool:
 def resolve_search_space(base: str, component: str, search_space: dict | None = None) -> dict[str, tuple]:
     """The parsed search space of the model a study tunes (the component, or the base for
     component "none"): defaults, then flat keys (components only), then its own section."""
-    from cellcontrast.training import DEFAULT_PARAMS
+    from cellcontrast.train.training import DEFAULT_PARAMS
 
     model = base if component == "none" else component
     user = dict(search_space or {})
@@ -262,7 +262,7 @@ def describe_space(space: dict[str, tuple]) -> dict[str, str]:
 
 def _load_train_val(split_dir: Path):
     """Train and validation parts of a split (test.h5ad is never opened), as SplitData."""
-    from cellcontrast.experiment import load_split_data
+    from cellcontrast.experiments.cell import load_split_data
 
     return load_split_data(split_dir, parts=("train", "val"))
 
@@ -273,7 +273,7 @@ def open_storage(url: str | None = None):
     import sqlalchemy
     from sqlalchemy.engine import make_url
 
-    from cellcontrast import tracking
+    from cellcontrast.experiments import tracking
 
     url = url or DEFAULT_STORAGE
     try:
@@ -343,7 +343,7 @@ def _fail_stale(study) -> None:
 
 
 def _setup_tracking(experiment: str) -> str:
-    from cellcontrast import tracking
+    from cellcontrast.experiments import tracking
 
     for attempt in range(4):
         try:
@@ -420,7 +420,7 @@ class _Objective:
 
     def prepare(self) -> dict:
         """Component studies: fit the base once (no pruning: it is shared by every trial)."""
-        from cellcontrast.training import build_chain, fit_base
+        from cellcontrast.train.training import build_chain, fit_base
 
         if self.component == "none" or self.base_model is not None:
             return {}
@@ -437,8 +437,8 @@ class _Objective:
         return {f"base_{k}": v for k, v in self._score(build_chain(self.base_model)).items()}
 
     def _score(self, chain) -> dict:
-        from cellcontrast.chain import predict_proba
-        from cellcontrast.metrics import classification_metrics
+        from cellcontrast.nn.chain import predict_proba
+        from cellcontrast.train.metrics import classification_metrics
 
         proba = predict_proba(chain, self.data.X["val"])
         return {f"val_{k}": v for k, v in classification_metrics(self.data.y["val"], proba,
@@ -449,7 +449,7 @@ class _Objective:
                                   self.component_params)
 
     def _fit(self, params: dict, log: _TrialLog):
-        from cellcontrast.training import build_chain, fit_base, fit_component
+        from cellcontrast.train.training import build_chain, fit_base, fit_component
 
         d, n_classes = self.data, len(self.data.classes)
         if self.component == "none":
@@ -466,7 +466,7 @@ class _Objective:
         import optuna
         import torch
 
-        from cellcontrast import tracking
+        from cellcontrast.experiments import tracking
 
         values = suggest(trial, self.space)
         params = self.params_for(values)
@@ -560,7 +560,7 @@ def run_study(split_dir, base: str, component: str, n_trials: int, storage: str 
               base_params: dict | None = None, experiment: str = "cellcontrast-tuning", seed: int = 0,
               threads: int = 1, progress: bool = True, component_params: dict | None = None) -> TuneResult:
     """`tune`, returning the study's name, best value and trial as well (a ``TuneResult``)."""
-    from cellcontrast.training import resolve_params
+    from cellcontrast.train.training import resolve_params
 
     if base not in BASES:
         raise InputError(f"unknown base model {base!r}; expected one of {', '.join(BASES)}")
@@ -599,8 +599,8 @@ def run_study(split_dir, base: str, component: str, n_trials: int, storage: str 
     from optuna.trial import TrialState
     from tqdm import tqdm
 
-    from cellcontrast import tracking
-    from cellcontrast.files import atomic_path
+    from cellcontrast.experiments import tracking
+    from cellcontrast.core.files import atomic_path
 
     if threads and threads > 0:
         torch.set_num_threads(int(threads))
@@ -678,7 +678,7 @@ def run_study(split_dir, base: str, component: str, n_trials: int, storage: str 
 
 
 def _params_from_trial(base, component, values, base_params, component_params) -> dict:
-    from cellcontrast.training import resolve_params
+    from cellcontrast.train.training import resolve_params
 
     if component == "none":
         return {base: resolve_params(base, {**base_params, **values})}
@@ -688,7 +688,7 @@ def _params_from_trial(base, component, values, base_params, component_params) -
 def tune_from_cli(args) -> None:
     """`cellcontrast tune`: the search space from params.yaml's `tune:` section (if the file is
     there), fixed recipe overrides from its `model_params:`; prints one JSON line."""
-    from cellcontrast.params import load_params
+    from cellcontrast.core.params import load_params
 
     params: dict = {}
     if args.params:

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cellcontrast.errors import InputError
-from cellcontrast.splits import read_split
+from cellcontrast.core.errors import InputError
+from cellcontrast.data.splits import read_split
 
 BASES = ("lr", "actinn", "scdae")
 COMPONENTS = ("none", "mlp", "mls")
@@ -37,7 +37,7 @@ class SplitData:
 
     @property
     def fingerprint(self) -> str:
-        from cellcontrast.tracking import fingerprint
+        from cellcontrast.experiments.tracking import fingerprint
 
         return fingerprint(self.info)
 
@@ -77,7 +77,7 @@ def read_params_file(path: str | None) -> dict:
 
 
 def _check_params(params: dict) -> None:
-    from cellcontrast.training import resolve_params
+    from cellcontrast.train.training import resolve_params
 
     for name, values in params.items():
         try:
@@ -101,8 +101,8 @@ def _calibrate(chain, data: SplitData) -> dict:
     """Fit the chain's temperature on validation (calibration.py); ECE before, on val and test."""
     import torch
 
-    from cellcontrast.calibration import expected_calibration_error, fit_temperature
-    from cellcontrast.chain import predict_logits
+    from cellcontrast.train.calibration import expected_calibration_error, fit_temperature
+    from cellcontrast.nn.chain import predict_logits
 
     logits = {part: predict_logits(chain, data.X[part]) for part in ("val", "test")}
     temperature = fit_temperature(logits["val"], data.y["val"])
@@ -116,9 +116,9 @@ def _calibrate(chain, data: SplitData) -> dict:
 
 def _evaluate(chain, data: SplitData) -> tuple[dict, dict]:
     """Calibrate the chain on validation, then val and test metrics (ECE and coverage included)."""
-    from cellcontrast.calibration import coverage_metrics, expected_calibration_error
-    from cellcontrast.chain import predict_proba
-    from cellcontrast.metrics import classification_metrics
+    from cellcontrast.train.calibration import coverage_metrics, expected_calibration_error
+    from cellcontrast.nn.chain import predict_proba
+    from cellcontrast.train.metrics import classification_metrics
 
     metrics, proba = _calibrate(chain, data), {}
     for part in ("val", "test"):
@@ -134,8 +134,8 @@ def _log_artifacts(chain, data: SplitData, test_proba: np.ndarray, title: str, w
     import mlflow
     import torch
 
-    from cellcontrast import plots
-    from cellcontrast.metrics import confusion, per_class_f1
+    from cellcontrast.experiments import plots
+    from cellcontrast.train.metrics import confusion, per_class_f1
 
     y_true, y_pred = data.y["test"], test_proba.argmax(axis=1)
     table = per_class_f1(y_true, y_pred, data.classes)
@@ -172,9 +172,9 @@ def train_cell(
     import mlflow
     import torch
 
-    from cellcontrast import tracking
-    from cellcontrast.chain import save_chain
-    from cellcontrast.training import (
+    from cellcontrast.experiments import tracking
+    from cellcontrast.nn.chain import save_chain
+    from cellcontrast.train.training import (
         build_chain,
         fit_base,
         fit_component,
@@ -267,13 +267,13 @@ def train_from_cli(args) -> None:
 
 
 def grid_from_cli(args) -> None:  # the grid lives in pipeline.py; imported here for the CLI
-    from cellcontrast.pipeline import run_grid_from_params
+    from cellcontrast.experiments.grid import run_grid_from_params
 
     run_grid_from_params(args.params)
 
 
 def benchmark_from_cli(args) -> None:
-    from cellcontrast.pipeline import benchmark
+    from cellcontrast.experiments.grid import benchmark
 
     benchmark(args)
 
