@@ -104,7 +104,7 @@ def worker_read_h5py(query: str, batch_size: int, layer: str | None) -> dict:
     import h5py
     import numpy as np
 
-    from cellcontrast.annotate.stream import open_query
+    from cellcontrast.annotate.query import open_query
 
     nnz = 0
     with h5py.File(query, "r") as f:
@@ -147,7 +147,9 @@ def worker_torch(query: str, batch_size: int, layer: str | None, model_dir: str,
     import numpy as np
     import torch
 
-    from cellcontrast.annotate.stream import _chunk_to_model, align_genes, open_query
+    from cellcontrast.annotate.genes import align_genes
+    from cellcontrast.annotate.query import open_query
+    from cellcontrast.annotate.stream import chunk_to_model
     from cellcontrast.nn.chain import load_chain
 
     if threads > 0:
@@ -160,7 +162,7 @@ def worker_torch(query: str, batch_size: int, layer: str | None, model_dir: str,
         col_map = align_genes(m.var_names, genes)
         for start in range(0, m.n_obs, batch_size):
             stop = min(start + batch_size, m.n_obs)
-            dense = _chunk_to_model(m.rows(start, stop), col_map, len(genes), start, m.where)
+            dense = chunk_to_model(m.rows(start, stop), col_map, len(genes), start, m.where)
             probs = chain(torch.from_numpy(dense))
             counts += np.bincount(probs.argmax(1).numpy(), minlength=len(counts))
         return {"cells": m.n_obs, "predicted_per_class": counts.tolist()}

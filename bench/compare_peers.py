@@ -238,8 +238,8 @@ def chain_rows(name: str, ds_out: Path, settings, seeds, threads: int) -> tuple[
         return [], [], []
     import torch
 
+    from cellcontrast.data.split_data import load_split_data
     from cellcontrast.nn.chain import load_chain, predict_proba
-    from cellcontrast.experiments.cell import load_split_data
     from cellcontrast.train.metrics import per_class_f1
 
     torch.set_num_threads(threads)

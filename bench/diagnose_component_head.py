@@ -19,21 +19,18 @@ import numpy as np
 import torch
 from sklearn.metrics import f1_score
 
+from cellcontrast.data.split_data import load_split_data
 from cellcontrast.train import sampler as sampler_mod
-from cellcontrast.experiments.cell import load_split_data
-from cellcontrast.train.training import (
-    COMPONENT_HEAD_L2_PATH,
-    FeatureSource,
-    _centroid_f1,
-    _EncoderHead,
-    _fit_linear_lbfgs,
-    _fresh_head,
+from cellcontrast.train.base_model import fit_base
+from cellcontrast.train.component import (
+    centroid_f1,
     embed_frozen,
-    fit_base,
-    resolve_params,
+    fresh_head,
     train_component,
     train_head_on_component,
 )
+from cellcontrast.train.loops import EncoderHead, FeatureSource, fit_linear_lbfgs
+from cellcontrast.train.recipes import COMPONENT_HEAD_L2_PATH, resolve_params
 
 torch.set_num_threads(1)
 base = sys.argv[1]
@@ -83,7 +80,7 @@ for sname, cls in (("plain", Plain), ("balanced", Balanced)):
     h = train_component(z_tr, ytr, z_va, yva, C, "mlp", {}, 0, None)
     with torch.no_grad():
         e_tr, e_va = h(z_tr), h(z_va)
-    print(f"{sname}: component {time.time()-t:.0f}s centroid F1 {_centroid_f1(e_tr, ytr, e_va, yva, C):.3f}", flush=True)
+    print(f"{sname}: component {time.time()-t:.0f}s centroid F1 {centroid_f1(e_tr, ytr, e_va, yva, C):.3f}", flush=True)
     t = time.time()
     head = train_head_on_component(model, h, z_tr, ytr, z_va, yva, C, None, 0, None, solver="adam")
     with torch.no_grad():
@@ -91,8 +88,8 @@ for sname, cls in (("plain", Plain), ("balanced", Balanced)):
     for path in (lbfgs_p["l2_path"], COMPONENT_HEAD_L2_PATH):
         t = time.time()
         torch.manual_seed(0)
-        head = _fresh_head(model, h.out_dim, C)
-        net = _EncoderHead(torch.nn.Identity(), head)
-        _fit_linear_lbfgs(net, FeatureSource(e_tr), ytr, FeatureSource(e_va), yva, C, {**lbfgs_p, "l2_path": path}, 0)
+        head = fresh_head(model, h.out_dim, C)
+        net = EncoderHead(torch.nn.Identity(), head)
+        fit_linear_lbfgs(net, FeatureSource(e_tr), ytr, FeatureSource(e_va), yva, C, {**lbfgs_p, "l2_path": path}, 0)
         with torch.no_grad():
             report(f"  {sname} head=lbfgs path to {min(path):g} l2 {net.l2:g} ({time.time()-t:.0f}s)", net(e_va).argmax(1).numpy())

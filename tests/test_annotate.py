@@ -23,7 +23,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from cellcontrast.annotate.stream import UNASSIGNED, annotate  # noqa: E402
+from cellcontrast.annotate import UNASSIGNED, annotate_file  # noqa: E402
 from cellcontrast.cli.entry import main  # noqa: E402
 
 N_CLASSES = 4
@@ -176,29 +176,28 @@ def test_predictions_match_model_and_outputs(model_path, query, tmp_path, capsys
 
 def test_chunked_equals_one_batch_and_dense(model_path, query, tmp_path):
     path, counts = query
-    small = annotate(model_path, path, tmp_path / "a.h5ad", batch_size=7, log=lambda *_: None)
-    big = annotate(model_path, path, tmp_path / "b.h5ad", batch_size=10000, log=lambda *_: None)
+    small = annotate_file(model_path, path, tmp_path / "a.h5ad", batch_size=7, log=lambda *_: None)
+    big = annotate_file(model_path, path, tmp_path / "b.h5ad", batch_size=10000, log=lambda *_: None)
     pd.testing.assert_frame_equal(small, big)
     a, b = ad.read_h5ad(tmp_path / "a.h5ad").obs, ad.read_h5ad(tmp_path / "b.h5ad").obs
     pd.testing.assert_frame_equal(a, b)
     dense = write_query(tmp_path / "dense.h5ad", counts, MODEL_GENES, sparse=False)
-    annotate(model_path, dense, tmp_path / "c.h5ad", batch_size=9, log=lambda *_: None)
+    annotate_file(model_path, dense, tmp_path / "c.h5ad", batch_size=9, log=lambda *_: None)
     c = ad.read_h5ad(tmp_path / "c.h5ad").obs
     np.testing.assert_array_equal(c["cellcontrast_label"].astype(str), a["cellcontrast_label"].astype(str))
     np.testing.assert_allclose(c["cellcontrast_confidence"], a["cellcontrast_confidence"], atol=1e-6)
 
 
 def test_byte_capped_chunks_give_same_result(model_path, query, tmp_path, monkeypatch):
-    import cellcontrast.annotate.stream as annotate_mod
 
     path, counts = query
-    ref = annotate(model_path, path, tmp_path / "ref.h5ad", log=lambda *_: None)
-    monkeypatch.setattr(annotate_mod, "READ_BYTES", 400)  # a few cells per read
-    monkeypatch.setattr(annotate_mod, "INFERENCE_ROWS", 3)
-    capped = annotate(model_path, path, tmp_path / "capped.h5ad", log=lambda *_: None)
+    ref = annotate_file(model_path, path, tmp_path / "ref.h5ad", log=lambda *_: None)
+    monkeypatch.setattr("cellcontrast.annotate.query.READ_BYTES", 400)  # a few cells per read
+    monkeypatch.setattr("cellcontrast.annotate.api.INFERENCE_ROWS", 3)
+    capped = annotate_file(model_path, path, tmp_path / "capped.h5ad", log=lambda *_: None)
     pd.testing.assert_frame_equal(ref, capped)
     dense = write_query(tmp_path / "dense.h5ad", counts, MODEL_GENES, sparse=False)
-    annotate(model_path, dense, tmp_path / "dense_out.h5ad", log=lambda *_: None)
+    annotate_file(model_path, dense, tmp_path / "dense_out.h5ad", log=lambda *_: None)
     a = ad.read_h5ad(tmp_path / "capped.h5ad").obs
     b = ad.read_h5ad(tmp_path / "dense_out.h5ad").obs
     pd.testing.assert_frame_equal(a.drop(columns="batch"), b.drop(columns="batch"))
@@ -221,8 +220,8 @@ def test_gzip_chunks_inflated_in_threads_give_same_result(model_path, query, tmp
     reads = []
     submit = h5chunks.ChunkedGzipArray.submit
     monkeypatch.setattr(h5chunks.ChunkedGzipArray, "submit", lambda self, lo, hi: reads.append(hi - lo) or submit(self, lo, hi))
-    monkeypatch.setattr("cellcontrast.annotate.stream.READ_BYTES", 800)  # about 100 values a read
-    annotate(model_path, rewritten, tmp_path / "out.h5ad", store_probabilities=True, log=lambda *_: None)
+    monkeypatch.setattr("cellcontrast.annotate.query.READ_BYTES", 800)  # about 100 values a read
+    annotate_file(model_path, rewritten, tmp_path / "out.h5ad", probabilities=True, log=lambda *_: None)
     assert len(reads) > 10  # the inflating reader did the reading
     res = ad.read_h5ad(tmp_path / "out.h5ad")
     np.testing.assert_allclose(res.obsm["cellcontrast_probabilities"], reference_proba(counts), atol=1e-5)
@@ -287,7 +286,7 @@ def test_layers_and_raw(model_path, tmp_path):
     expected = _expected_labels(reference_proba(counts))
     for layer in ("counts", "raw"):
         out = tmp_path / f"{layer}.h5ad"
-        annotate(model_path, path, out, layer=layer, log=lambda *_: None)
+        annotate_file(model_path, path, out, layer=layer, log=lambda *_: None)
         np.testing.assert_array_equal(ad.read_h5ad(out).obs["cellcontrast_label"].astype(str), expected)
 
 
@@ -395,9 +394,9 @@ def test_densify_maps_columns_sums_duplicates_and_drops_unknown_genes(monkeypatc
     data = np.array([1, 2, 3, 4, 5, 6], dtype=np.float32)
     chunk = sp.csr_matrix((data, indices, indptr), shape=(3, 4))
     col_map = np.array([2, 0, -1, 1])  # query gene -> model column
-    mapped = annotate_mod._to_model_columns(chunk, col_map, 3, 0, "X")
+    mapped = annotate_mod.to_model_columns(chunk, col_map, 3, 0, "X")
     expected = np.array([[0, 2, 1], [0, 0, 7], [6, 0, 0]], dtype=np.float32)
     np.testing.assert_array_equal(mapped.rows(0, 3), expected)
     np.testing.assert_array_equal(mapped.rows(1, 3), expected[1:])
-    identity = annotate_mod._to_model_columns(chunk, np.arange(4), 4, 0, "X")
+    identity = annotate_mod.to_model_columns(chunk, np.arange(4), 4, 0, "X")
     np.testing.assert_array_equal(identity.rows(0, 3), chunk.toarray())

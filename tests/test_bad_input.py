@@ -548,14 +548,14 @@ def _real_chain_dir(path: Path) -> Path:
     """A real (untrained) LR chain saved by cellcontrast.chain.save_chain."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
-    from cellcontrast.nn.chain import Chain, save_chain
     from cellcontrast.nn.bases import LogisticRegression
+    from cellcontrast.nn.chain import ChainModule, save_chain
     from cellcontrast.nn.preprocessing import fit_preprocess
 
     counts = _ta().make_counts(50, 40, seed=1)
     torch.manual_seed(0)
     lr = LogisticRegression(fit_preprocess("lr", counts, n_hvg=20), 3)
-    chain = Chain(lr.preprocess, lr.encoder, None, lr.head)
+    chain = ChainModule(lr.preprocess, lr.encoder, None, lr.head)
     return save_chain(chain, {"genes": [f"g{i}" for i in range(40)], "class_names": ["a", "b", "c"]}, path)
 
 

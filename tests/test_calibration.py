@@ -67,9 +67,10 @@ def test_no_cell_kept_leaves_the_accuracy_out():
 
 
 def test_chain_temperature_changes_confidence_not_predictions(tiny_split):
+    from cellcontrast.data.split_data import load_split_data
     from cellcontrast.nn.chain import load_chain, predict_logits, predict_proba, save_chain
-    from cellcontrast.experiments.cell import load_split_data
-    from cellcontrast.train.training import build_chain, fit_base
+    from cellcontrast.train.base_model import fit_base
+    from cellcontrast.train.chain import build_chain
 
     data = load_split_data(tiny_split)
     base = fit_base(data.X["train"], data.y["train"], data.X["val"], data.y["val"], len(data.classes),

@@ -7,9 +7,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cellcontrast.nn.chain import Chain, load_chain, predict_proba, save_chain
-from cellcontrast.nn.components import MLPComponent, MLSComponent
 from cellcontrast.nn.bases import Actinn, LinearHead, LogisticRegression, ScDAE, ScdaeHead
+from cellcontrast.nn.chain import ChainModule, load_chain, predict_proba, save_chain
+from cellcontrast.nn.components import MLPComponent, MLSComponent
 from cellcontrast.nn.preprocessing import ActinnPreprocess, LRPreprocess, ScdaePreprocess
 
 torch.set_num_threads(1)
@@ -37,7 +37,7 @@ def make_chain(base, component, counts):
         model.train()
         model(torch.as_tensor(counts.toarray()))  # move batch-norm running stats off defaults
     if component == "none":
-        return Chain(model.preprocess, model.encoder, None, model.head).eval()
+        return ChainModule(model.preprocess, model.encoder, None, model.head).eval()
     d = model.embed_dim
     h = MLPComponent(d, 12, 5) if component == "mlp" else MLSComponent(d, N_CLASSES, 12)
     head = (ScdaeHead(h.out_dim, N_CLASSES, (8, 8)) if base == "scdae"
@@ -45,7 +45,7 @@ def make_chain(base, component, counts):
     if base == "scdae":
         head.train()
         head(h(model.embed(torch.as_tensor(counts.toarray()))).detach())
-    return Chain(model.preprocess, model.encoder, h, head).eval()
+    return ChainModule(model.preprocess, model.encoder, h, head).eval()
 
 
 COMBINATIONS = [(b, c) for b in ("lr", "actinn", "scdae") for c in ("none", "mlp", "mls")]

@@ -41,8 +41,8 @@ def test_train_logs_one_complete_run(tiny_split, tmp_path, mlflow_store, capsys)
 
 
 def test_saved_chain_reproduces_the_logged_metrics(tiny_split, tmp_path, mlflow_store, capsys):
+    from cellcontrast.data.split_data import load_split_data
     from cellcontrast.nn.chain import load_chain, predict_proba
-    from cellcontrast.experiments.cell import load_split_data
     from cellcontrast.train.metrics import classification_metrics
 
     result = _train(tiny_split, tmp_path, "actinn", "mlp", capsys)

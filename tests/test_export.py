@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
-from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -14,13 +11,10 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from cellcontrast.core.version import __version__  # noqa: E402
 from cellcontrast.cli.entry import main  # noqa: E402
-from cellcontrast.export.onnx import (  # noqa: E402
-    REGISTERED_MODEL_NAME,
-    export_chain_to_onnx,
-    read_onnx_metadata,
-)
+from cellcontrast.core.version import __version__  # noqa: E402
+from cellcontrast.experiments.registry import REGISTERED_MODEL_NAME  # noqa: E402
+from cellcontrast.export.onnx import export_chain_to_onnx, read_onnx_metadata  # noqa: E402
 
 N_GENES, N_CLASSES = 40, 5
 
@@ -132,20 +126,20 @@ def _real_chains():
     torch.manual_seed(0)
     out = []
     lr = models.LogisticRegression(preprocessing.fit_preprocess("lr", counts, n_hvg=30), N_CLASSES)
-    out.append(("lr-none", chain_mod.Chain(lr.preprocess, lr.encoder, None, lr.head)))
+    out.append(("lr-none", chain_mod.ChainModule(lr.preprocess, lr.encoder, None, lr.head)))
     # Every gene kept and no z-scoring: the graph skips the gather and the standardisation.
     lr_all = models.LogisticRegression(preprocessing.fit_preprocess("lr", counts, n_hvg=100, standardize=False),
                                        N_CLASSES)
-    out.append(("lr-all-unscaled", chain_mod.Chain(lr_all.preprocess, lr_all.encoder, None, lr_all.head)))
+    out.append(("lr-all-unscaled", chain_mod.ChainModule(lr_all.preprocess, lr_all.encoder, None, lr_all.head)))
     act = models.Actinn(preprocessing.fit_preprocess("actinn", counts), N_CLASSES)
     mls = components.MLSComponent(act.encoder.out_dim, N_CLASSES)
     head = models.LinearHead(mls.out_dim, N_CLASSES)
-    out.append(("actinn-mls", chain_mod.Chain(act.preprocess, act.encoder, mls, head)))
+    out.append(("actinn-mls", chain_mod.ChainModule(act.preprocess, act.encoder, mls, head)))
     dae = models.ScDAE(preprocessing.fit_preprocess("scdae", counts, n_hvg=30), N_CLASSES,
                        encoder_dims=(32, 16, 8), classifier_dims=(8, 8))
     mlp = components.MLPComponent(dae.encoder.out_dim)
     head = models.ScdaeHead(mlp.out_dim, N_CLASSES, (8, 8), 0.5)
-    out.append(("scdae-mlp", chain_mod.Chain(dae.preprocess, dae.encoder, mlp, head)))
+    out.append(("scdae-mlp", chain_mod.ChainModule(dae.preprocess, dae.encoder, mlp, head)))
     return chain_mod, out
 
 
@@ -185,7 +179,7 @@ def test_real_chains_onnx_equals_torch(tmp_path):
 
 @pytest.fixture
 def fake_chain_module(monkeypatch):
-    """A stand-in `cellcontrast.nn.chain` whose load_chain rebuilds TinyChain from a folder."""
+    """Chain folders of TinyChain, which the export command loads through a stand-in loader."""
 
     def save(model_dir, seed=0, **extra):
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -198,9 +192,9 @@ def fake_chain_module(monkeypatch):
         chain.load_state_dict(torch.load(f"{model_dir}/chain.pt", weights_only=True))
         return chain.eval(), json.loads(open(f"{model_dir}/config.json").read())
 
-    fake = types.ModuleType("cellcontrast.nn.chain")
-    fake.load_chain = load_chain
-    monkeypatch.setitem(sys.modules, "cellcontrast.nn.chain", fake)
+    import cellcontrast.nn.chain as chain_module
+
+    monkeypatch.setattr(chain_module, "load_chain", load_chain)  # what load_chain_folder calls
     return save
 
 
@@ -283,14 +277,12 @@ def test_cli_mlflow_best_run_id_and_register(tmp_path, fake_chain_module, mlflow
     assert len(err.splitlines()) == 1 and "unknown MLflow run id" in err
 
 
-def test_export_from_cli_rejects_non_onnx_suffix(tmp_path):
+def test_export_annotator_rejects_non_onnx_suffix(tmp_path):
     from cellcontrast.core.errors import InputError
-    from cellcontrast.export.onnx import export_from_cli
+    from cellcontrast.experiments.registry import export_annotator
 
-    args = Namespace(out=str(tmp_path / "m.txt"), model_dir="x", run_id=None, best=False,
-                     experiment="e", no_register=True)
     with pytest.raises(InputError, match=r"\.onnx"):
-        export_from_cli(args)
+        export_annotator(tmp_path / "m.txt", model_dir="x", experiment="e", register=False)
 
 
 def test_exported_model_annotates_like_torch(exported, tmp_path):
@@ -299,7 +291,7 @@ def test_exported_model_annotates_like_torch(exported, tmp_path):
     import pandas as pd
     import scipy.sparse as sp
 
-    from cellcontrast.annotate.stream import annotate
+    from cellcontrast.annotate import annotate_file as annotate
 
     chain, path = exported
     counts = _counts(25, seed=11)
@@ -308,7 +300,7 @@ def test_exported_model_annotates_like_torch(exported, tmp_path):
     # The query's genes are reversed: annotate must reorder them to the model's order.
     query_counts = counts[:, ::-1].copy()
     ad.AnnData(X=sp.csr_matrix(query_counts), var=pd.DataFrame(index=genes[::-1])).write_h5ad(query)
-    annotate(path, query, tmp_path / "out.h5ad", store_probabilities=True, batch_size=10, log=lambda *_: None)
+    annotate(path, query, tmp_path / "out.h5ad", probabilities=True, batch_size=10, log=lambda *_: None)
     got = ad.read_h5ad(tmp_path / "out.h5ad").obsm["cellcontrast_probabilities"]
     with torch.no_grad():
         want = chain(torch.from_numpy(counts)).numpy()

@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from cellcontrast.train.metrics import classification_metrics, confusion, per_class_f1, top_k_accuracy
+from cellcontrast.train.metrics import (
+    classification_metrics,
+    confusion,
+    per_class_f1,
+    top_k_accuracy,
+)
 
 # 4 cells, 4 classes. Ranked classes per row:
 #   row 0 (true 0): 0 > 1 > 2 > 3    -> top1 hit

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 
-from cellcontrast.train import training
-from cellcontrast.experiments.grid import tuning_study_name
+from cellcontrast.experiments.setting_tuning import tuning_study_name
+from cellcontrast.train import recipes as training
 
 SPLIT = {"setting": "default", "seed": 0, "classes": ["a", "b"],
          "source": {"path": "data/atlas.h5ad", "sha256": "0" * 64, "label_key": "cell_type"}}

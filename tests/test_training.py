@@ -8,17 +8,16 @@ import scipy.sparse as sp
 import torch
 
 from cellcontrast.nn.chain import predict_proba
-from cellcontrast.train.metrics import classification_metrics
-from cellcontrast.train.training import (
-    DEFAULT_PARAMS,
-    build_chain,
+from cellcontrast.train.base_model import fit_base
+from cellcontrast.train.chain import build_chain, fit_chain
+from cellcontrast.train.component import (
     embed_frozen,
-    fit_base,
-    fit_chain,
     fit_component,
     train_component,
     train_head_on_component,
 )
+from cellcontrast.train.metrics import classification_metrics
+from cellcontrast.train.recipes import DEFAULT_PARAMS
 
 torch.set_num_threads(1)
 N_CLASSES = 6
@@ -160,7 +159,8 @@ def test_params_are_validated():
 
 
 def test_min_steps_lengthens_small_recipes_within_a_cap():
-    from cellcontrast.train.training import MAX_EPOCH_FACTOR, _n_epochs
+    from cellcontrast.train.loops import MAX_EPOCH_FACTOR
+    from cellcontrast.train.loops import n_epochs as _n_epochs
 
     recipe = {"epochs": 50, "batch_size": 128, "min_steps": 3000}
     assert _n_epochs(recipe, 10_000) == 50  # 78 steps/epoch: already >= 3000 steps
@@ -170,7 +170,8 @@ def test_min_steps_lengthens_small_recipes_within_a_cap():
 
 
 def test_centroid_probe_scores_separable_embeddings():
-    from cellcontrast.train.training import _centroid_f1, _centroid_subset
+    from cellcontrast.train.component import centroid_f1 as _centroid_f1
+    from cellcontrast.train.component import centroid_subset as _centroid_subset
 
     y = np.repeat(np.arange(3), 4)
     e = torch.nn.functional.one_hot(torch.as_tensor(y), 3).float() + 0.01
@@ -196,7 +197,7 @@ def test_component_selection_criteria(select, bases, splits):
 
 
 def test_actinn_component_head_uses_its_own_learning_rate(bases, splits, monkeypatch):
-    import cellcontrast.train.training as training
+    import cellcontrast.train.component as training
 
     (xt, yt), (xv, yv) = splits["train"], splits["val"]
     model = bases["actinn"]
@@ -216,7 +217,7 @@ def test_actinn_component_head_uses_its_own_learning_rate(bases, splits, monkeyp
 def test_linear_component_head_is_fitted_to_its_optimum_along_the_l2_path(base, bases, splits, monkeypatch):
     import torch.nn.functional as F
 
-    import cellcontrast.train.training as training
+    import cellcontrast.train.component as training
 
     (xt, yt), (xv, yv) = splits["train"], splits["val"]
     model = bases[base]
@@ -241,14 +242,14 @@ def test_linear_component_head_is_fitted_to_its_optimum_along_the_l2_path(base, 
 
 
 def test_scdae_component_head_keeps_its_recipe(bases, splits, monkeypatch):
-    import cellcontrast.train.training as training
+    import cellcontrast.train.component as training
 
     (xt, yt), (xv, yv) = splits["train"], splits["val"]
     model = bases["scdae"]
     seen = []
     real = training.train_classifier
     monkeypatch.setattr(training, "train_classifier", lambda *a, **k: seen.append(a[6]) or real(*a, **k))
-    monkeypatch.setattr(training, "_fit_linear_lbfgs", lambda *a, **k: pytest.fail("L-BFGS on an MLP head"))
+    monkeypatch.setattr(training, "fit_linear_lbfgs", lambda *a, **k: pytest.fail("L-BFGS on an MLP head"))
     z_train, z_val = embed_frozen(model, xt), embed_frozen(model, xv)
     h = train_component(z_train, yt, z_val, yv, N_CLASSES, "mlp", {"max_epochs": 1}, seed=0)
     train_head_on_component(model, h, z_train, yt, z_val, yv, N_CLASSES, {"epochs": 1}, seed=0)
@@ -257,7 +258,7 @@ def test_scdae_component_head_keeps_its_recipe(bases, splits, monkeypatch):
 
 @pytest.mark.parametrize("bad", [{"head_solver": "sgd"}, {"head_l2_path": []}, {"head_l2_path": [1e-3, -1.0]}])
 def test_bad_component_head_recipe_is_refused(bad):
-    from cellcontrast.train.training import resolve_params
+    from cellcontrast.train.recipes import resolve_params
 
     with pytest.raises(ValueError, match="head_"):
         resolve_params("mlp", bad)

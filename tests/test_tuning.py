@@ -18,8 +18,9 @@ from optuna.trial import TrialState
 
 from cellcontrast import cli
 from cellcontrast.core.errors import InputError
-from cellcontrast.train.training import resolve_params
-from cellcontrast.experiments.tuning import _TrialLog, resolve_search_space, tune
+from cellcontrast.experiments.search_space import resolve_search_space
+from cellcontrast.experiments.tuning import TrialLog, tune
+from cellcontrast.train.recipes import resolve_params
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Tiny models and epoch budgets: a trial takes well under a second.
@@ -131,7 +132,7 @@ def test_study_writes_train_params_and_nested_mlflow_runs(split_dir, work):
                                                    "finetune_epochs": 1, "encoder_dims": [64, 32, 16],
                                                    "classifier_dims": [16, 16]})])
 def test_base_study_tunes_the_base_own_sizes(split_dir, work, base, fixed):
-    from cellcontrast.train.training import DEFAULT_PARAMS
+    from cellcontrast.train.recipes import DEFAULT_PARAMS
 
     tmp_path, storage = work
     if "min_steps" in DEFAULT_PARAMS[base]:  # keep the tiny epoch budget tiny
@@ -187,7 +188,7 @@ def test_pruner_gets_the_best_head_score_so_far(monkeypatch):
         good.report(0.9, epoch)
     study.tell(good, 0.9)
     trial = study.ask()
-    log = _TrialLog(trial, "mlp_head")
+    log = TrialLog(trial, "mlp_head")
     log("mlp_component", 0, {"loss": 1.0, "val_loss": 2.0})  # other stages are not reported
     log("mlp_head", 0, {"loss": 1.0, "val_macro_f1": 0.5})  # warm-up step: not pruned
     assert trial.storage.get_trial(trial._trial_id).intermediate_values == {0: 0.5}

@@ -1,5 +1,20 @@
-"""The one exception users see: a clear, one-line message and exit code 2."""
+"""The one exception users see: a clear, one-line message (the CLI prints it and exits 2)."""
+
+from __future__ import annotations
 
 
-class InputError(Exception):
-    """Bad input from the user (file, option, data). The CLI prints the message alone and exits 2."""
+class InputError(ValueError):
+    """Bad input from the user (file, option, data).
+
+    A ``ValueError``, so that Python callers can catch it as one; the command line prints the
+    message alone and exits with code 2.
+    """
+
+
+def first_line(err: BaseException | str, limit: int | None = None) -> str:
+    """The first non-empty line of an error's message, whitespace folded; its type name when
+    the message is empty. ``limit`` cuts it to that many characters."""
+    text = str(err).strip()
+    line = next((ln for ln in text.splitlines() if ln.strip()), "") if text else ""
+    line = " ".join(line.split()) or (type(err).__name__ if isinstance(err, BaseException) else "")
+    return line[:limit] if limit else line

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cellcontrast.core.errors import InputError
-
-LABEL = "cell_type"
+from cellcontrast.core.errors import InputError, first_line
+from cellcontrast.core.names import LABEL
+from cellcontrast.data.counts import check_counts, matrix_values
 
 
 def open_h5ad(path: str | Path, backed: bool = False) -> ad.AnnData:
@@ -37,8 +37,7 @@ def open_h5ad(path: str | Path, backed: bool = False) -> ad.AnnData:
     try:
         return ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as err:  # anndata/h5py raise many types for damaged files
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"cannot read {path} as .h5ad (truncated or damaged?): {first_line}") from None
+        raise InputError(f"cannot read {path} as .h5ad (truncated or damaged?): {first_line(err)}") from None
 
 
 def select_counts(adata: ad.AnnData, layer: str | None, path: str | Path = "") -> tuple[object, pd.Index]:
@@ -60,33 +59,9 @@ def _names(keys) -> str:
     return ", ".join(map(str, keys)) if keys else "(none)"
 
 
-def check_counts(X, where: str, layer: str | None = None, adata: ad.AnnData | None = None) -> None:
-    """Refuse negative, NaN, infinite or non-integer values, naming where counts may be."""
-    values = X.data if sp.issparse(X) else np.asarray(X).ravel()
-    if values.size == 0:
-        return
-    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
-        raise InputError(f"{where} holds {values.dtype} values, not numbers")
-    if np.issubdtype(values.dtype, np.integer):
-        if values.min() < 0:
-            raise InputError(f"{where} has negative values (min {values.min()}); counts cannot be negative")
-        return
-    finite = np.isfinite(values)
-    if not finite.all():
-        kind = "NaN" if np.isnan(values).any() else "infinite"
-        raise InputError(f"{where} has {kind} values ({(~finite).sum()} of them); pass raw counts")
-    if values.min() < 0:
-        raise InputError(
-            f"{where} has negative values (min {values.min():.3g}): scaled or centred data was given; "
-            f"pass raw counts{_where_counts_may_be(adata, layer)}"
-        )
-    sample = values[:: max(1, values.size // 2_000_000)]  # a strided sample is enough to spot floats
-    bad = sample[sample != np.round(sample)]
-    if bad.size:
-        raise InputError(
-            f"{where} is not integer counts (e.g. {bad[0]:.4g}): it looks log-normalised; "
-            f"pass raw counts{_where_counts_may_be(adata, layer)}"
-        )
+def check_atlas_counts(X, where: str, layer: str | None = None, adata: ad.AnnData | None = None) -> None:
+    """`check_counts` on a whole matrix, the advice naming where else counts may be."""
+    check_counts(matrix_values(X), where, _where_counts_may_be(adata, layer))
 
 
 def _where_counts_may_be(adata: ad.AnnData | None, layer: str | None) -> str:
@@ -121,13 +96,24 @@ def read_atlas(
     layer: str | None = None,
     filters: dict[str, str] | None = None,
 ) -> ad.AnnData:
-    """Read, filter and validate a labelled atlas.
+    """Read, filter and validate a labelled atlas file (see `prepare_atlas`)."""
+    return prepare_atlas(open_h5ad(path), label_key=label_key, layer=layer, filters=filters, source=path)
+
+
+def prepare_atlas(
+    adata: ad.AnnData,
+    label_key: str = LABEL,
+    layer: str | None = None,
+    filters: dict[str, str] | None = None,
+    source: str | Path = "the AnnData",
+) -> ad.AnnData:
+    """Filter and validate a labelled atlas held in memory.
 
     Returns an AnnData with CSR float32 raw counts in X, unique gene names, the label as a
     string column obs['cell_type'] (cells without a label dropped, with a note), and the other
-    obs columns kept.
+    obs columns kept. ``source`` names the data in messages.
     """
-    adata = open_h5ad(path)
+    path = source
     if label_key not in adata.obs.columns:
         raise InputError(
             f"no label column {label_key!r} in {path}; obs columns are: {_names(adata.obs.columns)} (use --label-key)"
@@ -140,18 +126,12 @@ def read_atlas(
     if genes.has_duplicates:
         dup = genes[genes.duplicated()].unique()[:3].tolist()
         raise InputError(f"{path} has duplicate gene names (e.g. {dup}); make them unique (var_names_make_unique)")
-
-    labels = adata.obs[label_key]
-    missing = labels.isna().to_numpy() | (labels.astype(str).str.strip() == "").to_numpy()
-    if not (mask & ~missing).any():  # refuse before the note: a refusal is one line
-        raise InputError(f"no cell of {path} has a label in {label_key!r}")
-    if (missing & mask).any():
-        print(f"note: {int((missing & mask).sum())} cells without a label in {label_key!r} are left out", file=sys.stderr)
-        mask &= ~missing
-
-    X = sp.csr_matrix(X[mask]) if not sp.isspmatrix_csr(X) or not mask.all() else X
-    X = X.astype(np.float32, copy=False)
-    check_counts(X, where, layer, adata)
+    mask &= _labelled(adata.obs[label_key], mask, path, label_key)
+    X = _in_memory(X)
+    X = X[mask] if not mask.all() else X
+    check_atlas_counts(X, where, layer, adata)
+    # A copy: the caller's matrix (an AnnData in a notebook) is never changed.
+    X = sp.csr_matrix(X, dtype=np.float32, copy=True)
     X.eliminate_zeros()
     X.sort_indices()
 
@@ -160,5 +140,26 @@ def read_atlas(
     if obs.index.has_duplicates:
         print(f"note: {path} has duplicate cell names; made unique by suffixes", file=sys.stderr)
         obs.index = ad.utils.make_index_unique(obs.index.astype(str))
-    out = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(genes.astype(str), name=None)))
-    return out
+    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(genes.astype(str), name=None)))
+
+
+def _in_memory(X):
+    """A backed matrix (h5py dataset, anndata's sparse dataset) read into memory."""
+    if sp.issparse(X) or isinstance(X, np.ndarray):
+        return X
+    if isinstance(X, h5py.Dataset):
+        return X[()]
+    if hasattr(X, "to_memory"):
+        return X.to_memory()
+    return np.asarray(X)
+
+
+def _labelled(labels: pd.Series, mask: np.ndarray, path, label_key: str) -> np.ndarray:
+    """Cells with a label; the others are left out with a note (none at all: refused)."""
+    missing = labels.isna().to_numpy() | (labels.astype(str).str.strip() == "").to_numpy()
+    if not (mask & ~missing).any():  # refuse before the note: a refusal is one line
+        raise InputError(f"no cell of {path} has a label in {label_key!r}")
+    if (missing & mask).any():
+        print(f"note: {int((missing & mask).sum())} cells without a label in {label_key!r} are left out",
+              file=sys.stderr)
+    return ~missing

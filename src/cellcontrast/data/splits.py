@@ -8,7 +8,6 @@ downsample and one split.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -20,8 +19,9 @@ import pandas as pd
 
 from cellcontrast.core.errors import InputError
 from cellcontrast.core.files import atomic_path
-from cellcontrast.data.atlas import LABEL, read_atlas
+from cellcontrast.core.fingerprint import file_sha256
 from cellcontrast.core.params import load_params, setting_params
+from cellcontrast.data.atlas import LABEL, read_atlas
 
 PARTS = ("train", "val", "test")
 # What training and tuning read from split.json.
@@ -85,9 +85,6 @@ def make_split(
     return Split(indices=indices, classes=[name for name, _ in chosen], n_per_type=n_per_type)
 
 
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def split_atlas_to_dir(

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,17 +38,24 @@ import pandas as pd
 
 from cellcontrast.core.errors import InputError
 from cellcontrast.core.files import atomic_path
-
-SETTING_ORDER = ("default", "scarce", "natural")
-SETTING_NAMES = {"default": "Default", "scarce": "Data Scarce", "natural": "Natural"}
-BASE_ORDER = ("lr", "actinn", "scdae")
-BASE_NAMES = {"lr": "LR", "actinn": "ACTINN", "scdae": "scDAE"}
-COMPONENT_ORDER = ("none", "mlp", "mls")
-COMPONENT_NAMES = {"none": "Base", "mlp": "MLP", "mls": "MLS"}
-# metric key -> (results column, column title in Table 1)
-METRICS = {"top1": ("test_top1", "Top-1"), "top3": ("test_top3", "Top-3"),
-           "macro_f1": ("test_macro_f1", "F1")}
-KEYS = ["setting", "seed", "base", "component"]
+from cellcontrast.core.names import BASES, COMPONENTS
+from cellcontrast.experiments import tracking
+from cellcontrast.experiments.report_figures import (
+    calibration_data,
+    calibration_figure,
+    calibration_markdown,
+    figure2,
+    figure2_data,
+)
+from cellcontrast.experiments.results import (
+    METRICS,
+    SETTING_NAMES,
+    clean_results,
+    markdown_table,
+    model_name,
+    ordered,
+    settings_in,
+)
 
 # The paper's Table 1 (top-1, top-3, macro F1), shown under our tables for reference.
 PAPER_TABLE1 = {
@@ -71,50 +77,8 @@ PAPER_TABLE1 = {
     },
 }
 
+
 NO_RESULTS = "no results at {path}; run the grid first (`cellcontrast grid` or `dvc repro`)"
-
-
-# ----------------------------------------------------------------------------- naming and order
-
-
-def model_name(base: str, component: str) -> str:
-    """Display name as in the paper: "LR", "LR + MLP", "scDAE + MLS"."""
-    name = BASE_NAMES.get(base, base)
-    return name if component == "none" else f"{name} + {COMPONENT_NAMES.get(component, component)}"
-
-
-def _ordered(values, order) -> list[str]:
-    """Known values in `order`, then any others in sorted order."""
-    present = {str(v) for v in values}
-    return [v for v in order if v in present] + sorted(present - set(order))
-
-
-def settings_in(results: pd.DataFrame) -> list[str]:
-    """The settings present, in the order default, scarce, natural (then any others)."""
-    return _ordered(results["setting"].unique(), SETTING_ORDER)
-
-
-# ----------------------------------------------------------------------------- tidy input
-
-
-def clean_results(results: pd.DataFrame) -> pd.DataFrame:
-    """Check the columns, normalise identifiers to strings and keep one row per grid cell.
-
-    A grid cell listed twice (a re-run appended to the table) keeps its last row.
-    """
-    needed = KEYS + [col for col, _ in METRICS.values()]
-    missing = [c for c in needed if c not in results.columns]
-    if missing:
-        raise InputError(f"results lack the column(s) {', '.join(missing)}; expected {', '.join(needed)}")
-    df = results.copy()
-    for col in ("setting", "base", "component"):
-        df[col] = df[col].astype(str).str.strip()
-    for col, _ in METRICS.values():
-        df[col] = pd.to_numeric(df[col], errors="coerce")
-    return df.drop_duplicates(subset=KEYS, keep="last").reset_index(drop=True)
-
-
-# ----------------------------------------------------------------------------- Table 1
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
@@ -151,9 +115,9 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     out["best_in_setting"] = out.groupby(["setting", "metric"])["mean"].transform(is_best).astype(bool)
     # A stable, readable order: settings, bases, components, metrics as the paper has them.
     out["_s"] = out["setting"].map({s: i for i, s in enumerate(settings_in(out))})
-    out["_b"] = out["base"].map({b: i for i, b in enumerate(_ordered(out["base"].unique(), BASE_ORDER))})
+    out["_b"] = out["base"].map({b: i for i, b in enumerate(ordered(out["base"].unique(), BASES))})
     out["_c"] = out["component"].map(
-        {c: i for i, c in enumerate(_ordered(out["component"].unique(), COMPONENT_ORDER))})
+        {c: i for i, c in enumerate(ordered(out["component"].unique(), COMPONENTS))})
     out["_m"] = out["metric"].map({m: i for i, m in enumerate(METRICS)})
     out = out.sort_values(["_s", "_b", "_c", "_m"]).drop(columns=["_s", "_b", "_c", "_m"])
     return out.reset_index(drop=True)
@@ -177,8 +141,8 @@ def table1_frame(summary: pd.DataFrame, setting: str) -> pd.DataFrame:
     Rows are every base x every component present in the results (all settings), so a
     component that is missing for a base shows as a blank row rather than disappearing.
     """
-    bases = _ordered(summary["base"].unique(), BASE_ORDER)
-    components = _ordered(summary["component"].unique(), COMPONENT_ORDER)
+    bases = ordered(summary["base"].unique(), BASES)
+    components = ordered(summary["component"].unique(), COMPONENTS)
     sub = summary[summary["setting"] == setting].set_index(["base", "component", "metric"])
     rows = []
     for base in bases:
@@ -198,15 +162,6 @@ def table1_frame(summary: pd.DataFrame, setting: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["Model", *[t for _, t in METRICS.values()], "n"])
 
 
-def _markdown_table(frame: pd.DataFrame) -> str:
-    cols = list(frame.columns)
-    lines = ["| " + " | ".join(cols) + " |",
-             "|" + "|".join([":---"] + ["---:"] * (len(cols) - 1)) + "|"]
-    for _, row in frame.iterrows():
-        lines.append("| " + " | ".join(str(row[c]) for c in cols) + " |")
-    return "\n".join(lines)
-
-
 def _paper_line(setting: str) -> str | None:
     ref = PAPER_TABLE1.get(setting)
     if not ref:
@@ -221,193 +176,11 @@ def table1_markdown(summary: pd.DataFrame, paper_reference: bool = True) -> str:
                 "Bold: best mean of the metric within the base model. \\*: best mean in the setting."]
     for setting in settings_in(summary):
         sections.append(f"## {SETTING_NAMES.get(setting, setting)} (`{setting}`)")
-        sections.append(_markdown_table(table1_frame(summary, setting)))
+        sections.append(markdown_table(table1_frame(summary, setting)))
         line = _paper_line(setting) if paper_reference else None
         if line:
             sections.append(line)
     return "\n\n".join(sections) + "\n"
-
-
-# ----------------------------------------------------------------------------- Figure 2
-
-
-def figure2_data(results: pd.DataFrame) -> pd.DataFrame:
-    """The bars of Figure 2: log(mean top-1 of a model / mean top-1 of vanilla LR), per setting.
-
-    ``sd`` is the sd (ddof=1) over seeds of log(top-1 of the model in a seed / mean top-1 of
-    vanilla LR). A setting without a vanilla LR run has no reference and no bars.
-    """
-    df = clean_results(results)
-    cols = ["setting", "model", "log_fold_change", "sd", "n", "base", "component"]
-    rows = []
-    for setting in settings_in(df):
-        sub = df[df["setting"] == setting]
-        ref = sub.loc[(sub["base"] == "lr") & (sub["component"] == "none"), "test_top1"].dropna()
-        if ref.empty or not ref.mean() > 0:
-            continue
-        ref_mean = float(ref.mean())
-        for base in _ordered(sub["base"].unique(), BASE_ORDER):
-            for component in _ordered(sub["component"].unique(), COMPONENT_ORDER):
-                acc = sub.loc[(sub["base"] == base) & (sub["component"] == component), "test_top1"].dropna()
-                acc = acc[acc > 0]
-                if acc.empty:
-                    continue
-                per_seed = np.log(acc.to_numpy(dtype=float) / ref_mean)
-                rows.append({
-                    "setting": setting,
-                    "model": f"{setting}: {model_name(base, component)}",
-                    "log_fold_change": float(np.log(acc.mean() / ref_mean)),
-                    "sd": float(per_seed.std(ddof=1)) if len(per_seed) > 1 else math.nan,
-                    "n": len(per_seed), "base": base, "component": component,
-                })
-    return pd.DataFrame(rows, columns=cols)
-
-
-def figure2(results: pd.DataFrame):
-    """Figure 2 as a matplotlib Figure (object API: no pyplot, no global backend change)."""
-    from matplotlib.figure import Figure
-
-    data = figure2_data(results)
-    settings = settings_in(clean_results(results))
-    fig = Figure(figsize=(4.6 * max(len(settings), 1) + 1.4, 4.4), layout="constrained")
-    # own y scale per panel: a collapse in one setting must not flatten the others
-    axes = fig.subplots(1, max(len(settings), 1), squeeze=False)[0]
-    colours = {"none": "#4c72b0", "mlp": "#dd8452", "mls": "#55a868"}
-    extra = iter(["#c44e52", "#8172b3", "#937860"])
-    for ax, setting in zip(axes, settings, strict=False):
-        sub = data[data["setting"] == setting]
-        ax.axhline(0.0, color="black", linewidth=0.9)
-        ax.set_title(SETTING_NAMES.get(setting, setting), fontsize=12)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_axisbelow(True)
-        if sub.empty:
-            ax.text(0.5, 0.5, "no vanilla LR run:\nno reference", ha="center", va="center",
-                    transform=ax.transAxes, fontsize=10)
-            ax.set_xticks([])
-            continue
-        bases = _ordered(sub["base"].unique(), BASE_ORDER)
-        components = _ordered(sub["component"].unique(), COMPONENT_ORDER)
-        width = 0.8 / len(components)
-        x = np.arange(len(bases))
-        for j, component in enumerate(components):
-            part = sub[sub["component"] == component].set_index("base").reindex(bases)
-            colour = colours.get(component) or next(extra, "grey")
-            ax.bar(x + (j - (len(components) - 1) / 2) * width, part["log_fold_change"].to_numpy(),
-                   width * 0.95, yerr=part["sd"].fillna(0).to_numpy(), capsize=3, color=colour,
-                   ecolor="#333333", label=COMPONENT_NAMES.get(component, component))
-        ax.set_xticks(x, [BASE_NAMES.get(b, b) for b in bases], fontsize=11)
-        ax.set_xlabel("base model", fontsize=11)
-        ax.tick_params(axis="y", labelsize=10)
-    axes[0].set_ylabel("ln(top-1 / top-1 of vanilla LR)", fontsize=11)
-    handles, labels = [], []
-    for ax in axes:
-        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            if label not in labels:
-                handles.append(h)
-                labels.append(label)
-    if handles:
-        fig.legend(handles, labels, title="component", fontsize=10, title_fontsize=10,
-                   loc="outside right center", frameon=False)
-    fig.suptitle("Figure 2: log fold change of top-1 accuracy against vanilla LR "
-                 "(error bars: sd over seeds)", fontsize=11)
-    return fig
-
-
-# ----------------------------------------------------------------------------- calibration
-
-
-def calibration_data(results: pd.DataFrame) -> pd.DataFrame | None:
-    """Per setting and model, means over seeds of the temperature, test ECE before and after
-    temperature scaling, and test coverage / accuracy at each confidence threshold; ``chosen``
-    marks the model with the best mean VALIDATION macro F1 of its setting (what `export --best`
-    would pick). None when the results carry no calibration columns (older runs)."""
-    df = clean_results(results)
-    coverage = sorted(c for c in df.columns if c.startswith(("test_coverage_t", "test_accuracy_t")))
-    needed = ["temperature", "test_ece_uncalibrated", "test_ece"]
-    if any(c not in df.columns for c in needed) or not coverage:
-        return None
-    cols = needed + coverage + (["val_macro_f1"] if "val_macro_f1" in df.columns else [])
-    for col in cols:
-        df[col] = pd.to_numeric(df[col], errors="coerce")
-    frame = df.groupby(["setting", "base", "component"], sort=False)[cols].mean().reset_index()
-    frame["n"] = df.groupby(["setting", "base", "component"], sort=False).size().to_numpy()
-    frame["model"] = [model_name(b, c) for b, c in zip(frame["base"], frame["component"], strict=True)]
-    frame["chosen"] = False
-    if "val_macro_f1" in frame.columns:
-        for _, sub in frame.groupby("setting"):
-            if sub["val_macro_f1"].notna().any():
-                frame.loc[sub["val_macro_f1"].idxmax(), "chosen"] = True
-    order = {s: i for i, s in enumerate(settings_in(df))}
-    rank = {(b, c): i * 10 + j for i, b in enumerate(BASE_ORDER) for j, c in enumerate(COMPONENT_ORDER)}
-    frame["_o"] = [(order.get(s, 99), rank.get((b, c), 999)) for s, b, c in
-                   zip(frame["setting"], frame["base"], frame["component"], strict=True)]
-    return frame.sort_values("_o").drop(columns="_o").reset_index(drop=True)
-
-
-def _thresholds(frame: pd.DataFrame) -> list[str]:
-    return sorted({c.rsplit("_t", 1)[1] for c in frame.columns if c.startswith("test_coverage_t")})
-
-
-def calibration_markdown(frame: pd.DataFrame) -> str:
-    """One table per setting: temperature, ECE before -> after, coverage and accuracy kept."""
-    shown = [t for t in ("50", "90") if t in _thresholds(frame)]
-    lines = ["# Calibrated confidence (test, mean over seeds)", "",
-             "Temperature T fitted on validation NLL; ECE = expected calibration error of the "
-             "confidence (15 bins). Coverage / accuracy: the fraction of test cells with "
-             "confidence >= p and the accuracy among them (the rest would be `Unassigned`). "
-             "\u2192 marks the chain chosen on validation.", ""]
-    for setting in _ordered(frame["setting"].unique(), SETTING_ORDER):
-        sub = frame[frame["setting"] == setting]
-        lines += [f"## {SETTING_NAMES.get(setting, setting)} (`{setting}`)", ""]
-        head = ["Model", "T", "ECE before", "ECE after", "accuracy (all cells)"]
-        head += [f"coverage / accuracy at p={int(t) / 100:g}" for t in shown]
-        lines += ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"]
-        for _, row in sub.iterrows():
-            cells = [("\u2192 " if row["chosen"] else "") + row["model"], f"{row['temperature']:.2f}",
-                     f"{row['test_ece_uncalibrated']:.4f}", f"{row['test_ece']:.4f}",
-                     f"{row.get('test_accuracy_t00', float('nan')):.4f}"]
-            for t in shown:
-                cells.append(f"{row[f'test_coverage_t{t}']:.3f} / {row.get(f'test_accuracy_t{t}', float('nan')):.4f}")
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def calibration_figure(frame: pd.DataFrame):
-    """Per setting: accuracy vs coverage of every chain (chosen one bold) and ECE before/after."""
-    from matplotlib.figure import Figure
-
-    settings = _ordered(frame["setting"].unique(), SETTING_ORDER)
-    thresholds = _thresholds(frame)
-    fig = Figure(figsize=(11, 3.8 * len(settings)), layout="constrained")
-    axes = fig.subplots(len(settings), 2, squeeze=False)
-    for (ax_cov, ax_ece), setting in zip(axes, settings, strict=True):
-        sub = frame[frame["setting"] == setting]
-        for _, row in sub.iterrows():
-            cov = [row[f"test_coverage_t{t}"] for t in thresholds]
-            acc = [row.get(f"test_accuracy_t{t}", np.nan) for t in thresholds]
-            style = {"linewidth": 2.6, "zorder": 3} if row["chosen"] else {"linewidth": 1.0, "alpha": 0.7}
-            ax_cov.plot(cov, acc, marker="o", markersize=3, label=row["model"] + (" (chosen)" if row["chosen"] else ""),
-                        **style)
-        ax_cov.set_xlabel("coverage (fraction of cells kept)")
-        ax_cov.set_ylabel("accuracy of kept cells")
-        ax_cov.set_title(f"{SETTING_NAMES.get(setting, setting)}: accuracy vs coverage "
-                         f"(thresholds {', '.join(str(int(t) / 100) for t in thresholds)})", fontsize=10)
-        ax_cov.invert_xaxis()
-        ax_cov.grid(alpha=0.3)
-        ax_cov.legend(fontsize=7, ncol=2)
-        x = np.arange(len(sub))
-        ax_ece.bar(x - 0.2, sub["test_ece_uncalibrated"], 0.4, label="before (T = 1)", color="#c44e52")
-        ax_ece.bar(x + 0.2, sub["test_ece"], 0.4, label="after temperature scaling", color="#4c72b0")
-        ax_ece.set_xticks(x, sub["model"], rotation=45, ha="right", fontsize=8)
-        ax_ece.set_ylabel("test ECE")
-        ax_ece.set_title(f"{SETTING_NAMES.get(setting, setting)}: calibration error", fontsize=10)
-        ax_ece.grid(axis="y", alpha=0.3)
-        ax_ece.legend(fontsize=8)
-    return fig
-
-
-# ----------------------------------------------------------------------------- metrics
 
 
 def metrics_dict(summary: pd.DataFrame) -> dict:
@@ -426,9 +199,6 @@ def mlflow_metrics(metrics: dict) -> dict[str, float]:
             for metric, value in values.items() if value is not None}
 
 
-# ----------------------------------------------------------------------------- per-class F1
-
-
 def rarest_classes(per_class: pd.DataFrame, n: int = 10) -> pd.DataFrame:
     """The `n` classes with the lowest support (ties: lowest F1), mean F1 per model as columns.
 
@@ -441,8 +211,8 @@ def rarest_classes(per_class: pd.DataFrame, n: int = 10) -> pd.DataFrame:
     by_class = df.groupby("class").agg(support=("support", "mean"), mean_f1=("f1", "mean"))
     chosen = by_class.sort_values(["support", "mean_f1"]).head(n).index
     wide = df[df["class"].isin(chosen)].pivot_table(index="class", columns="model", values="f1", aggfunc="mean")
-    order = [model_name(b, c) for b in _ordered(df["base"].unique(), BASE_ORDER)
-             for c in _ordered(df["component"].unique(), COMPONENT_ORDER)]
+    order = [model_name(b, c) for b in ordered(df["base"].unique(), BASES)
+             for c in ordered(df["component"].unique(), COMPONENTS)]
     wide = wide[[m for m in order if m in wide.columns]]
     out = by_class.loc[chosen, ["support"]].join(wide)
     out.columns.name = None
@@ -454,8 +224,8 @@ def worst_classes(per_class: pd.DataFrame, n: int = 10) -> pd.DataFrame:
     df = per_class.copy()
     df["model"] = [model_name(b, c) for b, c in zip(df["base"], df["component"], strict=True)]
     mean = df.groupby(["model", "class"], as_index=False)["f1"].mean()
-    order = [model_name(b, c) for b in _ordered(df["base"].unique(), BASE_ORDER)
-             for c in _ordered(df["component"].unique(), COMPONENT_ORDER)]
+    order = [model_name(b, c) for b in ordered(df["base"].unique(), BASES)
+             for c in ordered(df["component"].unique(), COMPONENTS)]
     columns = {}
     for model in [m for m in order if m in set(mean["model"])]:
         worst = mean[mean["model"] == model].sort_values(["f1", "class"]).head(n)
@@ -463,9 +233,6 @@ def worst_classes(per_class: pd.DataFrame, n: int = 10) -> pd.DataFrame:
     out = pd.DataFrame({m: pd.Series(v, dtype=object) for m, v in columns.items()})
     out.index = pd.RangeIndex(1, len(out) + 1, name="rank")
     return out
-
-
-# ----------------------------------------------------------------------------- writing
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -519,8 +286,6 @@ def make_report(results: pd.DataFrame, out_dir, log_to_mlflow: bool = True,
 
 
 def _log_to_mlflow(paths: dict[str, Path], metrics: dict, results: pd.DataFrame, experiment: str) -> None:
-    from cellcontrast.experiments import tracking
-
     mlflow = tracking.mlflow
     tracking.setup(experiment)
     with mlflow.start_run(run_name="report", tags={"kind": "report", **tracking.parent_tags()}):
@@ -534,26 +299,18 @@ def _log_to_mlflow(paths: dict[str, Path], metrics: dict, results: pd.DataFrame,
             mlflow.log_metrics(flat)
 
 
-def report_from_cli(args) -> None:
-    """`cellcontrast report`: options from params.yaml's `report:` section."""
-    from cellcontrast.core.params import load_params
-
-    cfg = load_params(args.params).get("report") or {}
-    results_path = Path(cfg.get("results", "reports/results.csv"))
-    out_dir = cfg.get("out_dir", "reports")
-    experiment = cfg.get("experiment", "cellcontrast")
-    log = bool(cfg.get("log_to_mlflow", True))
-    message = NO_RESULTS.format(path=results_path)
-    if not results_path.is_file() or results_path.stat().st_size == 0:
+def read_results(path: str | Path) -> pd.DataFrame:
+    """The grid's results CSV; a missing, empty or unreadable one is an InputError."""
+    path = Path(path)
+    message = NO_RESULTS.format(path=path)
+    if not path.is_file() or path.stat().st_size == 0:
         raise InputError(message)
     try:
-        results = pd.read_csv(results_path)
+        results = pd.read_csv(path)
     except pd.errors.EmptyDataError:
         raise InputError(message) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise InputError(f"{results_path} is not a readable CSV: {str(err).splitlines()[0]}") from None
+        raise InputError(f"{path} is not a readable CSV: {str(err).splitlines()[0]}") from None
     if results.empty:
         raise InputError(message)
-    paths = make_report(results, out_dir, log_to_mlflow=log, experiment=experiment)
-    print(table1_markdown(summarize(results)), end="")
-    print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return results

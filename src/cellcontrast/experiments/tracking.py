@@ -7,7 +7,6 @@ unless ``MLFLOW_TRACKING_URI`` says otherwise, so a tracking server is a one-var
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import socket
@@ -102,10 +101,6 @@ def flatten(params: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def fingerprint(*parts) -> str:
-    """A short, stable hash of JSON-able values (parameters, data hashes)."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def finished_run(experiment_id: str, tags: dict[str, str]):

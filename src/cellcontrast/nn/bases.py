@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cellcontrast.nn.preprocessing import _GeneSelecting
+from cellcontrast.nn.preprocessing import GeneSelecting
 
 # ---------------------------------------------------------------- encoders
 
@@ -180,7 +180,7 @@ class BaseModel(nn.Module):
 
     name = "base"
 
-    def __init__(self, preprocess: _GeneSelecting, encoder: nn.Module, head: nn.Module):
+    def __init__(self, preprocess: GeneSelecting, encoder: nn.Module, head: nn.Module):
         super().__init__()
         self.preprocess = preprocess
         self.encoder = encoder
@@ -204,7 +204,7 @@ class BaseModel(nn.Module):
 class LogisticRegression(BaseModel):
     name = "lr"
 
-    def __init__(self, preprocess: _GeneSelecting, n_classes: int):
+    def __init__(self, preprocess: GeneSelecting, n_classes: int):
         encoder = IdentityEncoder(preprocess.out_dim)
         super().__init__(preprocess, encoder, LinearHead(encoder.out_dim, n_classes))
 
@@ -212,7 +212,7 @@ class LogisticRegression(BaseModel):
 class Actinn(BaseModel):
     name = "actinn"
 
-    def __init__(self, preprocess: _GeneSelecting, n_classes: int,
+    def __init__(self, preprocess: GeneSelecting, n_classes: int,
                  hidden_dims: Sequence[int] = (100, 50, 25)):
         encoder = ActinnEncoder(preprocess.out_dim, hidden_dims)
         super().__init__(preprocess, encoder, LinearHead(encoder.out_dim, n_classes, xavier=True))
@@ -224,7 +224,7 @@ class ScDAE(BaseModel):
 
     name = "scdae"
 
-    def __init__(self, preprocess: _GeneSelecting, n_classes: int,
+    def __init__(self, preprocess: GeneSelecting, n_classes: int,
                  encoder_dims: Sequence[int] = (1000, 500, 125),
                  classifier_dims: Sequence[int] = (125, 125), noise_sd: float = 0.4,
                  dropout: float = 0.7):

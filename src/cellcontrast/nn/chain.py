@@ -22,11 +22,11 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from cellcontrast.nn import components as _components
-from cellcontrast.nn import bases as _models
-from cellcontrast.nn import preprocessing as _preprocessing
-from cellcontrast.core.errors import InputError
+from cellcontrast.core.errors import InputError, first_line
 from cellcontrast.core.files import atomic_path
+from cellcontrast.nn import bases as _models
+from cellcontrast.nn import components as _components
+from cellcontrast.nn import preprocessing as _preprocessing
 
 CHAIN_WEIGHTS = "chain.pt"
 CHAIN_CONFIG = "config.json"
@@ -43,7 +43,7 @@ _BUILDABLE: dict[str, type[nn.Module]] = {
 }
 
 
-class Chain(nn.Module):
+class ChainModule(nn.Module):
     """``softmax(f(h(g(preprocess(counts)))))``; ``h`` is the identity for a base model alone."""
 
     def __init__(self, preprocess: nn.Module, encoder: nn.Module, component: nn.Module | None,
@@ -96,7 +96,7 @@ def build_module(spec: dict) -> nn.Module:
     return cls(**spec["kwargs"])
 
 
-def chain_config(chain: Chain, config: dict | None = None) -> dict:
+def chain_config(chain: ChainModule, config: dict | None = None) -> dict:
     """The caller's config completed with what is needed to rebuild ``chain``."""
     out = dict(config or {})
     out["modules"] = {
@@ -118,7 +118,7 @@ def chain_config(chain: Chain, config: dict | None = None) -> dict:
     return out
 
 
-def save_chain(chain: Chain, config: dict, out_dir: str | os.PathLike) -> Path:
+def save_chain(chain: ChainModule, config: dict, out_dir: str | os.PathLike) -> Path:
     """Write ``chain.pt`` (state_dict) and ``config.json`` into ``out_dir``; returns the dir."""
     full_config = chain_config(chain, config)
     out_dir = Path(out_dir)
@@ -131,12 +131,12 @@ def save_chain(chain: Chain, config: dict, out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
-def load_chain(model_dir: str | os.PathLike) -> tuple[Chain, dict]:
+def load_chain(model_dir: str | os.PathLike) -> tuple[ChainModule, dict]:
     """Rebuild a chain from ``config.json`` and load ``chain.pt`` (weights only, never pickle)."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / CHAIN_CONFIG).read_text())
     specs = config["modules"]
-    chain = Chain(
+    chain = ChainModule(
         build_module(specs["preprocess"]),
         build_module(specs["encoder"]),
         build_module(specs["component"]) if specs.get("component") else None,
@@ -155,8 +155,39 @@ def load_chain(model_dir: str | os.PathLike) -> tuple[Chain, dict]:
     return chain, config
 
 
+def find_chain_folder(model_dir: str | os.PathLike) -> Path:
+    """The folder holding ``chain.pt`` and ``config.json``: ``model_dir`` itself, or the one
+    chain folder inside it (``cellcontrast train --out-dir m`` saves ``m/<base>-<component>/``)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise InputError(f"model folder {model_dir} is not a folder; pass the folder holding chain.pt and config.json")
+    if (model_dir / CHAIN_CONFIG).exists() or (model_dir / CHAIN_WEIGHTS).exists():
+        missing = [name for name in (CHAIN_WEIGHTS, CHAIN_CONFIG) if not (model_dir / name).exists()]
+        if missing:
+            raise InputError(f"{model_dir} has no {' or '.join(missing)}; pass a folder saved by `cellcontrast train`")
+        return model_dir
+    inside = sorted(p.parent for p in model_dir.glob(f"*/{CHAIN_CONFIG}") if (p.parent / CHAIN_WEIGHTS).exists())
+    if len(inside) == 1:
+        return inside[0]
+    if inside:
+        names = ", ".join(str(p) for p in inside)
+        raise InputError(f"{model_dir} holds {len(inside)} chains ({names}); pass one of them")
+    raise InputError(f"{model_dir} has no chain.pt or config.json; pass a folder saved by `cellcontrast train`")
+
+
+def load_chain_folder(model_dir: str | os.PathLike) -> tuple[ChainModule, dict]:
+    """`load_chain` of `find_chain_folder(model_dir)`, every failure an InputError."""
+    folder = find_chain_folder(model_dir)
+    try:
+        return load_chain(folder)
+    except InputError:
+        raise
+    except Exception as err:
+        raise InputError(f"cannot load the chain in {folder}: {first_line(err)}") from err
+
+
 @torch.no_grad()
-def predict_logits(chain: Chain, counts, batch_size: int = 4096) -> np.ndarray:
+def predict_logits(chain: ChainModule, counts, batch_size: int = 4096) -> np.ndarray:
     """The head's logits ``[n_cells, C]`` (before temperature scaling), in batches."""
     return predict_proba(chain, counts, batch_size, output=chain.logits)
 
@@ -191,7 +222,7 @@ def _base_name(preprocess: nn.Module) -> str:
     return type(preprocess).__name__
 
 
-def _component_name(chain: Chain) -> str:
+def _component_name(chain: ChainModule) -> str:
     if not chain.has_component:
         return "none"
     for name, cls in _components.COMPONENTS.items():

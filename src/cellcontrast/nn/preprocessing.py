@@ -120,7 +120,7 @@ def _check_gene_index(module: nn.Module, incompatible) -> None:
         raise ValueError(f"{type(module).__name__}: gene_index must be sorted, unique genes of 0..{module.n_genes - 1}")
 
 
-class _GeneSelecting(nn.Module):
+class GeneSelecting(nn.Module):
     """Shared plumbing: an index buffer of selected genes and the input width."""
 
     def __init__(self, n_genes: int, n_selected: int):
@@ -152,14 +152,14 @@ class _GeneSelecting(nn.Module):
         return self.gene_index.cpu().numpy()
 
 
-class LRPreprocess(_GeneSelecting):
+class LRPreprocess(GeneSelecting):
     """Logistic regression: normalise to 1e4, log1p, highly variable genes, z-score, clip.
 
     Genes whose training sd is below ``sd_floor`` (constant in train) get sd = 1, so they map
     to (x - mean) instead of exploding. ``standardize=False`` keeps log1p values (mean 0 and
     sd 1 in the buffers, so the graph is the same): z-scoring gives every selected gene the
     same scale, which lifts noisy, weakly expressed genes to the level of markers; on some
-    atlases the unscaled model is better on validation (see ``training.fit_base``).
+    atlases the unscaled model is better on validation (see ``train.base_model.fit_base``).
     """
 
     def __init__(self, n_genes: int, n_selected: int, target_sum: float = TARGET_SUM, clip: float = 10.0,
@@ -203,7 +203,7 @@ class LRPreprocess(_GeneSelecting):
                 f"{scaling}; clip at +-{self.clip:g}")
 
 
-class ActinnPreprocess(_GeneSelecting):
+class ActinnPreprocess(GeneSelecting):
     """ACTINN: scale each cell to 1e4 counts, log2(x + 1), keep genes by expression and CV.
 
     Genes are kept when their total (log) expression over training cells lies within the
@@ -246,7 +246,7 @@ class ActinnPreprocess(_GeneSelecting):
                 "coefficient of variation (fit on train)")
 
 
-class ScdaePreprocess(_GeneSelecting):
+class ScdaePreprocess(GeneSelecting):
     """scDAE: normalise to 1e4, log1p, highly variable genes, divide by the train maximum.
 
     The public scDAE code takes an already normalised matrix and reconstructs it through a
@@ -286,14 +286,14 @@ class ScdaePreprocess(_GeneSelecting):
                 "each gene by its train maximum (inputs in [0, 1] for the sigmoid decoder)")
 
 
-PREPROCESSORS: dict[str, type[_GeneSelecting]] = {
+PREPROCESSORS: dict[str, type[GeneSelecting]] = {
     "lr": LRPreprocess,
     "actinn": ActinnPreprocess,
     "scdae": ScdaePreprocess,
 }
 
 
-def fit_preprocess(base: str, counts, **options) -> _GeneSelecting:
+def fit_preprocess(base: str, counts, **options) -> GeneSelecting:
     """Fit the named base model's preprocessing on training counts (csr or dense)."""
     try:
         cls = PREPROCESSORS[base]

@@ -1,0 +1,8 @@
+"""The names of the models and metrics, written once."""
+
+BASES = ("lr", "actinn", "scdae")
+COMPONENTS = ("none", "mlp", "mls")
+# The paper's metrics, as keys of every metrics dictionary (val_top1, test_macro_f1, ...).
+METRICS = ("top1", "top3", "macro_f1")
+# The obs column that holds the cell type once an atlas has been read.
+LABEL = "cell_type"

@@ -1,0 +1,187 @@
+"""Step 1 of the paper: fit a base model (preprocessing on train, then its own recipe).
+
+Logistic regression (L-BFGS along a validation-picked L2 path, z-scored or plain log1p genes
+chosen on validation), ACTINN (Adam, best epoch on validation) and scDAE (denoising
+autoencoder, classifier, joint fine-tuning). Only the train and validation parts are seen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cellcontrast.nn.bases import BASE_MODELS, BaseModel, ScDAE
+from cellcontrast.nn.preprocessing import ActinnPreprocess, LRPreprocess, ScdaePreprocess
+from cellcontrast.train.loops import (
+    EncoderHead,
+    FeatureSource,
+    Log,
+    apply_module,
+    fit_linear_lbfgs,
+    shuffled_batches,
+    train_classifier,
+)
+from cellcontrast.train.recipes import resolve_params
+
+
+def fit_base(train_counts, train_y: np.ndarray, val_counts, val_y: np.ndarray, n_classes: int,
+             base: str, params: dict | None = None, seed: int = 0, log: Log | None = None,
+             for_component: bool = False) -> BaseModel:
+    """Step 1: fit the preprocessing on train, then train the base model by its recipe.
+
+    Returns the model in eval mode, with ``train_params`` (the resolved params) attached so
+    that ``fit_component`` can retrain a head with the same recipe. ``for_component``: the
+    base will be frozen under a contrastive component; LR's ``standardize`` "auto" then keeps
+    the paper's z-scored genes (see ``needs_component_base``).
+    """
+    p = resolve_params(base, params)
+    train_y, val_y = np.asarray(train_y, dtype=int), np.asarray(val_y, dtype=int)
+    if base == "lr":
+        if for_component and p["standardize"] == "auto":
+            p = {**p, "standardize": True}
+        return _fit_lr(train_counts, train_y, val_counts, val_y, n_classes, p, seed, log)
+    torch.manual_seed(seed)
+    if base == "actinn":
+        preprocess = ActinnPreprocess.fit(train_counts, p["low_percentile"], p["high_percentile"])
+        model = BASE_MODELS[base](preprocess, n_classes, p["hidden_dims"])
+    else:
+        preprocess = ScdaePreprocess.fit(train_counts, n_hvg=p["n_hvg"])
+        model = ScDAE(preprocess, n_classes, p["encoder_dims"], p["classifier_dims"],
+                      p["noise_sd"], p["dropout"])
+    model.preprocess.eval()
+    train = FeatureSource(train_counts, model.preprocess)
+    val = FeatureSource(val_counts, model.preprocess)
+    if base == "scdae":
+        _fit_scdae(model, train, train_y, val, val_y, n_classes, p, seed, log)
+    else:
+        train_classifier(EncoderHead(model.encoder, model.head), train, train_y, val, val_y,
+                         n_classes, p, seed, log, stage=base)
+    model.train_params = p
+    model.eval()
+    return model
+
+
+def _fit_lr(train_counts, train_y, val_counts, val_y, n_classes: int, p: dict, seed: int,
+            log: Log | None) -> BaseModel:
+    """Logistic regression; with ``standardize`` "auto", one model on z-scored and one on plain
+    log1p genes (same seed), the better on val macro F1 (then accuracy) kept. The second
+    variant logs under stage ``lr_unscaled``, so the pruner (which watches ``lr``) judges a
+    tuning trial by the paper's variant."""
+    variants = [True, False] if p["standardize"] == "auto" else [bool(p["standardize"])]
+    best_model, best_score = None, None
+    for i, standardize in enumerate(variants):
+        torch.manual_seed(seed)
+        preprocess = LRPreprocess.fit(train_counts, n_hvg=p["n_hvg"], clip=p["clip"], standardize=standardize)
+        model = BASE_MODELS["lr"](preprocess, n_classes)
+        model.preprocess.eval()
+        fit = fit_linear_lbfgs if p["solver"] == "lbfgs" else train_classifier
+        net = EncoderHead(model.encoder, model.head)
+        score = fit(net, FeatureSource(train_counts, preprocess), train_y, FeatureSource(val_counts, preprocess),
+                    val_y, n_classes, p, seed, log, stage="lr" if i == 0 else "lr_unscaled")
+        if best_score is None or score > best_score:
+            best_model, best_score, best_l2 = model, score, getattr(net, "l2", p["l2"])
+    # chosen_l2: the penalty of the kept fit (L-BFGS: picked on val along l2_path).
+    best_model.train_params = {**p, "standardize": best_model.preprocess.standardize, "chosen_l2": best_l2}
+    best_model.eval()
+    return best_model
+
+
+def needs_component_base(model: BaseModel, params: dict | None) -> bool:
+    """Whether a base fitted for its own chain must be refitted (``for_component=True``) before
+    a component is trained on it: an LR whose "auto" scaling chose plain log1p. The components'
+    recipes (weight decay, learning rates, temperature ranges) were set on z-scored genes, and
+    on plain log1p a linear MLS map learned nothing in the test problem's budget (top-1 0.32)."""
+    p = resolve_params(model.name, params)
+    return model.name == "lr" and p["standardize"] == "auto" and not model.preprocess.standardize
+
+
+def _phase_epochs(p: dict, key: str) -> int:
+    return int(p[key]) if p.get("epochs") is None else min(int(p[key]), int(p["epochs"]))
+
+
+def _fit_scdae(model: ScDAE, train: FeatureSource, train_y, val: FeatureSource, val_y,
+               n_classes: int, p: dict, seed: int, log: Log | None) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    autoencoder = nn.ModuleDict({"encoder": model.encoder, "decoder": model.decoder})
+
+    def reconstruction_loss(x: torch.Tensor) -> torch.Tensor:
+        # The encoder adds the input noise itself in training mode; the target is clean x.
+        return F.mse_loss(model.decoder(model.encoder(x)), x)
+
+    # Phase 1: denoising autoencoder (unsupervised; fixed budget as in the original).
+    model.set_dropout(0.0)
+    optimizer = torch.optim.RMSprop(autoencoder.parameters(), lr=p["ae_lr"])
+    for epoch in range(_phase_epochs(p, "ae_epochs")):
+        autoencoder.train()
+        total, seen = 0.0, 0
+        for index in shuffled_batches(len(train), p["batch_size"], generator):
+            loss = reconstruction_loss(train.rows(index))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(index)
+            seen += len(index)
+        if log is not None:
+            autoencoder.eval()
+            with torch.no_grad():
+                val_mse = float(np.mean([float(reconstruction_loss(b)) for b in val.batches()]))
+            log("scdae_autoencoder", epoch, {"loss": total / max(seen, 1), "val_mse": val_mse})
+
+    # Phase 2: the classifier. With ``classifier_trains_encoder`` (the original's behaviour)
+    # the encoder is updated too (cross-entropy only, on noisy inputs); otherwise the head is
+    # trained on the frozen encoder's (noise-free, eval-mode) codes. Either way this phase's
+    # recipe is the head recipe that step 4 reuses.
+    classifier_recipe = head_recipe("scdae", p)
+    if p.get("classifier_trains_encoder"):
+        best = train_classifier(EncoderHead(model.encoder, model.head), train, train_y, val,
+                                val_y, n_classes, classifier_recipe, seed, log, stage="scdae_classifier")
+    else:
+        codes_train = FeatureSource(apply_module(model.encoder, train))
+        codes_val = FeatureSource(apply_module(model.encoder, val))
+        best = train_classifier(model.head, codes_train, train_y, codes_val, val_y, n_classes,
+                                classifier_recipe, seed, log, stage="scdae_classifier")
+
+    # Phase 3: joint fine-tuning, CE + reconstruction, starting from (and never worse on val
+    # than) the phase-2 model.
+    finetune_epochs = _phase_epochs(p, "finetune_epochs")
+    if finetune_epochs > 0:
+        model.set_dropout(p["finetune_ae_dropout"])
+        whole = _FineTuned(model)
+        recipe = {"lr": p["finetune_lr"], "batch_size": p["batch_size"], "epochs": finetune_epochs,
+                  "patience": p["patience"], "l2": p["l2"]}
+        train_classifier(whole, train, train_y, val, val_y, n_classes, recipe, seed + 1, log,
+                         stage="scdae_finetune", extra_loss=lambda x: whole.reconstruction_loss,
+                         best_score=best)
+        model.set_dropout(0.0)
+
+
+class _FineTuned(nn.Module):
+    """scDAE fine-tuning: logits from the code, and (in training) the reconstruction loss of
+    the same noisy forward pass, kept for the combined loss, so the encoder runs once."""
+
+    def __init__(self, model: ScDAE):
+        super().__init__()
+        self.encoder, self.decoder, self.head = model.encoder, model.decoder, model.head
+        self.reconstruction_loss = torch.zeros(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        code = self.encoder(x)
+        if self.training:
+            self.reconstruction_loss = F.mse_loss(self.decoder(code), x)
+        return self.head(code)
+
+
+def head_recipe(base: str, p: dict) -> dict:
+    """How a base model trains its head (step 1 for LR/ACTINN, the classifier phase for scDAE)."""
+    if base == "scdae":
+        recipe = {"lr": p["lr"], "l2": p["l2"], "batch_size": p["batch_size"],
+                  "epochs": _phase_epochs(p, "classifier_epochs"), "patience": p["patience"],
+                  "min_steps": p.get("min_steps") or 0}
+    else:
+        keys = ("lr", "l2", "lr_decay", "lr_decay_steps", "batch_size", "epochs", "patience",
+                "min_steps")
+        recipe = {k: p[k] for k in keys if k in p}
+    recipe.update(p.get("head") or {})
+    return recipe

@@ -1,0 +1,42 @@
+"""Evaluation of a trained chain: temperature scaling fitted on validation, then the paper's
+metrics, ECE and accuracy against coverage on each part given (validation, and test)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cellcontrast.nn.chain import ChainModule, predict_logits, predict_proba
+from cellcontrast.train.calibration import (
+    coverage_metrics,
+    expected_calibration_error,
+    fit_temperature,
+)
+from cellcontrast.train.metrics import classification_metrics
+
+
+def calibrate(chain: ChainModule, X: dict, y: dict[str, np.ndarray]) -> dict:
+    """Fit the chain's temperature on ``X["val"]`` (calibration.py) and set it; returns it with
+    the ECE before scaling on every part."""
+    logits = {part: predict_logits(chain, matrix) for part, matrix in X.items()}
+    temperature = fit_temperature(logits["val"], y["val"])
+    chain.temperature.fill_(temperature)
+    out = {"temperature": temperature}
+    for part, z in logits.items():
+        proba = torch.softmax(torch.as_tensor(z, dtype=torch.float64), dim=-1).numpy()
+        out[f"{part}_ece_uncalibrated"] = expected_calibration_error(proba, y[part])
+    return out
+
+
+def evaluate(chain: ChainModule, X: dict, y: dict[str, np.ndarray], n_classes: int) -> tuple[dict, dict]:
+    """Calibrate on validation, then ``{part}_top1/top3/macro_f1/ece`` for every part, and the
+    test part's accuracy against coverage. Returns (metrics, probabilities by part)."""
+    metrics, proba = calibrate(chain, X, y), {}
+    for part in X:
+        proba[part] = predict_proba(chain, X[part])
+        for key, value in classification_metrics(y[part], proba[part], n_classes).items():
+            metrics[f"{part}_{key}"] = value
+        metrics[f"{part}_ece"] = expected_calibration_error(proba[part], y[part])
+    if "test" in X:
+        metrics.update({f"test_{k}": v for k, v in coverage_metrics(proba["test"], y["test"]).items()})
+    return metrics, proba
