@@ -202,6 +202,22 @@ def _read_query(f, query_path: Path, layer: str | None, pool, label_key: str | N
     return matrix, obs
 
 
+def _stream_file(annotator: Annotator, query_path: Path, *, layer, threads: int, label_key, min_overlap: float,
+                 case_insensitive: bool, batch_size: int, probabilities: bool, progress, say):
+    """Open the query file, check it, and stream its cells; returns (obs, predictions)."""
+    try:
+        query_file = h5py.File(query_path, "r")
+    except OSError as err:
+        raise InputError(f"cannot read the query {query_path} (truncated or damaged?): {first_line(err, 200)}") from None
+    # Threads that inflate the query's gzip chunks (h5chunks) beside the annotating thread.
+    pool = ThreadPoolExecutor(max_workers=threads or cores(), thread_name_prefix="cellcontrast-inflate")
+    with query_file as f, pool:
+        matrix, obs = _read_query(f, query_path, layer, pool, label_key)
+        col_map, _ = _gene_columns(matrix.var_names, annotator, min_overlap, case_insensitive, say)
+        return obs, predict_matrix(annotator, matrix, col_map, batch_size, probabilities=probabilities,
+                                   progress=progress)
+
+
 def _check_not_empty(matrix) -> None:
     if matrix.n_obs == 0 or matrix.n_vars == 0:
         raise InputError(f"the query is empty ({matrix.n_obs} cells x {matrix.n_vars} genes); "
@@ -239,24 +255,18 @@ def annotate_file(
         Also write the predictions as CSV (the pair appears together).
     layer
         Read counts from this layer, or ``"raw"`` for ``.raw`` (default ``X``).
-    batch_size
-        Rows read at a time.
+    batch_size, threads
+        Rows read at a time; onnxruntime and inflating threads (0: all cores).
     min_confidence
         Below this confidence a cell's label is ``Unassigned``.
-    min_overlap
-        Least fraction of the model's genes the query must hold.
-    case_insensitive
-        Match gene names ignoring case.
+    min_overlap, case_insensitive
+        Least fraction of the model's genes the query must hold; match names ignoring case.
     probabilities
         Store every class's probability in ``obsm['cellcontrast_probabilities']``.
-    threads
-        onnxruntime and inflating threads (0: all cores).
     label_key
         An obs column of true labels: the accuracy is reported.
-    progress
-        Show a progress bar (None: when stderr is a terminal).
-    log
-        Called with each message (default ``print``).
+    progress, log
+        Show a progress bar (None: when stderr is a terminal); called with each message.
 
     Returns
     -------
@@ -275,17 +285,9 @@ def annotate_file(
     _check_options(batch_size, min_confidence, min_overlap)
     _check_paths(query_path, out_path, csv_path)
     annotator = _as_annotator(model, threads)
-    try:
-        query_file = h5py.File(query_path, "r")
-    except OSError as err:
-        raise InputError(f"cannot read the query {query_path} (truncated or damaged?): {first_line(err, 200)}") from None
-    # Threads that inflate the query's gzip chunks (h5chunks) beside the annotating thread.
-    pool = ThreadPoolExecutor(max_workers=threads or cores(), thread_name_prefix="cellcontrast-inflate")
-    with query_file as f, pool:
-        matrix, obs = _read_query(f, query_path, layer, pool, label_key)
-        col_map, _ = _gene_columns(matrix.var_names, annotator, min_overlap, case_insensitive, say)
-        predicted = predict_matrix(annotator, matrix, col_map, batch_size, probabilities=probabilities,
-                                   progress=progress)
+    obs, predicted = _stream_file(annotator, query_path, layer=layer, threads=threads, label_key=label_key,
+                                  min_overlap=min_overlap, case_insensitive=case_insensitive,
+                                  batch_size=batch_size, probabilities=probabilities, progress=progress, say=say)
     obs = _unique_index(obs, say)
     pred = predictions_frame(obs.index, annotator.classes, predicted.top_idx, predicted.top_p, min_confidence)
     out_obs = obs.drop(columns=[c for c in obs.columns if c in pred.columns]).join(pred)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "results.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "results.ipynb"
 CLASSES = [f"type_{i:02d}" for i in range(12)]
 
 

@@ -432,12 +432,12 @@ def test_benchmark_refuses_before_training(case, tmp_path, mlflow_store, capsys)
 # ------------------------------------------------------------------ annotate
 
 def _ta():
-    """tests/test_annotate.py's tiny ONNX model and query writers (onnx, onnxruntime needed)."""
+    """tests/tiny_onnx.py's tiny ONNX model and query writers (onnx, onnxruntime needed)."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    import test_annotate
+    import tiny_onnx
 
-    return test_annotate
+    return tiny_onnx
 
 
 @pytest.fixture(scope="module")

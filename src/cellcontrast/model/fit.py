@@ -1,0 +1,130 @@
+"""`fit`: train one chain on an AnnData in memory, every choice made on a validation part."""
+
+from __future__ import annotations
+
+import sys
+
+import anndata
+import numpy as np
+import pandas as pd
+import torch
+
+from cellcontrast.core.errors import InputError
+from cellcontrast.core.names import BASES, COMPONENTS, LABEL
+from cellcontrast.data.atlas import prepare_atlas
+from cellcontrast.model.chain import Chain
+from cellcontrast.nn.chain import chain_config
+from cellcontrast.train.chain import fit_chain
+from cellcontrast.train.evaluation import evaluate
+from cellcontrast.train.recipes import check_params, resolve_params
+
+# A type needs a training and a validation cell.
+MIN_CELLS_PER_TYPE = 2
+
+
+def stratified_validation(labels: pd.Series, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Row indices of train and validation, each type split ``1 - val_fraction`` /
+    ``val_fraction`` (at least one cell each), and the types kept, most frequent first.
+
+    Types with fewer than ``MIN_CELLS_PER_TYPE`` cells cannot be split: they are dropped, with
+    one note naming them. Same seed, same split.
+    """
+    values = labels.astype(str).to_numpy()
+    counts = pd.Series(values).value_counts()
+    order = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    kept = [name for name, n in order if n >= MIN_CELLS_PER_TYPE]
+    dropped = [name for name, n in order if n < MIN_CELLS_PER_TYPE]
+    if len(kept) < 2:
+        raise InputError(f"fitting needs at least 2 cell types with {MIN_CELLS_PER_TYPE}+ cells each; "
+                         f"the labels have {len(kept)} ({len(order)} types in all)")
+    if dropped:
+        print(f"note: {len(dropped)} types with fewer than {MIN_CELLS_PER_TYPE} cells are left out: "
+              f"{', '.join(dropped[:10])}{' ...' if len(dropped) > 10 else ''}", file=sys.stderr)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for name in kept:
+        members = rng.permutation(np.flatnonzero(values == name))
+        n_val = min(len(members) - 1, max(1, int(round(len(members) * val_fraction))))
+        val.append(members[:n_val])
+        train.append(members[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val)), kept
+
+
+def _check_choice(base: str, component: str, val_fraction: float) -> None:
+    if base not in BASES:
+        raise InputError(f"unknown base {base!r}; expected one of {', '.join(BASES)}")
+    if component not in COMPONENTS:
+        raise InputError(f"unknown component {component!r}; expected one of {', '.join(COMPONENTS)}")
+    if not 0.0 < val_fraction < 1.0:
+        raise InputError(f"val_fraction {val_fraction} must lie between 0 and 1")
+
+
+def fit(
+    adata: anndata.AnnData,
+    labels_key: str = LABEL,
+    *,
+    base: str = "lr",
+    component: str = "none",
+    layer: str | None = None,
+    seed: int = 0,
+    params: dict | None = None,
+    val_fraction: float = 0.1,
+) -> Chain:
+    """Train one chain on a labelled AnnData of raw counts.
+
+    The cells are split, per type, into training and validation (``val_fraction``);
+    preprocessing is fitted on training cells, and every choice (checkpoint, L2, scaling,
+    temperature) is made on validation. Nothing else is held out: evaluate on other data.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes with raw counts in ``X`` (or ``layer``, or ``"raw"`` for ``.raw``).
+    labels_key
+        The obs column with the cell types. Cells without a label are left out.
+    base
+        ``"lr"``, ``"actinn"`` or ``"scdae"``.
+    component
+        ``"none"``, ``"mlp"`` (MLP-CL) or ``"mls"`` (MLS-CL).
+    layer
+        Where the raw counts are (default ``X``).
+    seed
+        Seeds the split and the training: the same seed gives the same chain.
+    params
+        Hyperparameters keyed by model name, e.g. ``{"lr": {"n_hvg": 1000}}``.
+    val_fraction
+        The share of each type's cells used for validation.
+
+    Returns
+    -------
+    Chain
+        The trained chain, its validation metrics in ``chain.metrics``.
+
+    Raises
+    ------
+    InputError
+        For bad input: no such column, non-count values, fewer than two types, bad parameters.
+    """
+    if not isinstance(adata, anndata.AnnData):
+        raise InputError(f"fit takes an AnnData, not {type(adata).__name__}; read one with anndata.read_h5ad")
+    _check_choice(base, component, val_fraction)
+    params = params or {}
+    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+        raise InputError('params must map model names to parameters, e.g. {"lr": {"n_hvg": 1000}}')
+    check_params(params)
+    atlas = prepare_atlas(adata, label_key=labels_key, layer=layer, source="the AnnData")
+    train, val, classes = stratified_validation(atlas.obs[LABEL], val_fraction, seed)
+    codes = pd.Categorical(atlas.obs[LABEL].astype(str), categories=classes).codes.astype(np.int64)
+    X = {"train": atlas.X[train], "val": atlas.X[val]}
+    y = {"train": codes[train], "val": codes[val]}
+    module = fit_chain(X["train"], y["train"], X["val"], y["val"], len(classes), base, component, params, seed)
+    metrics, _ = evaluate(module, {"val": X["val"]}, {"val": y["val"]}, len(classes))
+    torch.set_grad_enabled(True)
+    resolved = {base: resolve_params(base, params.get(base))}
+    if component != "none":
+        resolved[component] = resolve_params(component, params.get(component))
+    config = {"genes": atlas.var_names.tolist(), "class_names": classes, "base": base, "component": component,
+              "params": resolved, "metrics": metrics,
+              "fit": {"labels_key": labels_key, "layer": layer, "seed": seed, "val_fraction": val_fraction,
+                      "n_train": int(train.size), "n_val": int(val.size)}}
+    return Chain(module, chain_config(module, config))
