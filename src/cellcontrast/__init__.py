@@ -12,6 +12,9 @@ Names are imported when first used, so that ``import cellcontrast`` loads no tor
 annotating needs only the light install (``pip install cellcontrast[annotate]``).
 """
 
+import sys
+import types
+
 from cellcontrast.core.errors import InputError
 from cellcontrast.core.version import __version__
 
@@ -39,3 +42,17 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """This package, whose public names are not replaced by its subpackages of the same name."""
+
+    def __setattr__(self, name: str, value) -> None:
+        # Importing the subpackage cellcontrast.annotate (as `cc.fit` or the CLI do) binds it
+        # here under its name, the public function's: `cc.annotate(...)` then called a module.
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -178,11 +178,23 @@ def test_split_refuses(case, tmp_path, capsys):
     _nothing_at(out)
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
-                    reason="root reads files whatever their mode")
-def test_split_refuses_unreadable_file(tmp_path, capsys):
+def test_split_refuses_unreadable_file(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    import h5py
+
     atlas = _write(tmp_path / "a.h5ad", _atlas(_counts()))
     atlas.chmod(0)
+    if os.geteuid() == 0:  # root reads files whatever their mode: give it the kernel's refusal
+        real = h5py.is_hdf5
+
+        def refuse(path):
+            if Path(path) == atlas:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real(path)
+
+        monkeypatch.setattr(h5py, "is_hdf5", refuse)
     out = tmp_path / "out"
     code, _, err = _call(_split_argv(atlas, out, _text(tmp_path / "p.yaml", SPLIT_PARAMS)), capsys)
     _assert_refused(code, err, "cannot read")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -101,9 +102,9 @@ def test_dynamic_batch_matches_torch(exported, batch):
         expected = chain(torch.from_numpy(counts)).numpy()
     assert probs.shape == (batch, N_CLASSES)
     np.testing.assert_allclose(probs, expected, atol=1e-5)
-    if rest:  # the embedding output, when exported
-        with torch.no_grad():
-            np.testing.assert_allclose(rest[0], chain.embed(torch.from_numpy(counts)).numpy(), atol=1e-5)
+    assert len(rest) == 1  # TinyChain has embed(): the embedding is exported too
+    with torch.no_grad():
+        np.testing.assert_allclose(rest[0], chain.embed(torch.from_numpy(counts)).numpy(), atol=1e-5)
 
 
 def test_config_mismatch_is_input_error(tmp_path):
@@ -114,64 +115,78 @@ def test_config_mismatch_is_input_error(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-# ------------------------------------------------------------------ real chains
+# ------------------------------------------------------------------ trained chains
+
+# Small recipes: every chain trains in a second or two, and still learns (checked below).
+TRAIN_PARAMS = {
+    "lr": {"n_hvg": 60, "l2_path": [1e-2, 1e-3]},
+    "actinn": {"hidden_dims": [32, 16], "epochs": 15, "min_steps": 0, "lr": 3e-3},
+    "scdae": {"n_hvg": 60, "encoder_dims": [48, 24, 12], "classifier_dims": [12, 12], "ae_epochs": 1,
+              "classifier_epochs": 12, "finetune_epochs": 1, "min_steps": 0},
+    "mlp": {"max_epochs": 4},
+    "mls": {"max_epochs": 4},
+}
+CHAINS = [(b, c) for b in ("lr", "actinn", "scdae") for c in ("none", "mlp", "mls")]
 
 
-def _real_chains():
-    chain_mod = pytest.importorskip("cellcontrast.nn.chain")
-    models = pytest.importorskip("cellcontrast.nn.bases")
-    components = pytest.importorskip("cellcontrast.nn.components")
-    preprocessing = pytest.importorskip("cellcontrast.nn.preprocessing")
-    counts = _counts(120, n_genes=60, seed=3)
+@pytest.fixture(scope="module")
+def trained_data():
+    """Simulated counts of 6 types: train, validation, and a query none of them saw."""
+    from cellcontrast.data.simulate import simulate_atlas
+
+    atlas = simulate_atlas(n_cells=1500, n_types=6, n_genes=120, n_individuals=2, seed=5)
+    y = atlas.obs["cell_type"].cat.codes.to_numpy().astype(np.int64)
+    X = atlas.X.tocsr()
+    return {"train": (X[:900], y[:900]), "val": (X[900:1100], y[900:1100]), "query": (X[1100:], y[1100:]),
+            "genes": atlas.var_names.tolist(), "classes": atlas.obs["cell_type"].cat.categories.tolist()}
+
+
+@pytest.mark.parametrize(("base", "component"), CHAINS, ids=[f"{b}-{c}" for b, c in CHAINS])
+def test_trained_chains_onnx_equals_torch(base, component, trained_data, tmp_path):
+    """Every base x component, trained and calibrated as `train` does, saved, reloaded and
+    exported: ONNX gives torch's probabilities on held-out counts, and through `annotate`
+    with the query's genes in another order."""
+    import anndata as ad
+
+    import cellcontrast as cc
+    from cellcontrast.nn.chain import load_chain, predict_proba, save_chain
+    from cellcontrast.train.chain import fit_chain
+    from cellcontrast.train.evaluation import calibrate
+
     torch.manual_seed(0)
-    out = []
-    lr = models.LogisticRegression(preprocessing.fit_preprocess("lr", counts, n_hvg=30), N_CLASSES)
-    out.append(("lr-none", chain_mod.ChainModule(lr.preprocess, lr.encoder, None, lr.head)))
-    # Every gene kept and no z-scoring: the graph skips the gather and the standardisation.
-    lr_all = models.LogisticRegression(preprocessing.fit_preprocess("lr", counts, n_hvg=100, standardize=False),
-                                       N_CLASSES)
-    out.append(("lr-all-unscaled", chain_mod.ChainModule(lr_all.preprocess, lr_all.encoder, None, lr_all.head)))
-    act = models.Actinn(preprocessing.fit_preprocess("actinn", counts), N_CLASSES)
-    mls = components.MLSComponent(act.encoder.out_dim, N_CLASSES)
-    head = models.LinearHead(mls.out_dim, N_CLASSES)
-    out.append(("actinn-mls", chain_mod.ChainModule(act.preprocess, act.encoder, mls, head)))
-    dae = models.ScDAE(preprocessing.fit_preprocess("scdae", counts, n_hvg=30), N_CLASSES,
-                       encoder_dims=(32, 16, 8), classifier_dims=(8, 8))
-    mlp = components.MLPComponent(dae.encoder.out_dim)
-    head = models.ScdaeHead(mlp.out_dim, N_CLASSES, (8, 8), 0.5)
-    out.append(("scdae-mlp", chain_mod.ChainModule(dae.preprocess, dae.encoder, mlp, head)))
-    return chain_mod, out
+    (xt, yt), (xv, yv), (xq, yq) = trained_data["train"], trained_data["val"], trained_data["query"]
+    n_classes = len(trained_data["classes"])
+    chain = fit_chain(xt, yt, xv, yv, n_classes, base, component, TRAIN_PARAMS, seed=0)
+    calibrate(chain, {"val": xv}, {"val": yv})
+    torch.set_grad_enabled(True)
+    model_dir = save_chain(chain, {"genes": trained_data["genes"], "class_names": trained_data["classes"]},
+                           tmp_path / "chain")
+    loaded, config = load_chain(model_dir)
+    want = predict_proba(loaded, xq)
+    # Trained, not the uniform output of a zero-initialised head: well above chance.
+    assert (want.argmax(1) == yq).mean() > 2 / n_classes, f"{base}+{component} did not learn"
+    assert float(loaded.temperature) != 1.0 or base == "lr"
+    path = export_chain_to_onnx(loaded, config, tmp_path / "m.onnx")
+    got = _session(path).run(["probabilities"], {"counts": xq.toarray()})[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    order = np.random.default_rng(1).permutation(len(trained_data["genes"]))
+    query = ad.AnnData(X=xq[:, order], var=pd.DataFrame(index=np.asarray(trained_data["genes"])[order]))
+    cc.annotate(query, path, probabilities=True)
+    np.testing.assert_allclose(query.obsm["cellcontrast_probabilities"], want, atol=1e-5)
 
 
-def test_real_chains_onnx_equals_torch(tmp_path):
-    chain_mod, chains = _real_chains()
-    genes = [f"g{i}" for i in range(60)]
-    classes = [f"t{i}" for i in range(N_CLASSES)]
-    for name, chain in chains:
-        chain.eval()
-        # Non-trivial batch-norm statistics, so that eval-mode BN is really exercised.
-        for module in chain.modules():
-            if isinstance(module, torch.nn.BatchNorm1d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-        chain.temperature.fill_(1.7)  # a calibrated chain: the temperature is in the graph
-        model_dir = chain_mod.save_chain(chain, {"genes": genes, "class_names": classes}, tmp_path / name)
-        loaded, config = chain_mod.load_chain(model_dir)
-        path = export_chain_to_onnx(loaded, config, tmp_path / f"{name}.onnx")
-        assert read_onnx_metadata(path)["classes"] == classes
-        session = _session(path)
-        for batch in (1, 37):
-            counts = _counts(batch, n_genes=60, seed=batch + 7)
-            got = session.run(["probabilities"], {"counts": counts})[0]
-            with torch.no_grad():
-                want = loaded(torch.from_numpy(counts)).numpy()
-            np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
-        assert float(loaded.temperature) == pytest.approx(1.7)
-        ops = {node.op_type for node in onnx.load(str(path)).graph.node}
-        if name == "lr-all-unscaled":  # nothing to select, nothing to standardise
-            assert "Gather" not in ops and "Sub" not in ops
-        else:
-            assert "Gather" in ops
+def test_graph_of_an_unscaled_all_gene_lr_skips_gather_and_standardisation(trained_data, tmp_path):
+    from cellcontrast.train.chain import fit_chain
+
+    (xt, yt), (xv, yv) = trained_data["train"], trained_data["val"]
+    params = {"lr": {"n_hvg": 10_000, "standardize": False, "l2_path": [1e-2]}}
+    chain = fit_chain(xt, yt, xv, yv, len(trained_data["classes"]), "lr", "none", params, seed=0)
+    config = {"genes": trained_data["genes"], "classes": trained_data["classes"]}
+    ops = {node.op_type for node in onnx.load(str(export_chain_to_onnx(chain, config, tmp_path / "a.onnx"))).graph.node}
+    assert "Gather" not in ops and "Sub" not in ops
+    chain = fit_chain(xt, yt, xv, yv, len(trained_data["classes"]), "lr", "none", {"lr": {"n_hvg": 50}}, seed=0)
+    ops = {node.op_type for node in onnx.load(str(export_chain_to_onnx(chain, config, tmp_path / "b.onnx"))).graph.node}
+    assert "Gather" in ops
 
 
 # ------------------------------------------------------------------ the CLI and MLflow

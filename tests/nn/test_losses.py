@@ -188,6 +188,11 @@ def test_property_finite_for_any_batch(labels, tau, seed, mls):
     # each term is -log(p) >= 0, up to float32 rounding of logits as large as 1/tau (per space)
     assert out.item() >= -(1e-6 / tau) * (3 if mls else 1)
     assert torch.isfinite(z.grad).all()
+    # and it is eq. 1 / eq. 2 as written: the slow loop over anchors and positives agrees
+    z64 = z.detach().double()
+    fast = (mls_loss(z64, y, tau) if mls else supcon_loss(z64, y, tau)).item()
+    slow = ref_mls(z64, y, tau) if mls else ref_supcon(z64, y, tau)
+    assert fast == pytest.approx(slow, rel=1e-6, abs=1e-9)
 
 
 # ---------------------------------------------------------------- sanity
