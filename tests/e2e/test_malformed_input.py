@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import cellcontrast as cc
@@ -150,10 +150,7 @@ def labels(draw, n_cells: int, damage: str | None) -> pd.Series:
 @dataclass
 class Example:
     adata: ad.AnnData
-    what: str  # the recipe, for the failure message
-
-    def __repr__(self) -> str:
-        return f"Example({self.what}, X={type(self.adata.X).__name__} {self.adata.X.dtype} {self.adata.shape})"
+    what: str  # the recipe, shown when a property fails
 
 
 @st.composite
@@ -176,11 +173,12 @@ def examples(draw) -> Example:
     if "no genes" in defects:
         m, genes = m[:, :0], []
     X = draw(stored(m))
-    obs = pd.DataFrame({"cell_type": cell_type.to_numpy()}, index=pd.Index(cells, dtype=object))
+    obs = pd.DataFrame({"cell_type": cell_type.array}, index=pd.Index(cells, dtype=object))
     with warnings.catch_warnings():  # anndata warns of the duplicate names
         warnings.simplefilter("ignore")
         adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=object)))
-    return Example(adata, f"defects={sorted(defects)}, labels={damage}, cells={cells[:2]}")
+    return Example(adata, f"{type(X).__name__} {X.dtype} {X.shape}, defects {sorted(defects)}, "
+                          f"label damage {damage}, first cells {cells[:2]}")
 
 
 # ------------------------------------------------------------------ the oracle
@@ -242,6 +240,7 @@ def _problems(adata: ad.AnnData, entry: str) -> list[str]:
 
 
 def _expect(worked: bool, problems: list[str], detail: str) -> None:
+    event(f"{'worked' if worked else 'refused'}: {problems[0] if problems else 'valid'}")
     if problems:
         assert not worked, f"accepted although {problems}"
     else:

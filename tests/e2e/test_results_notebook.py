@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
+
+from notebook_kernel import kernel_manager, output_texts
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "results.ipynb"
 CLASSES = [f"type_{i:02d}" for i in range(12)]
@@ -44,35 +45,6 @@ def _fake_store(tmp_path: Path) -> None:
         mlflow.log_metric("default.lr-none.top1", 0.9)
 
 
-def _kernel_manager(tmp_path: Path):
-    """A `python3` kernel that is this interpreter (the venv), whatever kernelspecs the machine has."""
-    from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import KernelManager
-
-    spec_dir = tmp_path / "kernels" / "python3"
-    spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (test)", "language": "python",
-    }))
-    ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")])
-    # The connection file goes in tmp_path too: by default it is left in the temporary folder.
-    return KernelManager(kernel_name="python3", kernel_spec_manager=ksm,
-                         connection_file=str(tmp_path / "kernel-connection.json"))
-
-
-def _texts(nb) -> list[str]:
-    out = []
-    for cell in nb.cells:
-        for o in cell.get("outputs", []):
-            if "text" in o:
-                out.append(o["text"])
-            for mime in ("text/markdown", "text/plain", "text/html"):
-                if mime in o.get("data", {}):
-                    out.append(o["data"][mime])
-    return out
-
-
 def test_notebook_is_stored_without_outputs():
     import nbformat
 
@@ -94,19 +66,19 @@ def test_notebook_runs_on_a_tiny_store(tmp_path, monkeypatch):
     _fake_store(tmp_path)
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(nb, km=_kernel_manager(tmp_path), kernel_name="python3", timeout=120,
+    client = NotebookClient(nb, km=kernel_manager(tmp_path), kernel_name="python3", timeout=120,
                             resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError on any failing cell
     if dump := os.environ.get("CELLCONTRAST_NOTEBOOK_DUMP"):  # to look at the executed notebook
         nbformat.write(nb, dump)
 
-    texts = "\n".join(_texts(nb))
+    texts = "\n".join(output_texts(nb))
     assert "16 grid runs" in texts
     assert "| Model | Top-1 | Top-3 | F1 | n |" in texts and "| ACTINN + MLS |" in texts
     assert "## Data Scarce" in texts
     assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
     assert "setting 'scarce': per-class F1 of 8 runs, 12 classes" in texts
-    rarest = "\n".join(_texts(nbformat.from_dict(
+    rarest = "\n".join(output_texts(nbformat.from_dict(
         {"cells": [c for c in nb.cells if "rarest_classes(" in c.source]})))
     assert "type_00" in rarest and "type_09" in rarest  # the ten rarest classes are listed
     assert "type_10" not in rarest and "type_11" not in rarest  # the two most common are not

@@ -8,6 +8,8 @@ downsample and one split.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 from dataclasses import dataclass
@@ -100,8 +102,13 @@ def split_atlas_to_dir(
 ) -> dict:
     """Write train/val/test.h5ad and split.json for one setting and seed; returns split.json."""
     s = setting_params(settings if settings is not None else load_params(params_path), setting)
-    adata = read_atlas(atlas, label_key=label_key, layer=layer, filters=filters)
-    split = make_split(adata.obs[LABEL], s["k"], s["cap"], seed, s["fractions"], s["equalize"])
+    # The reader's notes and the split's warning are held until the split is drawn: a refusal
+    # (values, labels, a type too small to split) is then the only line on stderr.
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
+        adata = read_atlas(atlas, label_key=label_key, layer=layer, filters=filters)
+        split = make_split(adata.obs[LABEL], s["k"], s["cap"], seed, s["fractions"], s["equalize"])
+    sys.stderr.write(held.getvalue())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for part in PARTS:
