@@ -104,7 +104,7 @@ def worker_read_h5py(query: str, batch_size: int, layer: str | None) -> dict:
     import h5py
     import numpy as np
 
-    from cellcontrast.annotate.query import open_query
+    from cellcontrast.annotation.query import open_query
 
     nnz = 0
     with h5py.File(query, "r") as f:
@@ -147,9 +147,9 @@ def worker_torch(query: str, batch_size: int, layer: str | None, model_dir: str,
     import numpy as np
     import torch
 
-    from cellcontrast.annotate.genes import align_genes
-    from cellcontrast.annotate.query import open_query
-    from cellcontrast.annotate.stream import chunk_to_model
+    from cellcontrast.annotation.genes import align_genes
+    from cellcontrast.annotation.query import open_query
+    from cellcontrast.annotation.stream import chunk_to_model
     from cellcontrast.nn.chain import load_chain
 
     if threads > 0:

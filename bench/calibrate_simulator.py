@@ -16,8 +16,9 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from cellcontrast.core.names import LABEL
 from cellcontrast.core.params import load_params, setting_params
-from cellcontrast.data.atlas import LABEL, read_atlas
+from cellcontrast.data.atlas import read_atlas
 from cellcontrast.data.simulate import simulate_atlas
 from cellcontrast.data.splits import make_split
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
+import scipy.sparse as sp
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -75,3 +77,17 @@ FAST_PARAMS = {
     "mlp": {"max_epochs": 4},
     "mls": {"max_epochs": 4},
 }
+
+
+def marker_counts(n_classes=6, per_class=60, n_genes=200, seed=0):
+    """Negative-binomial counts with class-specific marker genes (rows shuffled)."""
+    rng = np.random.default_rng(seed)
+    means = np.tile(rng.gamma(1.0, 1.0, n_genes), (n_classes, 1))
+    for c in range(n_classes):
+        markers = rng.choice(n_genes, 30, replace=False)
+        means[c, markers] *= rng.uniform(4, 8, 30)
+    y = np.repeat(np.arange(n_classes), per_class)
+    mu = means[y] * rng.lognormal(0, 0.3, y.size)[:, None]
+    counts = rng.negative_binomial(2, 2 / (2 + mu)).astype(np.float32)
+    order = rng.permutation(y.size)
+    return sp.csr_matrix(counts[order]), y[order]

@@ -113,3 +113,13 @@ def test_annotate_runs_without_torch_mlflow_or_optuna(tmp_path, small_atlas):
             "assert 'cellcontrast_label' in q.obs\n"
             "print(json.dumps(sorted(m for m in ('torch', 'mlflow', 'optuna', 'sklearn') if m in sys.modules)))")
     assert _run(code) == []
+
+
+def test_no_subpackage_hides_a_public_name():
+    """Importing a subpackage binds its name on the package: one called like a public function
+    would replace it (cc.annotate became a module once cellcontrast.annotate.* was imported)."""
+    subpackages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert not subpackages & set(cc.__all__)
+    code = ("import json, cellcontrast.model.fit, cellcontrast.annotation.api, cellcontrast as cc; "
+            "print(json.dumps([callable(cc.annotate), callable(cc.fit), cc.annotate.__module__]))")
+    assert _run(code) == [True, True, "cellcontrast.annotation.api"]

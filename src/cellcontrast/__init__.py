@@ -9,20 +9,19 @@ The Python API, AnnData first with keyword-only options::
     cc.annotate(query, "annotator.onnx")                 # obs["cellcontrast_label"], ... (no torch)
 
 Names are imported when first used, so that ``import cellcontrast`` loads no torch, and
-annotating needs only the light install (``pip install cellcontrast[annotate]``).
+annotating needs only the light install (``pip install cellcontrast[annotate]``). No
+subpackage shares a public name (the annotation code lives in ``cellcontrast.annotation``):
+importing a subpackage binds its name here and would hide a function of the same name.
 """
-
-import sys
-import types
 
 from cellcontrast.core.errors import InputError
 from cellcontrast.core.version import __version__
 
 # public name -> the module that defines it
 _LAZY = {
-    "annotate": "cellcontrast.annotate.api",
-    "annotate_file": "cellcontrast.annotate.api",
-    "Annotator": "cellcontrast.annotate.model",
+    "annotate": "cellcontrast.annotation.api",
+    "annotate_file": "cellcontrast.annotation.api",
+    "Annotator": "cellcontrast.annotation.model",
     "fit": "cellcontrast.model.fit",
     "Chain": "cellcontrast.model.chain",
 }
@@ -42,17 +41,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """This package, whose public names are not replaced by its subpackages of the same name."""
-
-    def __setattr__(self, name: str, value) -> None:
-        # Importing the subpackage cellcontrast.annotate (as `cc.fit` or the CLI do) binds it
-        # here under its name, the public function's: `cc.annotate(...)` then called a module.
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

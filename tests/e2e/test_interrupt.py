@@ -69,12 +69,12 @@ def big_query(small_atlas, tmp_path_factory):
     with --batch-size 64. The first 30 genes are renamed to the test model's genes."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    import test_annotate
+    import tiny_onnx
 
     root = tmp_path_factory.mktemp("interrupt_annotate")
-    model = test_annotate.build_model(root / "tiny.onnx")
+    model = tiny_onnx.build_model(root / "tiny.onnx")
     rows = np.random.default_rng(0).integers(0, small_atlas.n_obs, 200_000)
-    genes = list(test_annotate.MODEL_GENES) + small_atlas.var_names[30:].tolist()
+    genes = list(tiny_onnx.MODEL_GENES) + small_atlas.var_names[30:].tolist()
     obs = pd.DataFrame({"cell_type": small_atlas.obs["cell_type"].to_numpy()[rows]},
                        index=[f"q{i}" for i in range(rows.size)])
     query = root / "query.h5ad"

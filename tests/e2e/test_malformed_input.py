@@ -19,6 +19,7 @@ example without problems must succeed and one with problems must be refused, so 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import tempfile
 import warnings
@@ -60,7 +61,7 @@ LARGEST_COUNT = 2**24
 INTEGER_TOLERANCE = 1e-3
 
 SETTINGS = settings(
-    max_examples=30,
+    max_examples=40,
     deadline=None,
     derandomize=True,  # the same examples on every run and in CI
     database=None,
@@ -132,12 +133,14 @@ def stored(draw, m: np.ndarray):
 @st.composite
 def labels(draw, n_cells: int, damage: str | None) -> pd.Series:
     """1-4 types dealt round the cells, as strings or numbers; ``damage`` removes some or all."""
-    n_types = draw(st.integers(1, 4))
+    n_types = draw(st.sampled_from([3, 2, 4, 1]))  # shrinks towards an ordinary atlas
     codes = np.arange(n_cells) % n_types
     hit = np.zeros(n_cells, dtype=bool)
-    if damage is not None:
-        some = draw(st.sets(st.integers(0, n_cells - 1), min_size=1, max_size=max(1, n_cells // 3)))
-        hit[sorted(some) if damage.startswith("some") else slice(None)] = True
+    if damage is not None and damage.startswith("some"):
+        some = draw(st.sets(st.integers(0, n_cells - 1), min_size=1, max_size=n_cells // 3))
+        hit[sorted(some)] = True
+    elif damage is not None:
+        hit[:] = True
     if draw(st.booleans()):  # numeric labels: a missing one is NaN, there is no empty number
         values = codes.astype(np.float64)
         values[hit] = np.nan
@@ -158,9 +161,11 @@ def examples(draw) -> Example:
     """An AnnData of 6-40 cells x the model's 30 genes, clean or spoilt in one or two ways."""
     n_cells = draw(st.integers(6, 40))
     m = draw(counts(n_cells))
-    spoil = draw(st.booleans())
-    defects = draw(st.sets(st.sampled_from(VALUE_DEFECTS + SHAPE_DEFECTS), max_size=2)) if spoil else set()
-    damage = draw(st.sampled_from((None, *LABEL_DAMAGE))) if spoil else None
+    defects, damage = set(), None
+    if draw(st.booleans()):  # the other half is clean: those examples must work
+        defects = draw(st.sets(st.sampled_from(VALUE_DEFECTS + SHAPE_DEFECTS), min_size=1,
+                               max_size=2))
+        damage = draw(st.sampled_from((None, *LABEL_DAMAGE)))
     m = draw(spoilt(m, frozenset(defects) & set(VALUE_DEFECTS)))
     cell_type = draw(labels(n_cells, damage))
     cells, genes = [f"c{i}" for i in range(n_cells)], list(GENES)
@@ -285,7 +290,8 @@ def _nothing_at(path: Path) -> None:
 
 
 def _same_matrix(a, b) -> bool:
-    return type(a) is type(b) and a.dtype == b.dtype and np.array_equal(_dense(a), _dense(b), equal_nan=True)
+    return (type(a) is type(b) and a.dtype == b.dtype
+            and np.array_equal(_dense(a), _dense(b), equal_nan=True))
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +314,8 @@ def test_split_works_or_refuses_in_one_line(example, files):
                           "--out-dir", out, "--params", files["params"]])
         _assert_clean_exit(code, err, out)
         if code == 0:
-            assert all((out / f"{p}.h5ad").is_file() for p in PARTS) and (out / "split.json").is_file()
+            assert (out / "split.json").is_file()
+            assert all((out / f"{part}.h5ad").is_file() for part in PARTS)
         _expect(code == 0, _problems(example.adata, "split"), err)
 
 
@@ -316,7 +323,8 @@ def test_split_works_or_refuses_in_one_line(example, files):
 @given(example=examples())
 def test_annotate_command_works_or_refuses_in_one_line(example, files):
     with tempfile.TemporaryDirectory() as tmp:
-        query, out = _write(example.adata, Path(tmp) / "query.h5ad"), Path(tmp) / "out" / "annotated.h5ad"
+        query = _write(example.adata, Path(tmp) / "query.h5ad")
+        out = Path(tmp) / "out" / "annotated.h5ad"
         code, err = _cli(["annotate", files["model"], query, "--out", out])
         _assert_clean_exit(code, err, out)
         if code == 0:
@@ -324,10 +332,10 @@ def test_annotate_command_works_or_refuses_in_one_line(example, files):
         _expect(code == 0, _problems(example.adata, "annotate"), err)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="fit needs torch")
 @SETTINGS
 @given(example=examples())
 def test_fit_returns_a_chain_or_raises_input_error(example):
-    pytest.importorskip("torch")
     adata = example.adata
     before = adata.X.copy()
     try:

@@ -306,7 +306,7 @@ def test_exported_model_annotates_like_torch(exported, tmp_path):
     import pandas as pd
     import scipy.sparse as sp
 
-    from cellcontrast.annotate import annotate_file as annotate
+    from cellcontrast.annotation import annotate_file as annotate
 
     chain, path = exported
     counts = _counts(25, seed=11)

@@ -11,27 +11,14 @@ from cellcontrast.nn.preprocessing import (
     ScdaePreprocess,
     highly_variable_genes,
 )
+from conftest import marker_counts
 
 torch.set_num_threads(1)
 
 
-def simulate(n_classes=6, per_class=60, n_genes=200, seed=0):
-    """Negative-binomial counts with class-specific marker genes (rows shuffled)."""
-    rng = np.random.default_rng(seed)
-    means = np.tile(rng.gamma(1.0, 1.0, n_genes), (n_classes, 1))
-    for c in range(n_classes):
-        markers = rng.choice(n_genes, 30, replace=False)
-        means[c, markers] *= rng.uniform(4, 8, 30)
-    y = np.repeat(np.arange(n_classes), per_class)
-    mu = means[y] * rng.lognormal(0, 0.3, y.size)[:, None]
-    counts = rng.negative_binomial(2, 2 / (2 + mu)).astype(np.float32)
-    order = rng.permutation(y.size)
-    return sp.csr_matrix(counts[order]), y[order]
-
-
 @pytest.fixture(scope="module")
 def data():
-    counts, _ = simulate()
+    counts, _ = marker_counts(n_classes=6)
     return counts[:240], counts[240:]
 
 

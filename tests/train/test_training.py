@@ -4,7 +4,6 @@ import time
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 
 from cellcontrast.nn.chain import predict_proba
@@ -18,6 +17,7 @@ from cellcontrast.train.component import (
 )
 from cellcontrast.train.metrics import classification_metrics
 from cellcontrast.train.recipes import DEFAULT_PARAMS
+from conftest import marker_counts
 
 torch.set_num_threads(1)
 N_CLASSES = 6
@@ -30,23 +30,9 @@ BASE_PARAMS = {
 COMPONENT_PARAMS = {"max_epochs": 15, "patience": 5, "head": {"lr": 1e-2, "epochs": 40}}
 
 
-def simulate(n_classes=N_CLASSES, per_class=60, n_genes=200, seed=0):
-    """Negative-binomial counts with class-specific marker genes (rows shuffled)."""
-    rng = np.random.default_rng(seed)
-    means = np.tile(rng.gamma(1.0, 1.0, n_genes), (n_classes, 1))
-    for c in range(n_classes):
-        markers = rng.choice(n_genes, 30, replace=False)
-        means[c, markers] *= rng.uniform(4, 8, 30)
-    y = np.repeat(np.arange(n_classes), per_class)
-    mu = means[y] * rng.lognormal(0, 0.3, y.size)[:, None]
-    counts = rng.negative_binomial(2, 2 / (2 + mu)).astype(np.float32)
-    order = rng.permutation(y.size)
-    return sp.csr_matrix(counts[order]), y[order]
-
-
 @pytest.fixture(scope="module")
 def splits():
-    x, y = simulate()
+    x, y = marker_counts(n_classes=N_CLASSES)
     tr, va, te = slice(0, 240), slice(240, 300), slice(300, 360)
     return {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": (x[te], y[te])}
 
@@ -151,7 +137,7 @@ def test_fit_chain_without_component_uses_the_base_head(splits):
 def test_params_are_validated():
     assert {"lr", "actinn", "scdae", "mlp", "mls"} <= set(DEFAULT_PARAMS)
     assert DEFAULT_PARAMS["mlp"]["temperature"] == 0.1
-    x, y = simulate(per_class=5)
+    x, y = marker_counts(per_class=5)
     with pytest.raises(ValueError):
         fit_base(x, y, x, y, N_CLASSES, "lr", {"epoch": 3})
     with pytest.raises(ValueError):

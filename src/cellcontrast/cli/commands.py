@@ -135,8 +135,8 @@ def export(args: argparse.Namespace) -> None:
 
 
 def annotate(args: argparse.Namespace) -> None:
-    from cellcontrast.annotate.api import annotate_file
-    from cellcontrast.annotate.stream import fix_mmap_threshold
+    from cellcontrast.annotation.api import annotate_file
+    from cellcontrast.annotation.stream import fix_mmap_threshold
 
     fix_mmap_threshold()
     annotate_file(args.model, args.query, args.out, csv=args.csv, layer=args.layer, batch_size=args.batch_size,

@@ -43,7 +43,9 @@ def check_counts(values: np.ndarray, where: str, hint: str = "") -> None:
     if lowest < 0:
         raise InputError(f"{where} has negative values (min {float(lowest):g}): scaled or centred data "
                          f"was given; pass raw counts{hint}")
-    if highest > LARGEST_COUNT:
+    # As a Python float: compared as float16, the limit itself overflows (a RuntimeWarning on
+    # stderr beside the one-line refusal).
+    if float(highest) > LARGEST_COUNT:
         raise InputError(f"{where} has values up to {float(highest):.4g}, above {LARGEST_COUNT:,} "
                          f"(float32 holds no whole number beyond it): not counts; pass raw counts{hint}")
     if values.dtype.kind != "f":  # integers are counts once they are not negative

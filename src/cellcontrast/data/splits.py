@@ -8,8 +8,6 @@ downsample and one split.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import sys
 from dataclasses import dataclass
@@ -19,11 +17,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from cellcontrast.core.errors import InputError
+from cellcontrast.core.errors import InputError, notes_held
 from cellcontrast.core.files import atomic_path
 from cellcontrast.core.fingerprint import file_sha256
+from cellcontrast.core.names import LABEL
 from cellcontrast.core.params import load_params, setting_params
-from cellcontrast.data.atlas import LABEL, read_atlas
+from cellcontrast.data.atlas import read_atlas
 
 PARTS = ("train", "val", "test")
 # What training and tuning read from split.json.
@@ -42,6 +41,11 @@ def part_sizes(n: int, fractions) -> tuple[int, int, int]:
     n_val = int(round(n * fractions[1]))
     n_test = int(round(n * fractions[2]))
     return n - n_val - n_test, n_val, n_test
+
+
+def least_cells(fractions) -> int:
+    """The fewest cells of a type that `part_sizes` splits with one cell in every part."""
+    return next(n for n in range(3, 10_000) if min(part_sizes(n, fractions)) >= 1)
 
 
 def make_split(
@@ -64,7 +68,6 @@ def make_split(
         k = len(order)
     chosen = order[:k]
     kth_count = chosen[-1][1]
-    min_cells = 3  # one cell each in train, val and test
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {p: [] for p in PARTS}
     n_per_type = {}
@@ -74,7 +77,7 @@ def make_split(
         if min(sizes) < 1:
             raise InputError(
                 f"type {name!r} would get {n} cells, too few to split {list(fractions)} "
-                f"(needs at least {min_cells} with one cell in each part); lower K"
+                f"(needs at least {least_cells(fractions)} for one cell in each part); lower K"
             )
         members = np.flatnonzero(labels.to_numpy() == name)
         sample = rng.choice(members, size=n, replace=False)
@@ -104,11 +107,9 @@ def split_atlas_to_dir(
     s = setting_params(settings if settings is not None else load_params(params_path), setting)
     # The reader's notes and the split's warning are held until the split is drawn: a refusal
     # (values, labels, a type too small to split) is then the only line on stderr.
-    held = io.StringIO()
-    with contextlib.redirect_stderr(held):
+    with notes_held():
         adata = read_atlas(atlas, label_key=label_key, layer=layer, filters=filters)
         split = make_split(adata.obs[LABEL], s["k"], s["cap"], seed, s["fractions"], s["equalize"])
-    sys.stderr.write(held.getvalue())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for part in PARTS:
@@ -172,11 +173,12 @@ def write_holdout_query(atlas: str | Path, split_dir: str | Path, out: str | Pat
     for part in parts.values():
         used.update(part.obs_names)
     src = info["source"]
-    adata = read_atlas(atlas, label_key=src["label_key"], layer=src["layer"], filters=src["filters"])
-    keep = adata.obs[LABEL].astype(str).isin(info["classes"]).to_numpy() & ~adata.obs_names.isin(list(used))
-    rows = np.flatnonzero(keep)
-    if rows.size == 0:
-        raise InputError(f"every cell of the split's types in {atlas} is in the split; no held-out query is left")
+    with notes_held():  # a refusal below is the only line
+        adata = read_atlas(atlas, label_key=src["label_key"], layer=src["layer"], filters=src["filters"])
+        keep = adata.obs[LABEL].astype(str).isin(info["classes"]).to_numpy() & ~adata.obs_names.isin(list(used))
+        rows = np.flatnonzero(keep)
+        if rows.size == 0:
+            raise InputError(f"every cell of the split's types in {atlas} is in the split; no held-out query is left")
     if max_cells and rows.size > max_cells:
         rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_cells, replace=False))
     query = adata[rows].copy()

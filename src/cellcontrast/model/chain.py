@@ -9,7 +9,7 @@ import anndata
 import numpy as np
 import scipy.sparse as sp
 
-from cellcontrast.annotate.genes import align_genes
+from cellcontrast.annotation.genes import align_genes
 from cellcontrast.core.errors import InputError
 from cellcontrast.data.atlas import select_counts
 from cellcontrast.data.counts import check_counts, matrix_values
@@ -21,7 +21,7 @@ class Chain:
     """A trained chain, preprocessing -> encoder -> (component) -> head, with its genes and classes.
 
     Made by `cellcontrast.fit` or loaded from a folder that ``cellcontrast train`` or
-    `Chain.save` wrote. `export` writes the one ONNX file that `cellcontrast.annotate` runs.
+    `Chain.save` wrote. `export` writes the one ONNX file that `cellcontrast.annotation` runs.
 
     Attributes
     ----------

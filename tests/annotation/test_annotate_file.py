@@ -21,7 +21,7 @@ import scipy.sparse as sp
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from cellcontrast.annotate import UNASSIGNED, annotate_file  # noqa: E402
+from cellcontrast.annotation import UNASSIGNED, annotate_file  # noqa: E402
 from cellcontrast.cli.entry import main  # noqa: E402
 from tiny_onnx import (  # noqa: E402
     CLASSES,
@@ -114,8 +114,8 @@ def test_byte_capped_chunks_give_same_result(model_path, query, tmp_path, monkey
 
     path, counts = query
     ref = annotate_file(model_path, path, tmp_path / "ref.h5ad", log=lambda *_: None)
-    monkeypatch.setattr("cellcontrast.annotate.query.READ_BYTES", 400)  # a few cells per read
-    monkeypatch.setattr("cellcontrast.annotate.api.INFERENCE_ROWS", 3)
+    monkeypatch.setattr("cellcontrast.annotation.query.READ_BYTES", 400)  # a few cells per read
+    monkeypatch.setattr("cellcontrast.annotation.api.INFERENCE_ROWS", 3)
     capped = annotate_file(model_path, path, tmp_path / "capped.h5ad", log=lambda *_: None)
     pd.testing.assert_frame_equal(ref, capped)
     dense = write_query(tmp_path / "dense.h5ad", counts, MODEL_GENES, sparse=False)
@@ -142,7 +142,7 @@ def test_gzip_chunks_inflated_in_threads_give_same_result(model_path, query, tmp
     reads = []
     submit = h5chunks.ChunkedGzipArray.submit
     monkeypatch.setattr(h5chunks.ChunkedGzipArray, "submit", lambda self, lo, hi: reads.append(hi - lo) or submit(self, lo, hi))
-    monkeypatch.setattr("cellcontrast.annotate.query.READ_BYTES", 800)  # about 100 values a read
+    monkeypatch.setattr("cellcontrast.annotation.query.READ_BYTES", 800)  # about 100 values a read
     annotate_file(model_path, rewritten, tmp_path / "out.h5ad", probabilities=True, log=lambda *_: None)
     assert len(reads) > 10  # the inflating reader did the reading
     res = ad.read_h5ad(tmp_path / "out.h5ad")
@@ -304,7 +304,7 @@ def test_torch_never_imported(model_path, query, tmp_path):
 
 @pytest.mark.parametrize("fallback", [False, True])
 def test_densify_maps_columns_sums_duplicates_and_drops_unknown_genes(monkeypatch, fallback):
-    from cellcontrast.annotate import stream as annotate_mod
+    from cellcontrast.annotation import stream as annotate_mod
 
     if fallback:  # scipy without the C helper: the public route gives the same rows
         import scipy.sparse._sparsetools as tools

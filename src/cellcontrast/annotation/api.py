@@ -43,10 +43,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from cellcontrast.annotate.genes import align_genes, found_mask
-from cellcontrast.annotate.model import Annotator, load_model
-from cellcontrast.annotate.query import MemoryMatrix, open_query, read_elem
-from cellcontrast.annotate.results import (
+from cellcontrast.annotation.genes import align_genes, found_mask
+from cellcontrast.annotation.model import Annotator, load_model
+from cellcontrast.annotation.query import MemoryMatrix, open_query, read_elem
+from cellcontrast.annotation.results import (
     PREFIX,
     UNASSIGNED,
     predictions_frame,
@@ -54,7 +54,7 @@ from cellcontrast.annotate.results import (
     uns_safe,
     write_outputs,
 )
-from cellcontrast.annotate.stream import (
+from cellcontrast.annotation.stream import (
     INFERENCE_ROWS,
     cores,
     read_ahead,
