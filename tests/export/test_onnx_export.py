@@ -184,7 +184,8 @@ def test_graph_of_an_unscaled_all_gene_lr_skips_gather_and_standardisation(train
     config = {"genes": trained_data["genes"], "classes": trained_data["classes"]}
     ops = {node.op_type for node in onnx.load(str(export_chain_to_onnx(chain, config, tmp_path / "a.onnx"))).graph.node}
     assert "Gather" not in ops and "Sub" not in ops
-    chain = fit_chain(xt, yt, xv, yv, len(trained_data["classes"]), "lr", "none", {"lr": {"n_hvg": 50}}, seed=0)
+    chain = fit_chain(xt, yt, xv, yv, len(trained_data["classes"]), "lr", "none",
+                      {"lr": {"n_hvg": 50, "standardize": True, "l2_path": [1e-2]}}, seed=0)
     ops = {node.op_type for node in onnx.load(str(export_chain_to_onnx(chain, config, tmp_path / "b.onnx"))).graph.node}
     assert "Gather" in ops
 

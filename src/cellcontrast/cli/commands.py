@@ -33,8 +33,9 @@ def split(args: argparse.Namespace) -> None:
 
     info = split_atlas_to_dir(args.atlas, setting=args.setting, seed=args.seed, out_dir=args.out_dir,
                               params_path=args.params, label_key=args.label_key, layer=args.layer,
-                              filters=parse_filters(args.filter))
-    print(json.dumps({k: info[k] for k in ("setting", "k", "n_per_type", "seed", "n_cells")}))
+                              filters=parse_filters(args.filter), batch_key=args.batch_key, holdout=args.holdout)
+    shown = ("setting", "k", "n_per_type", "seed", "holdout", "n_cells")
+    print(json.dumps({k: info[k] for k in shown if k in info}))
 
 
 def holdout(args: argparse.Namespace) -> None:
@@ -123,7 +124,7 @@ def benchmark(args: argparse.Namespace) -> None:
 
     run_benchmark(args.atlas, out_dir=args.out_dir, settings=args.settings.split(","), seeds=args.seeds,
                   tune_trials=args.tune_trials, params_path=args.params, label_key=args.label_key,
-                  layer=args.layer, filters=parse_filters(args.filter))
+                  layer=args.layer, filters=parse_filters(args.filter), batch_key=args.batch_key)
 
 
 def export(args: argparse.Namespace) -> None:

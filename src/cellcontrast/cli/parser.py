@@ -38,9 +38,11 @@ def _simulate(sub) -> None:
 def _split(sub) -> None:
     p = sub.add_parser("split", help="downsample an atlas to a setting and split it 80/10/10")
     p.add_argument("--atlas", required=True, help="input .h5ad with raw counts")
-    p.add_argument("--setting", required=True, help="a setting of params.yaml: default, scarce or natural")
-    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--setting", required=True, help="a setting of params.yaml: default, scarce, natural or heldout")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw; for heldout without --holdout, the fold")
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--batch-key", default=None, help="heldout: the obs column of batches (donor, individual, ...)")
+    p.add_argument("--holdout", default=None, help="heldout: the batch to hold out as the test part")
     p.add_argument("--params", default="params.yaml", help="params file with the settings (default: params.yaml)")
     _atlas_options(p)
 
@@ -91,7 +93,8 @@ def _benchmark(sub) -> None:
     p = sub.add_parser("benchmark", help="splits, tuning, grid and report on any atlas, in one command")
     p.add_argument("--atlas", required=True)
     p.add_argument("--settings", default="default,scarce")
-    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=5, help="seeds of random splits (heldout: one fold per batch)")
+    p.add_argument("--batch-key", default=None, help="heldout: the obs column of batches (donor, individual, ...)")
     p.add_argument("--tune-trials", type=int, default=0)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--params", default="params.yaml")

@@ -23,6 +23,7 @@ from cellcontrast.core.fingerprint import file_sha256
 from cellcontrast.core.names import LABEL
 from cellcontrast.core.params import load_params, setting_params
 from cellcontrast.data.atlas import read_atlas
+from cellcontrast.data.heldout import batch_values, make_heldout_split
 
 PARTS = ("train", "val", "test")
 # What training and tuning read from split.json.
@@ -102,48 +103,65 @@ def split_atlas_to_dir(
     layer: str | None = None,
     filters: dict[str, str] | None = None,
     settings: dict | None = None,
+    batch_key: str | None = None,
+    holdout: str | None = None,
 ) -> dict:
-    """Write train/val/test.h5ad and split.json for one setting and seed; returns split.json."""
-    s = setting_params(settings if settings is not None else load_params(params_path), setting)
+    """Write train/val/test.h5ad and split.json for one setting and seed; returns split.json.
+
+    A held-out-batch setting (``batch_key``) holds out ``holdout``, or, without it, fold
+    ``seed``: the seed-th batch in sorted order (folds take the place of seeds).
+    """
+    s = setting_params(settings if settings is not None else load_params(params_path), setting, batch_key)
     # The reader's notes and the split's warning are held until the split is drawn: a refusal
     # (values, labels, a type too small to split) is then the only line on stderr.
     with notes_held():
         adata = read_atlas(atlas, label_key=label_key, layer=layer, filters=filters)
-        split = make_split(adata.obs[LABEL], s["k"], s["cap"], seed, s["fractions"], s["equalize"])
+        indices, classes, extra = _draw(adata, s, seed, holdout)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for part in PARTS:
-        sub = adata[split.indices[part]]
+        sub = adata[indices[part]]
         part_data = ad.AnnData(X=sub.X.copy(), obs=sub.obs.copy(), var=sub.var.copy())
         # The same category order in every part, so label codes agree across train/val/test.
-        part_data.obs[LABEL] = pd.Categorical(part_data.obs[LABEL].astype(str), categories=split.classes)
+        part_data.obs[LABEL] = pd.Categorical(part_data.obs[LABEL].astype(str), categories=classes)
         part_data.obs = part_data.obs.loc[:, [LABEL] + [c for c in part_data.obs.columns if c != LABEL]]
         with atomic_path(out_dir / f"{part}.h5ad") as tmp:
             part_data.write_h5ad(tmp)
     info = {
-        "setting": setting,
-        "k": len(split.classes),
-        "k_requested": s["k"],
-        "cap": s["cap"],
-        "equalize": bool(s["equalize"]),
-        "fractions": list(s["fractions"]),
-        "n_per_type": min(split.n_per_type.values()) if s["equalize"] else None,
-        "n_per_type_by_class": split.n_per_type,
-        "seed": seed,
-        "n_cells": {p: int(split.indices[p].size) for p in PARTS},
-        "classes": split.classes,
-        "source": {
-            "path": str(atlas),
-            "sha256": file_sha256(atlas),
-            "label_key": label_key,
-            "layer": layer,
-            "filters": filters or {},
-            "n_genes": int(adata.n_vars),
-        },
+        "setting": setting, "k": len(classes), **extra, "seed": seed,
+        "n_cells": {p: int(indices[p].size) for p in PARTS}, "classes": classes,
+        "source": {"path": str(atlas), "sha256": file_sha256(atlas), "label_key": label_key, "layer": layer,
+                   "filters": filters or {}, "n_genes": int(adata.n_vars)},
     }
     with atomic_path(out_dir / "split.json") as tmp:
         tmp.write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _draw(adata: ad.AnnData, s: dict, seed: int, holdout: str | None) -> tuple[dict, list[str], dict]:
+    """The parts' rows, the classes and what split.json records of the draw."""
+    if s["heldout"]:
+        batches = batch_values(adata.obs, s["batch_key"])
+        names = sorted(set(batches))
+        if holdout is None:
+            if not 0 <= seed < len(names):
+                raise InputError(f"fold {seed} does not exist: {s['batch_key']!r} has {len(names)} batches "
+                                 f"({', '.join(names)}); pass --holdout or a seed below {len(names)}")
+            holdout = names[seed]
+        split = make_heldout_split(adata.obs[LABEL], batches, holdout, s["min_cells"], s["val_fraction"],
+                                   s["cap"], seed)
+        return split.indices, split.classes, {
+            "heldout": True, "batch_key": s["batch_key"], "holdout": split.holdout, "batches": split.batches,
+            "dropped_types": split.dropped, "min_cells": s["min_cells"], "cap": s["cap"],
+            "val_fraction": s["val_fraction"], "k_requested": None, "equalize": False, "n_per_type": None}
+    if holdout is not None:
+        raise InputError("--holdout is for a setting that leaves one batch out (e.g. heldout)")
+    split = make_split(adata.obs[LABEL], s["k"], s["cap"], seed, s["fractions"], s["equalize"])
+    return split.indices, split.classes, {
+        "k_requested": s["k"], "cap": s["cap"], "equalize": bool(s["equalize"]),
+        "fractions": list(s["fractions"]),
+        "n_per_type": min(split.n_per_type.values()) if s["equalize"] else None,
+        "n_per_type_by_class": split.n_per_type}
 
 
 def read_split(split_dir: str | Path, parts=PARTS) -> tuple[dict, dict[str, ad.AnnData]]:

@@ -67,7 +67,8 @@ class _Cell:
         return f"{self.setting}/seed{self.data.info['seed']}/{self.base}/{component}"
 
     def row(self, component: str, run_id: str, skipped: bool, metrics: dict) -> dict:
-        return {"setting": self.setting, "seed": self.data.info["seed"], "base": self.base,
+        where = {"holdout": self.data.info["holdout"]} if "holdout" in self.data.info else {}
+        return {"setting": self.setting, "seed": self.data.info["seed"], **where, "base": self.base,
                 "component": component, "run_id": run_id, "skipped": skipped, **metrics}
 
 
@@ -134,7 +135,8 @@ def _train_run(cell: _Cell, component: str, resolved: dict, run_tags: dict) -> d
         mlflow.set_tags({"base": cell.base, "component": component, "setting": cell.setting,
                          "seed": str(info["seed"]), "model_seed": str(cell.seed), **cell.tags})
         mlflow.log_params(tracking.flatten(resolved))
-        mlflow.log_params({f"split.{k}": info[k] for k in ("setting", "k", "n_per_type", "seed")})
+        mlflow.log_params({f"split.{k}": info[k] for k in ("setting", "k", "n_per_type", "seed", "batch_key",
+                                                             "holdout") if k in info})
         mlflow.log_params({"split.source_sha256": info["source"]["sha256"],
                            "split.n_train": info["n_cells"]["train"], "split.dir": str(cell.split_dir),
                            "model_seed": cell.seed})

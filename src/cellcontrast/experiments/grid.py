@@ -58,8 +58,11 @@ def merged_params(model_params: dict, tuned: dict) -> dict:
     return {name: {**(model_params.get(name) or {}), **(tuned.get(name) or {})} for name in names}
 
 
-def tuned_params(tuned_dir: str | Path, setting: str, base: str) -> dict:
-    path = Path(tuned_dir) / setting / f"{base}.json"
+def tuned_params(tuned_dir: str | Path, setting: str, base: str, seed: int | None = None) -> dict:
+    """The tuned parameters of ``base``: the seed's own study when there is one
+    (``tuned_dir/setting/seed{seed}/``), else the setting's (``tuned_dir/setting/``), else none."""
+    own = Path(tuned_dir) / setting / f"seed{seed}" / f"{base}.json"
+    path = own if seed is not None and own.exists() else Path(tuned_dir) / setting / f"{base}.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -84,14 +87,15 @@ def grid_tasks(cfg: dict) -> list[dict]:
     """One task per (setting, seed, base), slow bases first so that the workers finish together."""
     tasks = []
     for setting in cfg["settings"]:
-        for seed in cfg["seeds"]:
+        # a held-out-batch setting has one fold per batch in place of the seeds
+        for seed in (cfg.get("seeds_by_setting") or {}).get(setting, cfg["seeds"]):
             split_dir = Path(cfg["split_root"]) / setting / f"seed{seed}"
             if not (split_dir / "split.json").exists():
                 raise InputError(f"no split at {split_dir}; run `dvc repro splits` or `cellcontrast split` first")
             for base in cfg["bases"]:
                 tasks.append({
                     "split_dir": str(split_dir), "base": base, "components": cfg["components"],
-                    "params": merged_params(cfg["model_params"], tuned_params(cfg["tuned_dir"], setting, base)),
+                    "params": merged_params(cfg["model_params"], tuned_params(cfg["tuned_dir"], setting, base, seed)),
                     "experiment": cfg["experiment"], "threads": cfg["threads"],
                     "out_root": str(Path(cfg["models_dir"]) / setting / f"seed{seed}"),
                 })

@@ -7,10 +7,10 @@ import pandas as pd
 
 from cellcontrast.core.errors import InputError
 
-SETTING_ORDER = ("default", "scarce", "natural")
+SETTING_ORDER = ("default", "scarce", "natural", "heldout")
 
 
-SETTING_NAMES = {"default": "Default", "scarce": "Data Scarce", "natural": "Natural"}
+SETTING_NAMES = {"default": "Default", "scarce": "Data Scarce", "natural": "Natural", "heldout": "Held-out batch"}
 
 
 BASE_NAMES = {"lr": "LR", "actinn": "ACTINN", "scdae": "scDAE"}

@@ -71,12 +71,16 @@ def _tune_base(job: dict) -> dict:
     return {"base": job["base"], "params": best}
 
 
-def tune_setting(setting: str, cfg: dict, tcfg: dict, search_space: dict) -> dict:
-    """Tune every base (and its components) of one setting on seed 0's validation split."""
-    split_dir = Path(cfg["split_root"]) / setting / f"seed{cfg['seeds'][0]}"
+def tune_setting(setting: str, cfg: dict, tcfg: dict, search_space: dict, seed: int | None = None) -> dict:
+    """Tune every base (and its components) of one setting on one split's validation part:
+    the first seed's, written to ``tuned_dir/setting/`` (the grid's default for every seed), or
+    seed ``seed``'s own, written to ``tuned_dir/setting/seed{seed}/`` (read by that seed only,
+    so that no seed's test cells are in the split its parameters were chosen on)."""
+    chosen = cfg["seeds"][0] if seed is None else seed
+    split_dir = Path(cfg["split_root"]) / setting / f"seed{chosen}"
     if not (split_dir / "split.json").exists():
         raise InputError(f"no split at {split_dir}; run `dvc repro splits` or `cellcontrast split` first")
-    out_dir = Path(cfg["tuned_dir"]) / setting
+    out_dir = Path(cfg["tuned_dir"]) / setting / ("" if seed is None else f"seed{seed}")
     out_dir.mkdir(parents=True, exist_ok=True)
     tracking.setup(tcfg["experiment"])
     jobs = [{"setting": setting, "base": base, "components": cfg["components"], "split_dir": str(split_dir),
