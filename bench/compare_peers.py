@@ -2,6 +2,12 @@
 
     .venv/bin/python bench/compare_peers.py [--datasets all|NAME,...] [--settings default,scarce,natural]
         [--seeds 5] [--tune-trials 3] [--out-dir reports/peers] [--skip-cellcontrast] [--force]
+        [--batch-key KEY]
+
+The held-out-batch setting (``heldout`` in --settings, batches from obs[KEY], params.yaml's
+batch_key without --batch-key) has one fold per batch in place of the seeds: fold i holds out the
+i-th batch in sorted order, its split in OUT/{dataset}/splits/heldout/seed{i}. Its report shows
+every fold (named by its held-out batch) and the mean over folds.
 
 Datasets: every ``.h5ad`` in ``--data-dir`` (default ``../shared/data`` from the repository root)
 plus the simulated atlas ``data/atlas.h5ad`` (name ``atlas``) when it exists. For each dataset:
@@ -19,7 +25,8 @@ plus the simulated atlas ``data/atlas.h5ad`` (name ``atlas``) when it exists. Fo
 4. OUT/peers.csv (long: dataset, setting, seed, method, metrics, times), OUT/peers_per_class.csv
    and OUT/peers.md: per dataset and setting the peers, the cellcontrast chain chosen on
    VALIDATION (highest mean val macro F1 over seeds; test never chooses) and all chains; a
-   summary "best peer vs chosen chain"; per-class F1 of the rarest types in the natural setting.
+   summary "best peer vs chosen chain"; per-class F1 of the rarest types in the natural setting;
+   per fold (held-out batch) macro F1 and top-1 in the heldout setting.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ BASE_NAMES = {"lr": "LR", "actinn": "ACTINN", "scdae": "scDAE"}
 COMPONENT_NAMES = {"none": "", "mlp": " + MLP-CL", "mls": " + MLS-CL"}
 METRICS = ["val_top1", "val_top3", "val_macro_f1", "test_top1", "test_top3", "test_macro_f1"]
 CSV_COLUMNS = ["dataset", "setting", "seed", "kind", "method", *METRICS, "train_seconds", "predict_seconds", "run_id"]
+# Added after CSV_COLUMNS only when a held-out-batch setting was run: the fold's held-out batch.
+HOLDOUT = "holdout"
 N_RARE = 5
 
 
@@ -135,46 +144,112 @@ def prepare_store(uri: str, dataset_stem: str, artifact_dir: Path) -> None:
             mlflow.create_experiment(name, artifact_location=(artifact_dir / name).resolve().as_uri())
 
 
-def split_dirs(ds_out: Path, settings: list[str], seeds: list[int]) -> list[Path]:
-    return [ds_out / "splits" / s / f"seed{seed}" for s in settings for seed in seeds]
+def heldout_settings(params_path: str, settings: list[str], batch_key: str | None) -> dict[str, str]:
+    """{setting: batch column} for the settings that leave one batch out (params.yaml's
+    batch_key, or --batch-key); the random-split settings are not in it."""
+    from cellcontrast.core.params import load_params, setting_params
+
+    params = load_params(REPO / params_path if not Path(params_path).is_absolute() else params_path)
+    out = {}
+    for setting in settings:
+        if "batch_key" in ((params.get("settings") or {}).get(setting) or {}):
+            out[setting] = setting_params(params, setting, batch_key)["batch_key"]
+    return out
 
 
-def results_cover(path: Path, settings: list[str], seeds: list[int]) -> bool:
+def batch_names(atlas: Path, batch_key: str) -> list[str]:
+    """The sorted batches of the atlas's labelled cells: fold i holds out the i-th, as in
+    `cellcontrast benchmark` (which leaves out cells without a label before it counts them)."""
+    import anndata as ad
+
+    from cellcontrast.core.names import LABEL
+    from cellcontrast.data.heldout import batch_values
+
+    a = ad.read_h5ad(atlas, backed="r")
+    try:
+        obs = a.obs
+    finally:
+        a.file.close()
+    if LABEL in obs.columns:
+        labels = obs[LABEL]
+        obs = obs[~(labels.isna().to_numpy() | (labels.astype(str).str.strip() == "").to_numpy())]
+    return sorted(set(batch_values(obs, batch_key, where=str(atlas))))
+
+
+def seeds_by_setting(settings: list[str], seeds: list[int], folds: dict[str, list[str]]) -> dict[str, list[int]]:
+    """Each setting's seeds: 0..N-1, or for a held-out-batch setting its folds."""
+    return {s: list(range(len(folds[s]))) if s in folds else list(seeds) for s in settings}
+
+
+def split_dirs(ds_out: Path, settings: list[str], seeds: dict[str, list[int]]) -> list[Path]:
+    return [ds_out / "splits" / s / f"seed{seed}" for s in settings for seed in seeds[s]]
+
+
+def results_cover(path: Path, settings: list[str], seeds: dict[str, list[int]],
+                  folds: dict[str, list[str]] | None = None) -> bool:
+    """results.csv has every (setting, seed); a held-out-batch fold must also hold out the
+    same batch as now (the `holdout` column)."""
     if not path.exists():
         return False
     try:
-        table = pd.read_csv(path)
+        table = pd.read_csv(path, dtype={HOLDOUT: str})
     except (pd.errors.EmptyDataError, pd.errors.ParserError):
         return False
     have = set(zip(table["setting"].astype(str), table["seed"].astype(int), strict=True))
-    return all((s, seed) in have for s in settings for seed in seeds)
+    if not all((s, seed) in have for s in settings for seed in seeds[s]):
+        return False
+    for setting, names in (folds or {}).items():
+        if setting not in settings:
+            continue
+        if HOLDOUT not in table.columns:
+            return False
+        rows = table[table["setting"].astype(str) == setting]
+        held = set(zip(rows["seed"].astype(int), rows[HOLDOUT].astype(str), strict=True))
+        if not all((i, name) in held for i, name in enumerate(names)):
+            return False
+    return True
 
 
-def cellcontrast_stage(name: str, atlas: Path, ds_out: Path, args, settings, seeds) -> str | None:
-    """Run `cellcontrast benchmark` (or only the splits); returns an error message or None."""
+def cellcontrast_stage(name: str, atlas: Path, ds_out: Path, args, settings, seeds,
+                       folds: dict[str, list[str]]) -> str | None:
+    """Run `cellcontrast benchmark` (or only the splits); returns an error message or None.
+
+    ``seeds``: each setting's seeds (a held-out-batch setting: its folds); ``folds``: the
+    held-out-batch settings' batches, fold i holding out the i-th.
+    """
     results = ds_out / "results.csv"
     cli = [sys.executable, "-m", "cellcontrast.cli.entry"]
+    batch = ["--batch-key", args.batch_key] if args.batch_key and folds else []
     if args.skip_cellcontrast:
         for split in split_dirs(ds_out, settings, seeds):
-            if (split / "split.json").exists() and not args.force:
-                continue
             setting, seed = split.parent.name, split.name.removeprefix("seed")
+            if (split / "split.json").exists() and not args.force:
+                if setting in folds:
+                    held = json.loads((split / "split.json").read_text()).get(HOLDOUT)
+                    if held == folds[setting][int(seed)]:
+                        continue
+                    log(f"[{name}] {split} holds out {held!r}, fold {seed} is {folds[setting][int(seed)]!r}: "
+                        "split again")
+                else:
+                    continue
             rc = run([*cli, "split", "--atlas", str(atlas), "--setting", setting, "--seed", seed,
-                      "--out-dir", str(split), "--params", args.params])
+                      "--out-dir", str(split), "--params", args.params, *(batch if setting in folds else [])])
             if rc != 0:
-                return f"`cellcontrast split` failed (exit {rc}) for {setting} seed {seed}"
+                what = f"fold {seed} (holds out {folds[setting][int(seed)]})" if setting in folds else f"seed {seed}"
+                return f"`cellcontrast split` failed (exit {rc}) for {setting} {what}"
         return None
     if results.exists() and not args.force:
-        if results_cover(results, settings, seeds):
-            log(f"[{name}] {results} exists and covers {','.join(settings)} x seeds {seeds}: benchmark skipped")
+        if results_cover(results, settings, seeds, folds):
+            shown = "; ".join(f"{s} {'folds' if s in folds else 'seeds'} {seeds[s]}" for s in settings)
+            log(f"[{name}] {results} exists and covers {shown}: benchmark skipped")
             return None
-        log(f"[{name}] {results} lacks some requested setting/seed: running the benchmark again")
+        log(f"[{name}] {results} lacks some requested setting/seed/fold: running the benchmark again")
     if args.tracking_uri:
         prepare_store(args.tracking_uri, atlas.stem, ds_out / "mlartifacts")
     t0 = time.time()
     rc = run([*cli, "benchmark", "--atlas", str(atlas), "--settings", ",".join(settings),
               "--seeds", str(args.seeds), "--tune-trials", str(args.tune_trials), "--out-dir", str(ds_out),
-              "--params", args.params], env=subprocess_env(args))
+              "--params", args.params, *batch], env=subprocess_env(args))
     if rc != 0:
         return f"`cellcontrast benchmark` failed (exit {rc})"
     log(f"[{name}] benchmark done in {time.time() - t0:.0f} s")
@@ -212,6 +287,29 @@ def peers_stage(name: str, ds_out: Path, args, settings, seeds, python: str) -> 
 # ------------------------------------------------------------------ collecting results
 
 
+def holdout_of(split: Path) -> dict:
+    """{'holdout': batch} for a held-out-batch split, {} for a random one."""
+    path = split / "split.json"
+    if not path.exists():
+        return {}
+    info = json.loads(path.read_text())
+    return {HOLDOUT: str(info[HOLDOUT])} if info.get("heldout") and HOLDOUT in info else {}
+
+
+def fold_infos(ds_out: Path, settings, seeds, folds: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """{held-out-batch setting: split.json of each fold, in fold order} (folds without a split left out)."""
+    out = {}
+    for setting in settings:
+        if setting not in folds:
+            continue
+        out[setting] = []
+        for seed in seeds[setting]:
+            path = ds_out / "splits" / setting / f"seed{seed}" / "split.json"
+            if path.exists():
+                out[setting].append(json.loads(path.read_text()))
+    return out
+
+
 def peer_rows(name: str, ds_out: Path, settings, seeds) -> tuple[list[dict], list[dict]]:
     rows, per_class = [], []
     for split in split_dirs(ds_out, settings, seeds):
@@ -220,12 +318,13 @@ def peer_rows(name: str, ds_out: Path, settings, seeds) -> tuple[list[dict], lis
             continue
         d = json.loads(path.read_text())
         counts = d.get("n_per_type_by_class") or {}
+        where = holdout_of(split)
         for method, r in d["methods"].items():
             rows.append({"dataset": name, "setting": d["setting"], "seed": int(d["seed"]), "kind": "peer",
                          "method": method, **{m: r.get(m) for m in METRICS},
-                         "train_seconds": r["train_seconds"], "predict_seconds": r["predict_seconds"]})
+                         "train_seconds": r["train_seconds"], "predict_seconds": r["predict_seconds"], **where})
             for cls, f1, support in zip(d["classes"], r["per_class_f1"], d["test_support"], strict=True):
-                per_class.append({"dataset": name, "setting": d["setting"], "seed": int(d["seed"]),
+                per_class.append({"dataset": name, "setting": d["setting"], "seed": int(d["seed"]), **where,
                                   "method": method, "class": cls, "n_cells": counts.get(cls),
                                   "test_support": support, "f1": f1})
     return rows, per_class
@@ -243,8 +342,10 @@ def chain_rows(name: str, ds_out: Path, settings, seeds, threads: int) -> tuple[
     from cellcontrast.train.metrics import per_class_f1
 
     torch.set_num_threads(threads)
-    table = pd.read_csv(results)
-    table = table[table["setting"].astype(str).isin(settings) & table["seed"].astype(int).isin(seeds)].copy()
+    table = pd.read_csv(results, dtype={HOLDOUT: str})
+    wanted = {(s, seed) for s in settings for seed in seeds[s]}
+    table = table[[(str(s), int(seed)) in wanted
+                   for s, seed in zip(table["setting"], table["seed"], strict=True)]].copy()
     # A component's row in results.csv times only the component and its new head: the base was
     # trained once, in the row of component 'none'. The whole chain's training time is the sum.
     base_time = table[table["component"] == "none"].set_index(["setting", "seed", "base"])["train_seconds"]
@@ -257,12 +358,16 @@ def chain_rows(name: str, ds_out: Path, settings, seeds, threads: int) -> tuple[
         split = ds_out / "splits" / str(setting) / f"seed{int(seed)}"
         data = load_split_data(split) if (split / "split.json").exists() else None
         counts = (data.info.get("n_per_type_by_class") or {}) if data else {}
+        where = holdout_of(split)
         for _, r in group.iterrows():
             method = chain_method(r["base"], r["component"])
+            if where and HOLDOUT in r and pd.notna(r[HOLDOUT]) and str(r[HOLDOUT]) != where[HOLDOUT]:
+                warnings.append(f"{name} {setting} fold {seed} {method}: results.csv holds out {r[HOLDOUT]!r}, "
+                                f"the split {where[HOLDOUT]!r}")
             row = {"dataset": name, "setting": setting, "seed": int(seed), "kind": "cellcontrast",
                    "method": method, **{m: r.get(m) for m in METRICS},
                    "train_seconds": r.get("chain_train_seconds"), "predict_seconds": np.nan,
-                   "run_id": r.get("run_id")}
+                   "run_id": r.get("run_id"), **where}
             model_dir = ds_out / "models" / str(setting) / f"seed{int(seed)}" / f"{r['base']}-{r['component']}"
             if data is None or not (model_dir / "config.json").exists():
                 warnings.append(f"{name} {setting} seed {seed} {method}: no saved chain or split, no per-class F1")
@@ -278,7 +383,7 @@ def chain_rows(name: str, ds_out: Path, settings, seeds, threads: int) -> tuple[
                 warnings.append(f"{name} {setting} seed {seed} {method}: reloaded chain's test macro F1 "
                                 f"{macro:.4f} differs from results.csv {float(r['test_macro_f1']):.4f}")
             for cls, value, support in zip(f1["class"], f1["f1"], f1["support"], strict=True):
-                per_class.append({"dataset": name, "setting": setting, "seed": int(seed), "method": method,
+                per_class.append({"dataset": name, "setting": setting, "seed": int(seed), **where, "method": method,
                                   "class": cls, "n_cells": counts.get(cls), "test_support": int(support),
                                   "f1": float(value)})
             rows.append(row)
@@ -313,8 +418,8 @@ def method_order(group: pd.DataFrame) -> list[str]:
     return peers + chains
 
 
-def table_md(group: pd.DataFrame, chosen: str | None) -> list[str]:
-    lines = ["| method | seeds | val macro F1 | test top-1 | test top-3 | test macro F1 | train s | predict s |",
+def table_md(group: pd.DataFrame, chosen: str | None, unit: str = "seeds") -> list[str]:
+    lines = [f"| method | {unit} | val macro F1 | test top-1 | test top-3 | test macro F1 | train s | predict s |",
              "|---|---|---|---|---|---|---|---|"]
 
     def line(method: str, label: str) -> str:
@@ -330,6 +435,50 @@ def table_md(group: pd.DataFrame, chosen: str | None) -> list[str]:
         lines.append(line(chosen, f"**cellcontrast best (chosen on validation): {display(chosen)}**"))
     for m in (m for m in order if m not in PEERS):
         lines.append(line(m, f"cellcontrast {display(m)}" + (" (chosen)" if m == chosen else "")))
+    return lines
+
+
+def heldout_md(group: pd.DataFrame, chosen: str | None, infos: list[dict]) -> list[str]:
+    """A held-out-batch setting: which batch each fold holds out, then test macro F1 and top-1
+    of every method per fold and their mean over folds, then the usual mean ± sd table."""
+    seeds = sorted(int(s) for s in group["seed"].dropna().unique())
+    by_seed = {int(i["seed"]): i for i in infos}
+    names = {seed: str(by_seed[seed][HOLDOUT]) if seed in by_seed else f"fold {seed}" for seed in seeds}
+    lines = []
+    if infos:
+        first = infos[0]
+        lines.append(f"One fold per batch of `{first.get('batch_key')}`: fold i trains on the other batches "
+                     "(validation drawn from them, stratified by type) and is tested on every cell of the "
+                     "held-out batch whose type is kept. "
+                     f"{len(first['classes'])} types kept (at least {first.get('min_cells')} cells in the "
+                     f"training batches of every fold): {', '.join(map(str, first['classes']))}."
+                     + (f" Left out: {', '.join(map(str, first['dropped_types']))}."
+                        if first.get("dropped_types") else ""))
+        lines.append("")
+        lines += ["| fold | held-out batch | train cells | val cells | test cells |", "|---|---|---|---|---|"]
+        for info in infos:
+            n = info["n_cells"]
+            lines.append(f"| {info['seed']} | {info[HOLDOUT]} | {n['train']} | {n['val']} | {n['test']} |")
+        lines.append("")
+    order = method_order(group)
+    rows = [(m, f"peer: {display(m)}") for m in order if m in PEERS]
+    if chosen:
+        rows.append((chosen, f"**cellcontrast best (chosen on validation): {display(chosen)}**"))
+    rows += [(m, f"cellcontrast {display(m)}" + (" (chosen)" if m == chosen else "")) for m in order if m not in PEERS]
+    folds_head = " | ".join(f"{names[s]} (fold {s})" for s in seeds)
+    for metric, title in (("test_macro_f1", "Test macro F1"), ("test_top1", "Test top-1")):
+        lines += [f"{title} per fold (held-out batch) and mean over folds"
+                  + (" (val macro F1: mean over folds, what the choice is made on):" if metric == "test_macro_f1"
+                     else ":"), "",
+                  f"| method |{' val macro F1 |' if metric == 'test_macro_f1' else ''} {folds_head} | mean |",
+                  "|---|" + ("---|" if metric == "test_macro_f1" else "") + "---|" * len(seeds) + "---|"]
+        for method, label in rows:
+            g = group[group["method"] == method]
+            cells = [fmt(g.loc[g["seed"] == s, metric]) for s in seeds]
+            val = f" {fmt(g['val_macro_f1'], sd=False)} |" if metric == "test_macro_f1" else ""
+            lines.append(f"| {label} |{val} {' | '.join(cells)} | {fmt(g[metric], sd=False)} |")
+        lines.append("")
+    lines += ["Mean ± sd over folds, with top-3 and times:", "", *table_md(group, chosen, unit="folds")]
     return lines
 
 
@@ -372,10 +521,15 @@ def rare_md(per_class: pd.DataFrame, long: pd.DataFrame, dataset: str) -> list[s
 
 
 def write_report(long: pd.DataFrame, per_class: pd.DataFrame, out: Path, args, notes: list[str],
-                 errors: dict[str, list[str]]) -> Path:
+                 errors: dict[str, list[str]], folds: dict[tuple[str, str], list[dict]] | None = None) -> Path:
+    """``folds``: {(dataset, held-out-batch setting): split.json of each fold}."""
+    folds = folds or {}
+    heldout = sorted({s for _, s in folds})
+    fold_text = (f"; {', '.join(heldout)}: one fold per batch"
+                 + (f" of `{args.batch_key}`" if args.batch_key else "")) if heldout else ""
     lines = ["# cellcontrast vs peer annotators", "",
              f"`{' '.join(shlex.quote(a) for a in sys.argv)}` ({time.strftime('%Y-%m-%d %H:%M')}); "
-             f"settings {args.settings}, seeds 0..{args.seeds - 1}, tuning trials {args.tune_trials}.", "",
+             f"settings {args.settings}, seeds 0..{args.seeds - 1}{fold_text}, tuning trials {args.tune_trials}.", "",
              "Every method is trained on the split's TRAIN cells and scored on its TEST cells; metrics are "
              "mean ± sd over seeds (each seed a new downsample, split and model initialisation). Peers run "
              "with fixed defaults (no tuning, nothing selected on validation). The cellcontrast chain marked "
@@ -386,6 +540,12 @@ def write_report(long: pd.DataFrame, per_class: pd.DataFrame, out: Path, args, n
              "model's training too (base + component + new head); predict is raw test counts to "
              "probabilities, model already in memory. On these small splits the times are dominated by "
              "fixed overheads.", ""]
+    if heldout:
+        lines += [f"Held-out batch ({', '.join(heldout)}): the seeds are folds, one per batch; fold i holds out "
+                  "the i-th batch (sorted names), trains on the others and tests on the held-out one, so "
+                  "\"seeds\" in the summary counts folds and mean ± sd is over folds. The chosen chain has the "
+                  "highest mean validation macro F1 over folds (validation comes from the training batches).",
+                  ""]
     for note in notes:
         lines.append(f"- note: {note}")
     if notes:
@@ -408,7 +568,11 @@ def write_report(long: pd.DataFrame, per_class: pd.DataFrame, out: Path, args, n
         d = long[long["dataset"] == dataset]
         for setting in [s for s in args.settings.split(",") if s in set(d["setting"])]:
             group = d[d["setting"] == setting]
-            lines += [f"### {dataset} / {setting}", "", *table_md(group, chosen_chain(group)), ""]
+            if (dataset, setting) in folds:
+                body = heldout_md(group, chosen_chain(group), folds[(dataset, setting)])
+            else:
+                body = table_md(group, chosen_chain(group))
+            lines += [f"### {dataset} / {setting}", "", *body, ""]
         rare = rare_md(per_class, long, dataset)
         if rare:
             lines += [f"### {dataset} / natural: rarest types", "", *rare, ""]
@@ -447,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--bench-python", default=".venv-bench/bin/python", help="interpreter with celltypist")
     p.add_argument("--threads", type=int, default=1, help="threads for the peers and for chain prediction")
+    p.add_argument("--batch-key", default=None,
+                   help="heldout: the obs column of batches (donor, individual, ...), passed to `cellcontrast "
+                        "benchmark/split --batch-key`; one fold per batch (default: params.yaml's batch_key)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store for the benchmark runs, e.g. sqlite:///reports/peers/mlflow.db; its "
                         "artifacts then go under OUT/{dataset}/mlartifacts (default: MLFLOW_TRACKING_URI or "
@@ -462,6 +629,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     args.settings = ",".join(settings)
     seeds = list(range(args.seeds))
+    try:
+        batch_keys = heldout_settings(args.params, settings, args.batch_key)
+    except Exception as err:  # noqa: BLE001 - an unknown setting, a bad params.yaml: one line
+        p.error(str(err))
+    if args.batch_key and not batch_keys:
+        log(f"note: --batch-key {args.batch_key} is ignored: no setting of --settings leaves one batch out "
+            "(add heldout)")
+        args.batch_key = None
     out = Path(args.out_dir)
     out = out if out.is_absolute() else REPO / out
     out.mkdir(parents=True, exist_ok=True)
@@ -472,17 +647,38 @@ def main(argv: list[str] | None = None) -> int:
         log("error: no datasets to run")
         return 2
 
-    long_rows, per_class_rows, errors = [], [], {}
+    long_rows, per_class_rows, errors, fold_report = [], [], {}, {}
     for name, atlas in datasets:
         ds_out = out / name
         log(f"[{name}] {atlas} -> {ds_out}")
-        err = cellcontrast_stage(name, atlas, ds_out, args, settings, seeds)
+        ds_settings, folds = list(settings), {}
+        for setting, key in batch_keys.items():
+            try:
+                folds[setting] = batch_names(atlas, key)
+            except Exception as err:  # noqa: BLE001 - no such column, one batch: this dataset skips the setting
+                errors.setdefault(name, []).append(f"{setting}: {err}; setting skipped")
+                log(f"[{name}] {setting}: {err}; setting skipped")
+                ds_settings.remove(setting)
+                continue
+            log(f"[{name}] {setting}: {len(folds[setting])} folds, one per batch of {key!r}: "
+                f"{', '.join(folds[setting])}")
+        if not ds_settings:
+            continue
+        ds_seeds = seeds_by_setting(ds_settings, seeds, folds)
+        err = cellcontrast_stage(name, atlas, ds_out, args, ds_settings, ds_seeds, folds)
         if err:
             errors.setdefault(name, []).append(err)
             log(f"[{name}] {err}")
-        errors.setdefault(name, []).extend(peers_stage(name, ds_out, args, settings, seeds, python))
-        rows, per_class = peer_rows(name, ds_out, settings, seeds)
-        c_rows, c_per_class, warnings = chain_rows(name, ds_out, settings, seeds, args.threads)
+        errors.setdefault(name, []).extend(peers_stage(name, ds_out, args, ds_settings, ds_seeds, python))
+        for setting, infos in fold_infos(ds_out, ds_settings, ds_seeds, folds).items():
+            fold_report[(name, setting)] = infos
+            for info in infos:
+                if str(info.get(HOLDOUT)) != folds[setting][int(info["seed"])]:
+                    errors.setdefault(name, []).append(
+                        f"{setting} fold {info['seed']}: its split holds out {info.get(HOLDOUT)!r}, expected "
+                        f"{folds[setting][int(info['seed'])]!r} (rerun with --force)")
+        rows, per_class = peer_rows(name, ds_out, ds_settings, ds_seeds)
+        c_rows, c_per_class, warnings = chain_rows(name, ds_out, ds_settings, ds_seeds, args.threads)
         for w in warnings:
             log(f"warning: {w}")
         notes.extend(warnings)
@@ -494,14 +690,15 @@ def main(argv: list[str] | None = None) -> int:
     if not long_rows:
         log("error: no results to report")
         return 1
-    long = pd.DataFrame(long_rows).reindex(columns=CSV_COLUMNS)
+    long = pd.DataFrame(long_rows)
+    long = long.reindex(columns=CSV_COLUMNS + ([HOLDOUT] if HOLDOUT in long.columns else []))
     rank = {s: i for i, s in enumerate(settings)}
     long = long.sort_values(["dataset", "setting", "kind", "method", "seed"],
                             key=lambda col: col.map(rank) if col.name == "setting" else col).reset_index(drop=True)
     per_class = pd.DataFrame(per_class_rows)
     write_csv(long, out / "peers.csv")
     write_csv(per_class, out / "peers_per_class.csv")
-    report = write_report(long, per_class, out, args, notes, errors)
+    report = write_report(long, per_class, out, args, notes, errors, fold_report)
     print("| dataset | setting | seeds | best peer | peer macro F1 | cellcontrast (val-chosen) | its macro F1 | gap |")
     print("|---|---|---|---|---|---|---|---|")
     for r in summary_rows(long):

@@ -125,8 +125,17 @@ grid: {bases: [lr], components: [none], workers: 1, threads: 1}
 model_params: {lr: {n_hvg: 100, l2_path: [0.01]}}
 """)
     assert main(["benchmark", "--atlas", str(small_atlas_path), "--settings", "heldout", "--batch-key",
-                 "individual", "--out-dir", str(tmp_path / "bench")]) == 0
+                 "individual", "--tune-trials", "1", "--out-dir", str(tmp_path / "bench")]) == 0
     results = pd.read_csv(tmp_path / "bench" / "results.csv")
     assert sorted(results["holdout"]) == ["L1", "L2"] and sorted(results["seed"]) == [0, 1]
     table = (tmp_path / "bench" / "table1.md").read_text()
     assert "per held-out batch" in table and "L1 (F1 / top-1)" in table and "L2 (F1 / top-1)" in table
+    # Each fold was tuned on its own split only: a fold's test batch is in the other's training.
+    tuned = tmp_path / "bench" / "tuned" / "heldout"
+    assert (tuned / "seed0" / "lr.json").exists() and (tuned / "seed1" / "lr.json").exists()
+    assert not (tuned / "lr.json").exists()
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'bench' / 'optuna.db'}"
+    studied = {s.user_attrs["split_dir"] for s in optuna.get_all_study_summaries(storage)}
+    assert studied == {str(tmp_path / "bench" / "splits" / "heldout" / f"seed{i}") for i in (0, 1)}
