@@ -525,11 +525,13 @@ def write_report(long: pd.DataFrame, per_class: pd.DataFrame, out: Path, args, n
     """``folds``: {(dataset, held-out-batch setting): split.json of each fold}."""
     folds = folds or {}
     heldout = sorted({s for _, s in folds})
-    fold_text = (f"; {', '.join(heldout)}: one fold per batch"
-                 + (f" of `{args.batch_key}`" if args.batch_key else "")) if heldout else ""
+    random = [s for s in args.settings.split(",") if s not in heldout]
+    parts = [f"seeds 0..{args.seeds - 1}"] if random or not heldout else []
+    if heldout:
+        parts.append(f"{', '.join(heldout)}: one fold per batch" + (f" of `{args.batch_key}`" if args.batch_key else ""))
     lines = ["# cellcontrast vs peer annotators", "",
              f"`{' '.join(shlex.quote(a) for a in sys.argv)}` ({time.strftime('%Y-%m-%d %H:%M')}); "
-             f"settings {args.settings}, seeds 0..{args.seeds - 1}{fold_text}, tuning trials {args.tune_trials}.", "",
+             f"settings {args.settings}, {'; '.join(parts)}, tuning trials {args.tune_trials}.", "",
              "Every method is trained on the split's TRAIN cells and scored on its TEST cells; metrics are "
              "mean ± sd over seeds (each seed a new downsample, split and model initialisation). Peers run "
              "with fixed defaults (no tuning, nothing selected on validation). The cellcontrast chain marked "

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cellcontrast.core.errors import InputError
+from cellcontrast.core.errors import InputError, first_line
 from cellcontrast.core.files import atomic_path
 from cellcontrast.core.names import BASES, COMPONENTS
 from cellcontrast.experiments import tracking
@@ -340,7 +340,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise InputError(message) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise InputError(f"{path} is not a readable CSV: {str(err).splitlines()[0]}") from None
+        raise InputError(f"{path} is not a readable CSV: {first_line(err)}") from None
     if results.empty:
         raise InputError(message)
     return results

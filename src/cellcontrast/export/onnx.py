@@ -28,7 +28,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from cellcontrast.core.errors import InputError
+from cellcontrast.core.errors import InputError, first_line
 from cellcontrast.core.files import atomic_path
 from cellcontrast.core.version import __version__
 
@@ -209,7 +209,7 @@ def export_chain_to_onnx(chain, config: dict, out_path: str | os.PathLike, opset
         except Exception as err:
             raise InputError(
                 f"the chain does not accept counts of shape [batch, {n_genes}] (its config lists "
-                f"{n_genes} genes): {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                f"{n_genes} genes): {first_line(err)}"
             ) from err
     if tuple(probs.shape) != (example.shape[0], n_classes):
         raise InputError(
