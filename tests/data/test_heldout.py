@@ -1,6 +1,7 @@
 """The held-out-batch setting: no cell of the held-out batch reaches training or validation."""
 
 import json
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -119,23 +120,48 @@ def test_bad_heldout_input_is_one_line_and_writes_nothing(case, message, tmp_pat
 def test_benchmark_runs_one_fold_per_batch_and_reports_each(tmp_path, small_atlas_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    (tmp_path / "params.yaml").write_text("""settings:
-  heldout: {batch_key: null, min_cells: 10, cap: 200, val_fraction: 0.1}
-grid: {bases: [lr], components: [none], workers: 1, threads: 1}
-model_params: {lr: {n_hvg: 100, l2_path: [0.01]}}
-""")
+    (tmp_path / "params.yaml").write_text(BENCH_PARAMS)
     assert main(["benchmark", "--atlas", str(small_atlas_path), "--settings", "heldout", "--batch-key",
-                 "individual", "--tune-trials", "1", "--out-dir", str(tmp_path / "bench")]) == 0
+                 "individual", "--out-dir", str(tmp_path / "bench")]) == 0
     results = pd.read_csv(tmp_path / "bench" / "results.csv")
     assert sorted(results["holdout"]) == ["L1", "L2"] and sorted(results["seed"]) == [0, 1]
     table = (tmp_path / "bench" / "table1.md").read_text()
     assert "per held-out batch" in table and "L1 (F1 / top-1)" in table and "L2 (F1 / top-1)" in table
-    # Each fold was tuned on its own split only: a fold's test batch is in the other's training.
-    tuned = tmp_path / "bench" / "tuned" / "heldout"
-    assert (tuned / "seed0" / "lr.json").exists() and (tuned / "seed1" / "lr.json").exists()
-    assert not (tuned / "lr.json").exists()
-    import optuna
 
-    storage = f"sqlite:///{tmp_path / 'bench' / 'optuna.db'}"
-    studied = {s.user_attrs["split_dir"] for s in optuna.get_all_study_summaries(storage)}
-    assert studied == {str(tmp_path / "bench" / "splits" / "heldout" / f"seed{i}") for i in (0, 1)}
+
+BENCH_PARAMS = """settings:
+  heldout: {batch_key: null, min_cells: 10, cap: 200, val_fraction: 0.1}
+  default: {k: 5, cap: 50}
+grid: {bases: [lr], components: [none], workers: 1, threads: 1}
+model_params: {lr: {n_hvg: 100, l2_path: [0.01]}}
+"""
+
+
+def test_each_fold_is_tuned_on_its_own_split_and_its_grid_reads_that(tmp_path, small_atlas_path, monkeypatch):
+    """A fold's test batch is in every other fold's training batches: one study per fold, each on
+    its own split, and each fold's grid task reads its own parameters."""
+    import cellcontrast.experiments.benchmark as benchmark
+    from cellcontrast.experiments.grid import grid_tasks
+
+    (tmp_path / "params.yaml").write_text(BENCH_PARAMS)
+    studied, grids = [], []
+
+    def fake_tune_setting(setting, cfg, tcfg, space, seed=None):
+        if seed is None:  # a random-split setting: one study, on its first seed
+            studied.append((setting, None, None))
+            return
+        split = json.loads((Path(cfg["split_root"]) / setting / f"seed{seed}" / "split.json").read_text())
+        studied.append((setting, seed, split["holdout"]))
+        out = Path(cfg["tuned_dir"]) / setting / f"seed{seed}"
+        out.mkdir(parents=True)
+        (out / "lr.json").write_text(json.dumps({"lr": {"n_hvg": 50 + seed}}))
+
+    monkeypatch.setattr(benchmark, "tune_setting", fake_tune_setting)
+    monkeypatch.setattr(benchmark, "run_grid", lambda cfg: grids.append(grid_tasks(cfg)) or pd.DataFrame())
+    monkeypatch.setattr(benchmark, "make_report", lambda *a, **k: {})
+    benchmark.benchmark(small_atlas_path, out_dir=tmp_path / "bench", settings=["heldout", "default"], seeds=2,
+                        tune_trials=1, params_path=tmp_path / "params.yaml", batch_key="individual")
+    assert set(studied) == {("heldout", 0, "L1"), ("heldout", 1, "L2"), ("default", None, None)}
+    (tasks,) = grids
+    n_hvg = {Path(t["split_dir"]).name: t["params"]["lr"]["n_hvg"] for t in tasks if "heldout" in t["split_dir"]}
+    assert n_hvg == {"seed0": 50, "seed1": 51}
