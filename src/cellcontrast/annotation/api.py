@@ -91,7 +91,7 @@ def _as_annotator(model, threads: int) -> Annotator:
 
 
 def _gene_columns(var_names: pd.Index, model: Annotator, min_overlap: float, case_insensitive: bool,
-                  say) -> tuple[np.ndarray, int]:
+                  say) -> np.ndarray:
     """Each query gene's model column (-1: unused); refuses an overlap below ``min_overlap``."""
     col_map = align_genes(var_names, model.genes, case_insensitive)
     n_model = len(model.genes)
@@ -104,7 +104,7 @@ def _gene_columns(var_names: pd.Index, model: Annotator, min_overlap: float, cas
                          f"(need {100 * min_overlap:.0f}%, --min-overlap); {hint}")
     say(f"found {found} of {n_model} model genes ({100 * frac:.1f}%) in the query; "
         f"{n_model - found} missing genes set to 0")
-    return col_map, found
+    return col_map
 
 
 def predict_matrix(model: Annotator, matrix, col_map: np.ndarray, batch_size: int, *,
@@ -213,7 +213,7 @@ def _stream_file(annotator: Annotator, query_path: Path, *, layer, threads: int,
     pool = ThreadPoolExecutor(max_workers=threads or cores(), thread_name_prefix="cellcontrast-inflate")
     with query_file as f, pool:
         matrix, obs = _read_query(f, query_path, layer, pool, label_key)
-        col_map, _ = _gene_columns(matrix.var_names, annotator, min_overlap, case_insensitive, say)
+        col_map = _gene_columns(matrix.var_names, annotator, min_overlap, case_insensitive, say)
         return obs, predict_matrix(annotator, matrix, col_map, batch_size, probabilities=probabilities,
                                    progress=progress)
 
@@ -364,7 +364,7 @@ def annotate(
     annotator = _as_annotator(model, threads)
     matrix = MemoryMatrix.of(adata, layer)
     _check_not_empty(matrix)
-    col_map, _ = _gene_columns(matrix.var_names, annotator, min_overlap, case_insensitive, lambda *_: None)
+    col_map = _gene_columns(matrix.var_names, annotator, min_overlap, case_insensitive, lambda *_: None)
     predicted = predict_matrix(annotator, matrix, col_map, batch_size, probabilities=probabilities,
                                progress=progress)
     target = (adata.to_memory() if adata.isbacked else adata.copy()) if copy else adata

@@ -75,7 +75,6 @@ class QueryMatrix:
 
     def rows(self, start: int, stop: int):
         """Rows [start, stop) as a scipy CSR matrix (sparse) or a numpy array (dense)."""
-
         if self.kind == "dense":
             return np.asarray(self._elem[start:stop])
         if self.kind == "csr":

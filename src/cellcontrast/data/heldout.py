@@ -82,13 +82,18 @@ def make_heldout_split(labels, batches, holdout: str, min_cells: int = 10, val_f
     if test.size == 0:
         raise InputError(f"the held-out batch {holdout!r} has no cell of a kept type; hold out another batch")
     rng = np.random.default_rng(seed)
+    members = [rng.permutation(np.flatnonzero((batches != str(holdout)) & (labels == name)))[:cap]
+               for name in kept]
+    train, val = validation_split(members, val_fraction)
+    return HeldoutSplit({"train": train, "val": val, "test": test}, kept, dropped, str(holdout), names)
+
+
+def validation_split(members: list[np.ndarray], val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation rows from each type's shuffled rows: ``val_fraction`` of a type for
+    validation, at least one, and at least one left for training (sorted rows)."""
     train, val = [], []
-    for name in kept:
-        members = rng.permutation(np.flatnonzero((batches != str(holdout)) & (labels == name)))
-        if cap is not None:
-            members = members[: int(cap)]
-        n_val = min(len(members) - 1, max(1, int(round(len(members) * float(val_fraction)))))
-        val.append(members[:n_val])
-        train.append(members[n_val:])
-    indices = {"train": np.sort(np.concatenate(train)), "val": np.sort(np.concatenate(val)), "test": test}
-    return HeldoutSplit(indices, kept, dropped, str(holdout), names)
+    for rows in members:
+        n_val = min(len(rows) - 1, max(1, int(round(len(rows) * float(val_fraction)))))
+        val.append(rows[:n_val])
+        train.append(rows[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))

@@ -12,6 +12,7 @@ import torch
 from cellcontrast.core.errors import InputError
 from cellcontrast.core.names import BASES, COMPONENTS, LABEL
 from cellcontrast.data.atlas import prepare_atlas
+from cellcontrast.data.heldout import validation_split
 from cellcontrast.model.chain import Chain
 from cellcontrast.nn.chain import chain_config
 from cellcontrast.train.chain import fit_chain
@@ -41,13 +42,9 @@ def stratified_validation(labels: pd.Series, val_fraction: float, seed: int) -> 
         print(f"note: {len(dropped)} types with fewer than {MIN_CELLS_PER_TYPE} cells are left out: "
               f"{', '.join(dropped[:10])}{' ...' if len(dropped) > 10 else ''}", file=sys.stderr)
     rng = np.random.default_rng(seed)
-    train, val = [], []
-    for name in kept:
-        members = rng.permutation(np.flatnonzero(values == name))
-        n_val = min(len(members) - 1, max(1, int(round(len(members) * val_fraction))))
-        val.append(members[:n_val])
-        train.append(members[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val)), kept
+    train, val = validation_split([rng.permutation(np.flatnonzero(values == name)) for name in kept],
+                                  val_fraction)
+    return train, val, kept
 
 
 def _check_choice(base: str, component: str, val_fraction: float) -> None:
