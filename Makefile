@@ -45,7 +45,10 @@ quick: $(STAMP)
 	for s in default scarce; do for seed in 0 1; do \
 	  cellcontrast split --params $(Q) --atlas quick/atlas.h5ad --setting $$s --seed $$seed --out-dir quick/splits/$$s/seed$$seed || exit 1; \
 	done; done
-	for s in default scarce; do cellcontrast tune-setting --params $(Q) --setting $$s || exit 1; done
+	for s in default scarce; do \
+	  cellcontrast split --params $(Q) --atlas quick/atlas.h5ad --setting $$s --tuning --out-dir quick/splits/$$s/tuning || exit 1; \
+	  cellcontrast tune-setting --params $(Q) --setting $$s || exit 1; \
+	done
 	cellcontrast grid --params $(Q)
 	cellcontrast report --params $(Q)
 	cellcontrast export --best --experiment cellcontrast-quick --setting default --seed 0 --out quick/annotator.onnx

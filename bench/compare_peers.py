@@ -23,8 +23,9 @@ plus the simulated atlas ``data/atlas.h5ad`` (name ``atlas``) when it exists. Fo
 3. Every saved chain is reloaded and run on its split's test cells: predict seconds (raw counts
    in, like the peers) and the per-class F1 (its macro F1 is checked against results.csv).
 4. OUT/peers.csv (long: dataset, setting, seed, method, metrics, times), OUT/peers_per_class.csv
-   and OUT/peers.md: per dataset and setting the peers, the cellcontrast chain chosen on
-   VALIDATION (highest mean val macro F1 over seeds; test never chooses) and all chains; a
+   and OUT/peers.md: per dataset and setting the peers, the cellcontrast chain chosen per seed
+   on that seed's VALIDATION (``cellcontrast.experiments.selection``; test never chooses, and
+   no seed chooses on another seed's validation, whose cells may be in its test) and all chains; a
    summary "best peer vs chosen chain"; per-class F1 of the rarest types in the natural setting;
    per fold (held-out batch) macro F1 and top-1 in the heldout setting.
 """
@@ -43,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cellcontrast.experiments.selection import choose_per_seed
+
 REPO = Path(__file__).resolve().parents[1]
 PEERS_SCRIPT = REPO / "bench" / "peers.py"
 PEERS = ["celltypist", "svm", "knn"]
@@ -56,6 +59,7 @@ METRICS = ["val_top1", "val_top3", "val_macro_f1", "test_top1", "test_top3", "te
 CSV_COLUMNS = ["dataset", "setting", "seed", "kind", "method", *METRICS, "train_seconds", "predict_seconds", "run_id"]
 # Added after CSV_COLUMNS only when a held-out-batch setting was run: the fold's held-out batch.
 HOLDOUT = "holdout"
+CHOSEN = "chosen"  # the rows of the chain chosen per seed on its validation
 N_RARE = 5
 
 
@@ -403,11 +407,22 @@ def fmt(values: pd.Series, digits: int = 3, sd: bool = True) -> str:
     return text
 
 
-def chosen_chain(group: pd.DataFrame) -> str | None:
+def with_chosen(group: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """``group`` plus one CHOSEN row per seed: the chain with that seed's highest validation
+    macro F1 (``cellcontrast.experiments.selection``: a seed's own validation, never another
+    seed's, whose cells may be in this seed's test set). Returns (rows, label of the choice)."""
+    group = group[group["kind"] != CHOSEN]
     chains = group[group["kind"] == "cellcontrast"]
-    if chains.empty or chains["val_macro_f1"].isna().all():
-        return None
-    return str(chains.groupby("method", sort=False)["val_macro_f1"].mean().idxmax())
+    picked = choose_per_seed(chains) if not chains.empty else chains
+    if picked.empty:
+        return group, None
+    counts = picked["method"].value_counts()
+    label = ", ".join(f"{display(m)} x{n}" if len(counts) > 1 else display(m) for m, n in counts.items())
+    return pd.concat([group, picked.assign(kind=CHOSEN, chosen_from=picked["method"], method=CHOSEN)]), label
+
+
+def times_chosen(group: pd.DataFrame, method: str) -> int:
+    return int((group.get("chosen_from", pd.Series(dtype=object)) == method).sum())
 
 
 def method_order(group: pd.DataFrame) -> list[str]:
@@ -419,6 +434,7 @@ def method_order(group: pd.DataFrame) -> list[str]:
 
 
 def table_md(group: pd.DataFrame, chosen: str | None, unit: str = "seeds") -> list[str]:
+    """``group`` with its CHOSEN rows (``with_chosen``); ``chosen``: the label of the choice."""
     lines = [f"| method | {unit} | val macro F1 | test top-1 | test top-3 | test macro F1 | train s | predict s |",
              "|---|---|---|---|---|---|---|---|"]
 
@@ -432,10 +448,15 @@ def table_md(group: pd.DataFrame, chosen: str | None, unit: str = "seeds") -> li
     for m in (m for m in order if m in PEERS):
         lines.append(line(m, f"peer: {display(m)}"))
     if chosen:
-        lines.append(line(chosen, f"**cellcontrast best (chosen on validation): {display(chosen)}**"))
+        lines.append(line(CHOSEN, f"**cellcontrast chosen per seed on its validation: {chosen}**"))
     for m in (m for m in order if m not in PEERS):
-        lines.append(line(m, f"cellcontrast {display(m)}" + (" (chosen)" if m == chosen else "")))
+        lines.append(line(m, f"cellcontrast {display(m)}" + chosen_mark(group, m)))
     return lines
+
+
+def chosen_mark(group: pd.DataFrame, method: str) -> str:
+    n = times_chosen(group, method)
+    return f" (chosen in {n})" if n else ""
 
 
 def heldout_md(group: pd.DataFrame, chosen: str | None, infos: list[dict]) -> list[str]:
@@ -463,12 +484,12 @@ def heldout_md(group: pd.DataFrame, chosen: str | None, infos: list[dict]) -> li
     order = method_order(group)
     rows = [(m, f"peer: {display(m)}") for m in order if m in PEERS]
     if chosen:
-        rows.append((chosen, f"**cellcontrast best (chosen on validation): {display(chosen)}**"))
-    rows += [(m, f"cellcontrast {display(m)}" + (" (chosen)" if m == chosen else "")) for m in order if m not in PEERS]
+        rows.append((CHOSEN, f"**cellcontrast chosen per fold on its validation: {chosen}**"))
+    rows += [(m, f"cellcontrast {display(m)}" + chosen_mark(group, m)) for m in order if m not in PEERS]
     folds_head = " | ".join(f"{names[s]} (fold {s})" for s in seeds)
     for metric, title in (("test_macro_f1", "Test macro F1"), ("test_top1", "Test top-1")):
         lines += [f"{title} per fold (held-out batch) and mean over folds"
-                  + (" (val macro F1: mean over folds, what the choice is made on):" if metric == "test_macro_f1"
+                  + (" (val macro F1: mean over folds; each fold's choice is made on its own):" if metric == "test_macro_f1"
                      else ":"), "",
                   f"| method |{' val macro F1 |' if metric == 'test_macro_f1' else ''} {folds_head} | mean |",
                   "|---|" + ("---|" if metric == "test_macro_f1" else "") + "---|" * len(seeds) + "---|"]
@@ -488,8 +509,8 @@ def summary_rows(long: pd.DataFrame) -> list[dict]:
         peers = group[group["kind"] == "peer"]
         peer_means = peers.groupby("method")["test_macro_f1"].mean()
         best_peer = peer_means.idxmax() if not peer_means.empty else None
-        chosen = chosen_chain(group)
-        cc = group.loc[group["method"] == chosen, "test_macro_f1"] if chosen else pd.Series(dtype=float)
+        group, chosen = with_chosen(group)
+        cc = group.loc[group["method"] == CHOSEN, "test_macro_f1"] if chosen else pd.Series(dtype=float)
         bp = peers.loc[peers["method"] == best_peer, "test_macro_f1"] if best_peer else pd.Series(dtype=float)
         gap = cc.mean() - bp.mean() if chosen and best_peer else np.nan
         out.append({"dataset": dataset, "setting": setting, "seeds": int(group["seed"].nunique()),
@@ -501,13 +522,18 @@ def rare_md(per_class: pd.DataFrame, long: pd.DataFrame, dataset: str) -> list[s
     sub = per_class[(per_class["dataset"] == dataset) & (per_class["setting"] == "natural")]
     if sub.empty:
         return []
-    chosen = chosen_chain(long[(long["dataset"] == dataset) & (long["setting"] == "natural")])
-    methods = [m for m in PEERS if m in set(sub["method"])] + ([chosen] if chosen in set(sub["method"]) else [])
+    picked, chosen = with_chosen(long[(long["dataset"] == dataset) & (long["setting"] == "natural")])
+    picked = picked[picked["method"] == CHOSEN]
+    if chosen:  # each seed's per-class F1 of the chain chosen on that seed's validation
+        keys = set(zip(picked["seed"], picked["chosen_from"], strict=True))
+        mine = sub[[(s, m) in keys for s, m in zip(sub["seed"], sub["method"], strict=True)]]
+        sub = pd.concat([sub, mine.assign(method=CHOSEN)])
+    methods = [m for m in PEERS if m in set(sub["method"])] + ([CHOSEN] if chosen else [])
     sizes = sub.drop_duplicates("class").set_index("class")["n_cells"].dropna()
     if sizes.empty:
         return []
     rare = sizes.astype(int).sort_values(kind="stable").index[:N_RARE].tolist()
-    head = " | ".join(display(m) + (" (chosen)" if m == chosen else "") for m in methods)
+    head = " | ".join(f"chosen per seed ({chosen})" if m == CHOSEN else display(m) for m in methods)
     lines = [f"Per-class test F1 of the {len(rare)} rarest types, natural setting (mean over seeds; with a "
              "handful of test cells per type, one cell moves F1 a lot):", "",
              f"| type | cells kept | test cells / seed | {head} |",
@@ -534,9 +560,10 @@ def write_report(long: pd.DataFrame, per_class: pd.DataFrame, out: Path, args, n
              f"settings {args.settings}, {'; '.join(parts)}, tuning trials {args.tune_trials}.", "",
              "Every method is trained on the split's TRAIN cells and scored on its TEST cells; metrics are "
              "mean ± sd over seeds (each seed a new downsample, split and model initialisation). Peers run "
-             "with fixed defaults (no tuning, nothing selected on validation). The cellcontrast chain marked "
-             "*chosen* has the highest mean VALIDATION macro F1 over seeds among the 9 chains; the test set "
-             "never takes part in the choice. The summary's best peer is the peer with the highest mean TEST "
+             "with fixed defaults (no tuning, nothing selected on validation). The cellcontrast row *chosen per "
+             "seed* is, in each seed, the chain with that seed's highest VALIDATION macro F1 among the 9 "
+             "(tuning ran on a split holding no seed's test cell); no test cell takes part in any choice. "
+             "The summary's best peer is the peer with the highest mean TEST "
              "macro F1, an optimistic choice in the peers' favour. Times: wall seconds, one thread per "
              "process; train includes preprocessing and, for a cellcontrast chain with a component, the base "
              "model's training too (base + component + new head); predict is raw test counts to "
@@ -545,8 +572,8 @@ def write_report(long: pd.DataFrame, per_class: pd.DataFrame, out: Path, args, n
     if heldout:
         lines += [f"Held-out batch ({', '.join(heldout)}): the seeds are folds, one per batch; fold i holds out "
                   "the i-th batch (sorted names), trains on the others and tests on the held-out one, so "
-                  "\"seeds\" in the summary counts folds and mean ± sd is over folds. The chosen chain has the "
-                  "highest mean validation macro F1 over folds (validation comes from the training batches).",
+                  "\"seeds\" in the summary counts folds and mean ± sd is over folds. Each fold's chain is chosen on "
+                  "that fold's validation (drawn from its training batches).",
                   ""]
     for note in notes:
         lines.append(f"- note: {note}")
@@ -559,7 +586,7 @@ def write_report(long: pd.DataFrame, per_class: pd.DataFrame, out: Path, args, n
         gap = "—" if pd.isna(r["gap"]) else f"{r['gap']:+.3f}"
         lines.append(f"| {r['dataset']} | {r['setting']} | {r['seeds']} | "
                      f"{display(r['best_peer']) if r['best_peer'] else '—'} | {r['peer_f1']} | "
-                     f"{display(r['chosen']) if r['chosen'] else '—'} | {r['cc_f1']} | {gap} |")
+                     f"{r['chosen'] or '—'} | {r['cc_f1']} | {gap} |")
     lines.append("")
     for dataset in long["dataset"].drop_duplicates():
         lines += [f"## {dataset}", ""]
@@ -570,10 +597,11 @@ def write_report(long: pd.DataFrame, per_class: pd.DataFrame, out: Path, args, n
         d = long[long["dataset"] == dataset]
         for setting in [s for s in args.settings.split(",") if s in set(d["setting"])]:
             group = d[d["setting"] == setting]
+            group, chosen = with_chosen(group)
             if (dataset, setting) in folds:
-                body = heldout_md(group, chosen_chain(group), folds[(dataset, setting)])
+                body = heldout_md(group, chosen, folds[(dataset, setting)])
             else:
-                body = table_md(group, chosen_chain(group))
+                body = table_md(group, chosen)
             lines += [f"### {dataset} / {setting}", "", *body, ""]
         rare = rare_md(per_class, long, dataset)
         if rare:

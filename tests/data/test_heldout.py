@@ -147,7 +147,11 @@ def test_each_fold_is_tuned_on_its_own_split_and_its_grid_reads_that(tmp_path, s
     studied, grids = [], []
 
     def fake_tune_setting(setting, cfg, tcfg, space, seed=None):
-        if seed is None:  # a random-split setting: one study, on its first seed
+        if seed is None:  # a random-split setting: one study, on its tuning split
+            root = Path(cfg["split_root"]) / setting
+            tuned_on = {n for part in ("train", "val") for n in ad.read_h5ad(root / "tuning" / f"{part}.h5ad").obs_names}
+            for evaluated in cfg["seeds_by_setting"][setting]:
+                assert not tuned_on & set(ad.read_h5ad(root / f"seed{evaluated}" / "test.h5ad").obs_names)
             studied.append((setting, None, None))
             return
         split = json.loads((Path(cfg["split_root"]) / setting / f"seed{seed}" / "split.json").read_text())

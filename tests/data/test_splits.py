@@ -84,3 +84,57 @@ def test_split_parts_share_label_categories(small_atlas_path, small_params, tmp_
         assert list(part.obs["cell_type"].cat.categories) == info["classes"]
         assert part.X.dtype == np.float32
     assert not set(parts[0].obs_names) & set(parts[2].obs_names)
+
+
+@pytest.mark.parametrize("k,cap,equalize", [(8, 60, True), (12, 200, False), (20, 1000, True)])
+def test_tuning_split_holds_no_test_cell_of_any_evaluated_seed(small_atlas, k, cap, equalize):
+    """The leak this closes: seeds redraw from one atlas, so seed 0's validation cells sit in the
+    other seeds' test parts (for the K-th type of an equalized setting, every cell is in every
+    seed's split). Tuning reads the tuning split only."""
+    from cellcontrast.data.splits import make_tuning_split
+
+    labels = small_atlas.obs["cell_type"].astype(str).to_numpy()
+    seeds = [0, 1, 2, 3, 4]
+    tuning = make_tuning_split(labels, k, cap, seeds, equalize=equalize)
+    tuned_on = np.concatenate([tuning.indices["train"], tuning.indices["val"]])
+    for seed in seeds:
+        evaluated = make_split(labels, k, cap, seed, equalize=equalize)
+        assert np.intersect1d(tuned_on, evaluated.indices["test"]).size == 0
+        assert tuning.classes == evaluated.classes
+    # without the exclusion the old shared study's split (seed 0) does overlap later test sets
+    seed0 = make_split(labels, k, cap, 0, equalize=equalize)
+    old = np.concatenate([seed0.indices["train"], seed0.indices["val"]])
+    assert any(np.intersect1d(old, make_split(labels, k, cap, s, equalize=equalize).indices["test"]).size
+               for s in seeds[1:])
+    # a type with fewer free cells than its count keeps the free ones, still split in three
+    for cls in tuning.classes:
+        assert all(int((labels[tuning.indices[p]] == cls).sum()) >= 1 for p in ("train", "val", "test"))
+
+
+def test_exclusion_leaves_the_evaluated_seeds_splits_as_they_were(small_atlas):
+    labels = small_atlas.obs["cell_type"].astype(str).to_numpy()
+    plain = make_split(labels, 8, 60, 3)
+    nothing_excluded = make_split(labels, 8, 60, 3, exclude=np.array([], dtype=np.int64))
+    for part in ("train", "val", "test"):
+        assert np.array_equal(plain.indices[part], nothing_excluded.indices[part])
+
+
+def test_tuning_split_on_disk_records_what_it_excludes(small_atlas_path, small_params, tmp_path):
+    import anndata as ad
+
+    info = split_atlas_to_dir(small_atlas_path, "scarce", 0, tmp_path / "tuning", params_path=small_params,
+                              tuning_for=[0, 1, 2])
+    assert info["tuning"] is True and info["excludes_test_of_seeds"] == [0, 1, 2]
+    tuned_on = set()
+    for part in ("train", "val"):
+        tuned_on |= set(ad.read_h5ad(tmp_path / "tuning" / f"{part}.h5ad", backed="r").obs_names)
+    for seed in (0, 1, 2):
+        split_atlas_to_dir(small_atlas_path, "scarce", seed, tmp_path / f"seed{seed}", params_path=small_params)
+        assert not tuned_on & set(ad.read_h5ad(tmp_path / f"seed{seed}" / "test.h5ad", backed="r").obs_names)
+
+
+def test_tuning_split_refuses_a_heldout_setting(small_atlas_path, tmp_path):
+    settings = {"settings": {"heldout": {"batch_key": "individual"}}}
+    with pytest.raises(InputError, match="--tuning is for random-split settings"):
+        split_atlas_to_dir(small_atlas_path, "heldout", 0, tmp_path / "t", settings=settings, tuning_for=[0])
+    assert not (tmp_path / "t").exists()

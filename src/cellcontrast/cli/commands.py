@@ -29,12 +29,16 @@ def simulate(args: argparse.Namespace) -> None:
 
 
 def split(args: argparse.Namespace) -> None:
+    from cellcontrast.core.params import load_params
     from cellcontrast.data.splits import split_atlas_to_dir
 
+    params = load_params(args.params)
+    tuning_for = list(params.get("seeds", [0, 1, 2, 3, 4])) if args.tuning else None
     info = split_atlas_to_dir(args.atlas, setting=args.setting, seed=args.seed, out_dir=args.out_dir,
-                              params_path=args.params, label_key=args.label_key, layer=args.layer,
-                              filters=parse_filters(args.filter), batch_key=args.batch_key, holdout=args.holdout)
-    shown = ("setting", "k", "n_per_type", "seed", "holdout", "n_cells")
+                              settings=params, label_key=args.label_key, layer=args.layer,
+                              filters=parse_filters(args.filter), batch_key=args.batch_key, holdout=args.holdout,
+                              tuning_for=tuning_for)
+    shown = ("setting", "k", "n_per_type", "seed", "holdout", "excludes_test_of_seeds", "n_cells")
     print(json.dumps({k: info[k] for k in shown if k in info}))
 
 

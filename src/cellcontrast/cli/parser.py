@@ -43,6 +43,8 @@ def _split(sub) -> None:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--batch-key", default=None, help="heldout: the obs column of batches (donor, individual, ...)")
     p.add_argument("--holdout", default=None, help="heldout: the batch to hold out as the test part")
+    p.add_argument("--tuning", action="store_true",
+                   help="the tuning split: drawn only from cells in no test part of params.yaml's seeds")
     p.add_argument("--params", default="params.yaml", help="params file with the settings (default: params.yaml)")
     _atlas_options(p)
 
@@ -80,7 +82,7 @@ def _tune(sub) -> None:
 
 
 def _pipeline_steps(sub) -> None:
-    p = sub.add_parser("tune-setting", help="tune every base and component of one setting (seed 0's validation split)")
+    p = sub.add_parser("tune-setting", help="tune every base and component of one setting (on its tuning split)")
     p.add_argument("--setting", required=True)
     p.add_argument("--params", default="params.yaml")
     p = sub.add_parser("grid", help="train every setting x seed x base x component with the tuned parameters")

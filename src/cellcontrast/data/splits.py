@@ -56,8 +56,13 @@ def make_split(
     seed: int,
     fractions=(0.8, 0.1, 0.1),
     equalize: bool = True,
+    exclude: np.ndarray | None = None,
 ) -> Split:
-    """Choose the top-K types, downsample and split them; returns row indices per part."""
+    """Choose the top-K types, downsample and split them; returns row indices per part.
+
+    ``exclude`` (row indices) are never drawn: the types and their counts are still chosen on
+    every cell, and a type with fewer free cells than its count keeps the free ones.
+    """
     if abs(sum(fractions) - 1.0) > 1e-6 or len(fractions) != 3 or min(fractions) <= 0:
         raise InputError(f"split fractions {list(fractions)} must be three positive numbers summing to 1")
     labels = pd.Series(np.asarray(labels).astype(str))
@@ -72,15 +77,18 @@ def make_split(
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {p: [] for p in PARTS}
     n_per_type = {}
+    free = np.ones(len(labels), dtype=bool)
+    if exclude is not None:
+        free[np.asarray(exclude, dtype=np.int64)] = False
     for name, count in chosen:
-        n = min(kth_count, cap) if equalize else min(count, cap)
+        members = np.flatnonzero((labels.to_numpy() == name) & free)
+        n = min(kth_count if equalize else count, cap, members.size)
         sizes = part_sizes(n, fractions)
         if min(sizes) < 1:
             raise InputError(
                 f"type {name!r} would get {n} cells, too few to split {list(fractions)} "
                 f"(needs at least {least_cells(fractions)} for one cell in each part); lower K"
             )
-        members = np.flatnonzero(labels.to_numpy() == name)
         sample = rng.choice(members, size=n, replace=False)
         start = 0
         for part, size in zip(PARTS, sizes, strict=True):
@@ -91,6 +99,16 @@ def make_split(
     return Split(indices=indices, classes=[name for name, _ in chosen], n_per_type=n_per_type)
 
 
+def make_tuning_split(labels, k: int, cap: int, seeds, fractions=(0.8, 0.1, 0.1), equalize: bool = True,
+                      seed: int = 0) -> Split:
+    """The split that tuning (and nothing else) reads: the setting's types, drawn only from cells
+    that are in no evaluated seed's test part. Seeds redraw from one atlas, so any one seed's
+    validation cells sit in the other seeds' test sets; tuning on this split instead means that
+    no parameter is chosen on a cell that any seed is scored on."""
+    tests = [make_split(labels, k, cap, s, fractions, equalize).indices["test"] for s in seeds]
+    if not tests:
+        raise InputError("a tuning split needs the evaluated seeds (params.yaml `seeds`)")
+    return make_split(labels, k, cap, seed, fractions, equalize, exclude=np.concatenate(tests))
 
 
 def split_atlas_to_dir(
@@ -105,13 +123,21 @@ def split_atlas_to_dir(
     settings: dict | None = None,
     batch_key: str | None = None,
     holdout: str | None = None,
+    tuning_for: list[int] | None = None,
 ) -> dict:
     """Write train/val/test.h5ad and split.json for one setting and seed; returns split.json.
 
     A held-out-batch setting (``batch_key``) holds out ``holdout``, or, without it, fold
-    ``seed``: the seed-th batch in sorted order (folds take the place of seeds).
+    ``seed``: the seed-th batch in sorted order (folds take the place of seeds). With
+    ``tuning_for`` (the evaluated seeds), the tuning split: no cell of those seeds' test parts.
     """
     s = setting_params(settings if settings is not None else load_params(params_path), setting, batch_key)
+    if tuning_for is not None:
+        if s["heldout"]:
+            raise InputError("--tuning is for random-split settings; a held-out-batch fold is tuned on its own split")
+        if holdout is not None:
+            raise InputError("--tuning and --holdout do not go together")
+        s = {**s, "tuning_for": [int(x) for x in tuning_for]}
     # The reader's notes and the split's warning are held until the split is drawn: a refusal
     # (values, labels, a type too small to split) is then the only line on stderr.
     with notes_held():
@@ -156,8 +182,14 @@ def _draw(adata: ad.AnnData, s: dict, seed: int, holdout: str | None) -> tuple[d
             "val_fraction": s["val_fraction"], "k_requested": None, "equalize": False, "n_per_type": None}
     if holdout is not None:
         raise InputError("--holdout is for a setting that leaves one batch out (e.g. heldout)")
-    split = make_split(adata.obs[LABEL], s["k"], s["cap"], seed, s["fractions"], s["equalize"])
-    return split.indices, split.classes, {
+    tuning = {}
+    if "tuning_for" in s:
+        split = make_tuning_split(adata.obs[LABEL], s["k"], s["cap"], s["tuning_for"], s["fractions"],
+                                  s["equalize"], seed)
+        tuning = {"tuning": True, "excludes_test_of_seeds": s["tuning_for"]}
+    else:
+        split = make_split(adata.obs[LABEL], s["k"], s["cap"], seed, s["fractions"], s["equalize"])
+    return split.indices, split.classes, {**tuning,
         "k_requested": s["k"], "cap": s["cap"], "equalize": bool(s["equalize"]),
         "fractions": list(s["fractions"]),
         "n_per_type": min(split.n_per_type.values()) if s["equalize"] else None,

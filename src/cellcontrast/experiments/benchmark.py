@@ -14,7 +14,7 @@ from cellcontrast.core.names import LABEL
 from cellcontrast.core.params import load_params, setting_params
 from cellcontrast.data.atlas import read_atlas
 from cellcontrast.data.heldout import batch_values, make_heldout_split
-from cellcontrast.data.splits import make_split, split_atlas_to_dir
+from cellcontrast.data.splits import make_split, make_tuning_split, split_atlas_to_dir
 from cellcontrast.experiments.grid import grid_config, run_grid
 from cellcontrast.experiments.report import make_report
 from cellcontrast.experiments.search_space import search_space_of
@@ -46,6 +46,13 @@ def benchmark(atlas: str | Path, *, out_dir: str | Path, settings: list[str] | t
                                       batch_key=batch_key if _is_heldout(params, setting) else None)
             where = f"fold {seed} (holds out {info['holdout']})" if "holdout" in info else f"seed {seed}"
             print(f"split {setting} {where}: K={info['k']}, cells {info['n_cells']}", file=sys.stderr)
+        if tune_trials > 0 and not _is_heldout(params, setting):
+            # tuned on cells that no seed's test part holds (one shared study would otherwise
+            # choose on seed 0's validation cells, which sit in the other seeds' test sets)
+            info = split_atlas_to_dir(atlas, setting, tune_config(params)["seed"], out / "splits" / setting / "tuning",
+                                      settings=params, label_key=label_key, layer=layer, filters=filters,
+                                      tuning_for=folds[setting])
+            print(f"split {setting} tuning: K={info['k']}, cells {info['n_cells']}", file=sys.stderr)
     cfg = grid_config(params)
     cfg.update(settings=settings, seeds=list(range(seeds)), seeds_by_setting=folds, split_root=str(out / "splits"),
                tuned_dir=str(out / "tuned"), models_dir=str(out / "models"), results=str(out / "results.csv"),
@@ -93,5 +100,6 @@ def _check_inputs(atlas, params: dict, settings: list[str], seeds: list[int], la
                 continue
             for seed in seeds:
                 make_split(adata.obs[LABEL], s["k"], s["cap"], seed, s["fractions"], s["equalize"])
+            make_tuning_split(adata.obs[LABEL], s["k"], s["cap"], seeds, s["fractions"], s["equalize"])
             folds[setting] = list(seeds)
     return folds

@@ -16,11 +16,11 @@ from mlflow.tracking import MlflowClient
 
 from cellcontrast.core.errors import InputError, first_line
 from cellcontrast.experiments import tracking
+from cellcontrast.experiments.selection import SELECTION_METRIC
 from cellcontrast.export.onnx import export_chain_to_onnx, normalize_config
 from cellcontrast.nn.chain import load_chain_folder
 
 REGISTERED_MODEL_NAME = "cellcontrast-annotator"
-SELECTION_METRIC = "val_macro_f1"
 
 
 def load_exportable(model_dir: str | os.PathLike):

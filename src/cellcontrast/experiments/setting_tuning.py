@@ -1,5 +1,5 @@
 """Tuning of one setting: every base (its own key sizes) and then each component on the tuned,
-frozen base, in worker processes, on one split's validation part."""
+frozen base, in worker processes, on the validation part of the setting's tuning split."""
 
 from __future__ import annotations
 
@@ -73,13 +73,14 @@ def _tune_base(job: dict) -> dict:
 
 def tune_setting(setting: str, cfg: dict, tcfg: dict, search_space: dict, seed: int | None = None) -> dict:
     """Tune every base (and its components) of one setting on one split's validation part:
-    the first seed's, written to ``tuned_dir/setting/`` (the grid's default for every seed), or
-    seed ``seed``'s own, written to ``tuned_dir/setting/seed{seed}/`` (read by that seed only,
-    so that no seed's test cells are in the split its parameters were chosen on)."""
-    chosen = cfg["seeds"][0] if seed is None else seed
-    split_dir = Path(cfg["split_root"]) / setting / f"seed{chosen}"
+    the setting's tuning split (``split_root/setting/tuning``, no cell of any evaluated seed's
+    test part), written to ``tuned_dir/setting/`` (the grid's default for every seed), or seed
+    ``seed``'s own split, written to ``tuned_dir/setting/seed{seed}/`` (read by that seed only;
+    a held-out-batch fold is tuned so)."""
+    split_dir = Path(cfg["split_root"]) / setting / ("tuning" if seed is None else f"seed{seed}")
     if not (split_dir / "split.json").exists():
-        raise InputError(f"no split at {split_dir}; run `dvc repro splits` or `cellcontrast split` first")
+        how = "`cellcontrast split --tuning`" if seed is None else "`cellcontrast split`"
+        raise InputError(f"no split at {split_dir}; run `dvc repro` or {how} first")
     out_dir = Path(cfg["tuned_dir"]) / setting / ("" if seed is None else f"seed{seed}")
     out_dir.mkdir(parents=True, exist_ok=True)
     tracking.setup(tcfg["experiment"])
