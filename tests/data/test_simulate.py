@@ -46,3 +46,23 @@ def test_sibling_types_are_closer_than_unrelated_types(small_atlas):
     same = [corr[i, j] for i in range(len(names)) for j in range(i) if lineage[i] == lineage[j]]
     other = [corr[i, j] for i in range(len(names)) for j in range(i) if compartment[i] != compartment[j]]
     assert same and other and np.mean(same) > np.mean(other)
+
+
+def test_individuals_differ_in_depth_composition_and_expression():
+    """Held-out-individual is harder than a random split only if individuals differ as donors do."""
+    from cellcontrast.data.simulate import SimulationKnobs
+
+    def atlas(**knobs):
+        return simulate_atlas(n_cells=4000, n_types=8, n_genes=150, n_individuals=3, seed=2,
+                              knobs=SimulationKnobs(**knobs))
+
+    a = atlas()
+    individual = a.obs["individual"].astype(str).to_numpy()
+    depth = {i: float(a.X[individual == i].sum(axis=1).mean()) for i in np.unique(individual)}
+    assert max(depth.values()) > 1.15 * min(depth.values())
+    mix = a.obs.groupby(["cell_type", "individual"], observed=False).size().unstack().to_numpy(float)
+    share = mix / mix.sum(axis=1, keepdims=True)  # each type's cells over individuals
+    assert share.std(axis=0).max() > 0.08  # types are not spread evenly over individuals
+    even = atlas(donor_composition=float("inf"), donor_depth_sd=0.0)
+    mix = even.obs.groupby(["cell_type", "individual"], observed=False).size().unstack().to_numpy(float)
+    assert (mix / mix.sum(axis=1, keepdims=True)).std(axis=0).max() < 0.06

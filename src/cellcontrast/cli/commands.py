@@ -37,8 +37,8 @@ def split(args: argparse.Namespace) -> None:
     info = split_atlas_to_dir(args.atlas, setting=args.setting, seed=args.seed, out_dir=args.out_dir,
                               settings=params, label_key=args.label_key, layer=args.layer,
                               filters=parse_filters(args.filter), batch_key=args.batch_key, holdout=args.holdout,
-                              tuning_for=tuning_for)
-    shown = ("setting", "k", "n_per_type", "seed", "holdout", "excludes_test_of_seeds", "n_cells")
+                              tuning_for=tuning_for, unseen_types=args.unseen_types)
+    shown = ("setting", "k", "n_per_type", "seed", "holdout", "excludes_test_of_seeds", "unseen_types", "n_cells")
     print(json.dumps({k: info[k] for k in shown if k in info}))
 
 
@@ -128,7 +128,8 @@ def benchmark(args: argparse.Namespace) -> None:
 
     run_benchmark(args.atlas, out_dir=args.out_dir, settings=args.settings.split(","), seeds=args.seeds,
                   tune_trials=args.tune_trials, params_path=args.params, label_key=args.label_key,
-                  layer=args.layer, filters=parse_filters(args.filter), batch_key=args.batch_key)
+                  layer=args.layer, filters=parse_filters(args.filter), batch_key=args.batch_key,
+                  unseen_types=args.unseen_types)
 
 
 def export(args: argparse.Namespace) -> None:

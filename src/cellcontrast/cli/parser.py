@@ -43,6 +43,8 @@ def _split(sub) -> None:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--batch-key", default=None, help="heldout: the obs column of batches (donor, individual, ...)")
     p.add_argument("--holdout", default=None, help="heldout: the batch to hold out as the test part")
+    p.add_argument("--unseen-types", type=int, default=0, metavar="N",
+                   help="remove N types (drawn with the seed) from train and validation, keeping their test cells")
     p.add_argument("--tuning", action="store_true",
                    help="the tuning split: drawn only from cells in no test part of params.yaml's seeds")
     p.add_argument("--params", default="params.yaml", help="params file with the settings (default: params.yaml)")
@@ -98,6 +100,8 @@ def _benchmark(sub) -> None:
     p.add_argument("--seeds", type=int, default=5, help="seeds of random splits (heldout: one fold per batch)")
     p.add_argument("--batch-key", default=None, help="heldout: the obs column of batches (donor, individual, ...)")
     p.add_argument("--tune-trials", type=int, default=0)
+    p.add_argument("--unseen-types", type=int, default=0, metavar="N",
+                   help="per seed, N types left out of training and kept in the test: how well each chain flags them")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--params", default="params.yaml")
     _atlas_options(p)

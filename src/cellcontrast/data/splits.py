@@ -124,12 +124,15 @@ def split_atlas_to_dir(
     batch_key: str | None = None,
     holdout: str | None = None,
     tuning_for: list[int] | None = None,
+    unseen_types: int = 0,
 ) -> dict:
     """Write train/val/test.h5ad and split.json for one setting and seed; returns split.json.
 
     A held-out-batch setting (``batch_key``) holds out ``holdout``, or, without it, fold
     ``seed``: the seed-th batch in sorted order (folds take the place of seeds). With
     ``tuning_for`` (the evaluated seeds), the tuning split: no cell of those seeds' test parts.
+    ``unseen_types`` types (drawn with the seed) are removed from train and validation but keep
+    their test cells, labelled with their own names (split.json ``unseen_types``).
     """
     s = setting_params(settings if settings is not None else load_params(params_path), setting, batch_key)
     if tuning_for is not None:
@@ -143,18 +146,20 @@ def split_atlas_to_dir(
     with notes_held():
         adata = read_atlas(atlas, label_key=label_key, layer=layer, filters=filters)
         indices, classes, extra = _draw(adata, s, seed, holdout)
+        indices, classes, unseen = remove_unseen_types(adata.obs[LABEL], indices, classes, unseen_types, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for part in PARTS:
         sub = adata[indices[part]]
         part_data = ad.AnnData(X=sub.X.copy(), obs=sub.obs.copy(), var=sub.var.copy())
         # The same category order in every part, so label codes agree across train/val/test.
-        part_data.obs[LABEL] = pd.Categorical(part_data.obs[LABEL].astype(str), categories=classes)
+        part_data.obs[LABEL] = pd.Categorical(part_data.obs[LABEL].astype(str),
+                                              categories=classes + (unseen if part == "test" else []))
         part_data.obs = part_data.obs.loc[:, [LABEL] + [c for c in part_data.obs.columns if c != LABEL]]
         with atomic_path(out_dir / f"{part}.h5ad") as tmp:
             part_data.write_h5ad(tmp)
     info = {
-        "setting": setting, "k": len(classes), **extra, "seed": seed,
+        "setting": setting, "k": len(classes), **extra, "seed": seed, **({"unseen_types": unseen} if unseen else {}),
         "n_cells": {p: int(indices[p].size) for p in PARTS}, "classes": classes,
         "source": {"path": str(atlas), "sha256": file_sha256(atlas), "label_key": label_key, "layer": layer,
                    "filters": filters or {}, "n_genes": int(adata.n_vars)},
@@ -162,6 +167,22 @@ def split_atlas_to_dir(
     with atomic_path(out_dir / "split.json") as tmp:
         tmp.write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def remove_unseen_types(labels: pd.Series, indices: dict, classes: list[str], n: int,
+                        seed: int) -> tuple[dict, list[str], list[str]]:
+    """Draw ``n`` of the classes (seeded) and drop their cells from train and validation; their
+    test cells stay. Returns (indices, the classes left, the unseen types in class order)."""
+    if n == 0:
+        return indices, classes, []
+    if n < 0 or len(classes) - n < 2:
+        raise InputError(f"--unseen-types {n} would leave {len(classes) - n} of the split's {len(classes)} types "
+                         "to train on; it must leave at least two")
+    drawn = set(np.random.default_rng([seed, 104729]).choice(len(classes), size=n, replace=False).tolist())
+    unseen = [c for i, c in enumerate(classes) if i in drawn]
+    values = labels.astype(str).to_numpy()
+    kept = {part: rows[~np.isin(values[rows], unseen)] if part != "test" else rows for part, rows in indices.items()}
+    return kept, [c for c in classes if c not in unseen], unseen
 
 
 def _draw(adata: ad.AnnData, s: dict, seed: int, holdout: str | None) -> tuple[dict, list[str], dict]:

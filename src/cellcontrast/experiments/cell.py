@@ -27,6 +27,7 @@ from cellcontrast.train.chain import build_chain
 from cellcontrast.train.component import fit_component
 from cellcontrast.train.evaluation import evaluate
 from cellcontrast.train.metrics import confusion, per_class_f1
+from cellcontrast.train.open_set import open_set_metrics
 from cellcontrast.train.recipes import check_params, resolve_params
 
 # Metrics of a finished run that a skipped grid cell reports again.
@@ -137,11 +138,17 @@ def _train_run(cell: _Cell, component: str, resolved: dict, run_tags: dict) -> d
         mlflow.log_params(tracking.flatten(resolved))
         mlflow.log_params({f"split.{k}": info[k] for k in ("setting", "k", "n_per_type", "seed", "batch_key",
                                                              "holdout") if k in info})
+        if info.get("unseen_types"):
+            mlflow.log_param("split.unseen_types", ", ".join(info["unseen_types"])[:500])
         mlflow.log_params({"split.source_sha256": info["source"]["sha256"],
                            "split.n_train": info["n_cells"]["train"], "split.dir": str(cell.split_dir),
                            "model_seed": cell.seed})
         chain = _fit(cell, component, run.info.run_id)
         metrics, proba = evaluate(chain, {p: data.X[p] for p in ("val", "test")}, data.y, len(data.classes))
+        if "unseen" in data.X:  # test cells of types removed from training: can the chain tell?
+            found = open_set_metrics(chain, data.X["train"], data.X["val"], data.X["test"], data.X["unseen"],
+                                     seed=cell.seed)
+            metrics.update({f"test_{k}": v for k, v in found.items()})
         metrics["train_seconds"] = time.time() - started
         mlflow.log_metrics(metrics)
         model_dir = cell.out_root / f"{cell.base}-{component}"

@@ -40,6 +40,7 @@ from cellcontrast.core.errors import InputError, first_line
 from cellcontrast.core.files import atomic_path
 from cellcontrast.core.names import BASES, COMPONENTS
 from cellcontrast.experiments import tracking
+from cellcontrast.experiments.open_set_report import unseen_frame, unseen_markdown
 from cellcontrast.experiments.report_figures import (
     calibration_data,
     calibration_figure,
@@ -275,7 +276,8 @@ def make_report(results: pd.DataFrame, out_dir, log_to_mlflow: bool = True,
 
     Names: ``table1_md``, ``table1_csv``, ``figure2_png``, ``figure2_csv``, ``metrics_json``, and
     when the runs logged calibration metrics ``calibration_md``, ``calibration_csv``,
-    ``calibration_png`` (temperature, ECE before/after, accuracy vs coverage).
+    ``calibration_png`` (temperature, ECE before/after, accuracy vs coverage), and when the
+    splits had unseen types (``--unseen-types``) ``unseen_md``, ``unseen_csv``.
     With `log_to_mlflow`, logs them to one MLflow run "report" (tag ``kind=report``).
     """
     df = clean_results(results)
@@ -309,6 +311,13 @@ def make_report(results: pd.DataFrame, out_dir, log_to_mlflow: bool = True,
             calibration.to_csv(tmp, index=False)
         with atomic_path(paths["calibration_png"]) as tmp:
             calibration_figure(calibration).savefig(tmp, format="png", dpi=110)
+
+    unseen = unseen_frame(df)
+    if unseen is not None:
+        paths.update({"unseen_md": out / "unseen.md", "unseen_csv": out / "unseen.csv"})
+        _write_text(paths["unseen_md"], unseen_markdown(unseen))
+        with atomic_path(paths["unseen_csv"]) as tmp:
+            unseen.to_csv(tmp, index=False)
 
     if log_to_mlflow:
         _log_to_mlflow(paths, metrics, df, experiment)

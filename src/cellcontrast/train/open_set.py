@@ -1,0 +1,83 @@
+"""How well a chain tells cells of a type it never saw from the types it knows.
+
+A new sample can hold a type the reference lacks; its cells should come out ``Unassigned``
+rather than as the nearest known type. Each novelty score below is higher for a cell that
+looks less like the training types:
+
+- ``max_prob``: 1 - the calibrated top probability (what the annotator thresholds today);
+- ``energy``: -T logsumexp(logits / T) (Liu et al. 2020), the head's logits before softmax;
+- ``knn``: the mean cosine distance from a cell's embedding to its k nearest training cells
+  (Sun et al. 2022), which does not depend on the head at all.
+
+``max_prob`` is scored at the annotator's ``min_confidence``; the others have no natural
+scale, so their threshold is the one that flags ``flag_rate`` of the *validation* cells (all of
+known types): test cells never set it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.special import logsumexp
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import NearestNeighbors
+
+from cellcontrast.nn.chain import ChainModule, predict_logits, predict_proba
+
+SCORES = ("max_prob", "energy", "knn")
+KNN_K = 10
+KNN_REFERENCE_CELLS = 20_000  # training cells the kNN score compares against (a seeded sample)
+
+
+def auroc(novelty_seen: np.ndarray, novelty_unseen: np.ndarray) -> float:
+    """Area under the ROC curve of unseen against seen cells by a novelty score."""
+    if novelty_seen.size == 0 or novelty_unseen.size == 0:
+        return float("nan")
+    truth = np.r_[np.zeros(novelty_seen.size), np.ones(novelty_unseen.size)]
+    return float(roc_auc_score(truth, np.r_[novelty_seen, novelty_unseen]))
+
+
+def _normalised_embedding(chain: ChainModule, counts) -> np.ndarray:
+    z = predict_proba(chain, counts, output=chain.embed).astype(np.float64)
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
+class NoveltyScorer:
+    """The novelty scores of one chain, its kNN reference drawn from the training cells."""
+
+    def __init__(self, chain: ChainModule, train_counts, seed: int = 0):
+        self.chain = chain
+        rows = np.arange(train_counts.shape[0])
+        if rows.size > KNN_REFERENCE_CELLS:
+            rows = np.sort(np.random.default_rng(seed).choice(rows, KNN_REFERENCE_CELLS, replace=False))
+        self.neighbours = NearestNeighbors(n_neighbors=min(KNN_K, rows.size)).fit(
+            _normalised_embedding(chain, train_counts[rows]))
+
+    def scores(self, counts) -> dict[str, np.ndarray]:
+        temperature = float(self.chain.temperature)
+        logits = predict_logits(self.chain, counts).astype(np.float64) / temperature
+        proba = np.exp(logits - logsumexp(logits, axis=1, keepdims=True))
+        distances, _ = self.neighbours.kneighbors(_normalised_embedding(self.chain, counts))
+        # unit vectors: squared euclidean distance is 2 - 2 cos
+        return {"max_prob": 1.0 - proba.max(axis=1), "energy": -temperature * logsumexp(logits, axis=1),
+                "knn": (distances**2 / 2.0).mean(axis=1)}
+
+
+@torch.no_grad()
+def open_set_metrics(chain: ChainModule, train_counts, val_counts, seen_counts, unseen_counts, *,
+                     min_confidence: float = 0.5, flag_rate: float = 0.05, seed: int = 0) -> dict:
+    """``unseen_auroc_{score}`` for every score; for ``max_prob`` the Unassigned rates of unseen and
+    seen test cells at ``min_confidence`` (``unseen_unassigned``, ``seen_unassigned``); for
+    every score the rates at the threshold flagging ``flag_rate`` of validation
+    (``unseen_flagged_{score}``, ``seen_flagged_{score}``)."""
+    scorer = NoveltyScorer(chain, train_counts, seed)
+    val, seen, unseen = (scorer.scores(x) for x in (val_counts, seen_counts, unseen_counts))
+    out = {}
+    for name in SCORES:
+        out[f"unseen_auroc_{name}"] = auroc(seen[name], unseen[name])
+        threshold = np.quantile(val[name], 1.0 - flag_rate)
+        out[f"unseen_flagged_{name}"] = float((unseen[name] > threshold).mean())
+        out[f"seen_flagged_{name}"] = float((seen[name] > threshold).mean())
+    out["unseen_unassigned"] = float((1.0 - unseen["max_prob"] < min_confidence).mean())
+    out["seen_unassigned"] = float((1.0 - seen["max_prob"] < min_confidence).mean())
+    return out
