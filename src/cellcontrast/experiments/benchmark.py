@@ -14,7 +14,12 @@ from cellcontrast.core.names import LABEL
 from cellcontrast.core.params import load_params, setting_params
 from cellcontrast.data.atlas import read_atlas
 from cellcontrast.data.heldout import batch_values, make_heldout_split
-from cellcontrast.data.splits import make_split, make_tuning_split, remove_unseen_types, split_atlas_to_dir
+from cellcontrast.data.splits import (
+    make_split,
+    make_tuning_split,
+    remove_unseen_types,
+    split_atlas_to_dir,
+)
 from cellcontrast.experiments.grid import grid_config, run_grid
 from cellcontrast.experiments.report import make_report
 from cellcontrast.experiments.search_space import search_space_of

@@ -6,7 +6,13 @@ from __future__ import annotations
 import pandas as pd
 
 from cellcontrast.core.names import BASES, COMPONENTS
-from cellcontrast.experiments.results import SETTING_NAMES, clean_results, model_name, ordered, settings_in
+from cellcontrast.experiments.results import (
+    SETTING_NAMES,
+    clean_results,
+    model_name,
+    ordered,
+    settings_in,
+)
 
 SCORE_NAMES = {"max_prob": "1 − top probability", "energy": "energy", "knn": "kNN distance"}
 COLUMNS = {  # results column -> table heading
