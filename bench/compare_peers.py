@@ -57,6 +57,10 @@ BASE_NAMES = {"lr": "LR", "actinn": "ACTINN", "scdae": "scDAE"}
 COMPONENT_NAMES = {"none": "", "mlp": " + MLP-CL", "mls": " + MLS-CL"}
 METRICS = ["val_top1", "val_top3", "val_macro_f1", "test_top1", "test_top3", "test_macro_f1"]
 CSV_COLUMNS = ["dataset", "setting", "seed", "kind", "method", *METRICS, "train_seconds", "predict_seconds", "run_id"]
+# With --unseen-types: how well each method flags the test cells of types it never trained on
+# (peers: their top probability; chains also the energy and kNN-distance scores).
+OPEN_SET = ["test_unseen_auroc_max_prob", "test_unseen_unassigned", "test_seen_unassigned",
+            "test_unseen_auroc_energy", "test_unseen_auroc_knn", "test_unseen_flagged_knn", "test_seen_flagged_knn"]
 # Added after CSV_COLUMNS only when a held-out-batch setting was run: the fold's held-out batch.
 HOLDOUT = "holdout"
 CHOSEN = "chosen"  # the rows of the chain chosen per seed on its validation
@@ -224,6 +228,7 @@ def cellcontrast_stage(name: str, atlas: Path, ds_out: Path, args, settings, see
     results = ds_out / "results.csv"
     cli = [sys.executable, "-m", "cellcontrast.cli.entry"]
     batch = ["--batch-key", args.batch_key] if args.batch_key and folds else []
+    unseen = ["--unseen-types", str(args.unseen_types)] if args.unseen_types else []
     if args.skip_cellcontrast:
         for split in split_dirs(ds_out, settings, seeds):
             setting, seed = split.parent.name, split.name.removeprefix("seed")
@@ -237,7 +242,8 @@ def cellcontrast_stage(name: str, atlas: Path, ds_out: Path, args, settings, see
                 else:
                     continue
             rc = run([*cli, "split", "--atlas", str(atlas), "--setting", setting, "--seed", seed,
-                      "--out-dir", str(split), "--params", args.params, *(batch if setting in folds else [])])
+                      "--out-dir", str(split), "--params", args.params, *(batch if setting in folds else []),
+                      *unseen])
             if rc != 0:
                 what = f"fold {seed} (holds out {folds[setting][int(seed)]})" if setting in folds else f"seed {seed}"
                 return f"`cellcontrast split` failed (exit {rc}) for {setting} {what}"
@@ -253,7 +259,7 @@ def cellcontrast_stage(name: str, atlas: Path, ds_out: Path, args, settings, see
     t0 = time.time()
     rc = run([*cli, "benchmark", "--atlas", str(atlas), "--settings", ",".join(settings),
               "--seeds", str(args.seeds), "--tune-trials", str(args.tune_trials), "--out-dir", str(ds_out),
-              "--params", args.params, *batch], env=subprocess_env(args))
+              "--params", args.params, *batch, *unseen], env=subprocess_env(args))
     if rc != 0:
         return f"`cellcontrast benchmark` failed (exit {rc})"
     log(f"[{name}] benchmark done in {time.time() - t0:.0f} s")
@@ -325,7 +331,7 @@ def peer_rows(name: str, ds_out: Path, settings, seeds) -> tuple[list[dict], lis
         where = holdout_of(split)
         for method, r in d["methods"].items():
             rows.append({"dataset": name, "setting": d["setting"], "seed": int(d["seed"]), "kind": "peer",
-                         "method": method, **{m: r.get(m) for m in METRICS},
+                         "method": method, **{m: r.get(m) for m in METRICS + OPEN_SET},
                          "train_seconds": r["train_seconds"], "predict_seconds": r["predict_seconds"], **where})
             for cls, f1, support in zip(d["classes"], r["per_class_f1"], d["test_support"], strict=True):
                 per_class.append({"dataset": name, "setting": d["setting"], "seed": int(d["seed"]), **where,
@@ -369,7 +375,7 @@ def chain_rows(name: str, ds_out: Path, settings, seeds, threads: int) -> tuple[
                 warnings.append(f"{name} {setting} fold {seed} {method}: results.csv holds out {r[HOLDOUT]!r}, "
                                 f"the split {where[HOLDOUT]!r}")
             row = {"dataset": name, "setting": setting, "seed": int(seed), "kind": "cellcontrast",
-                   "method": method, **{m: r.get(m) for m in METRICS},
+                   "method": method, **{m: r.get(m) for m in METRICS + OPEN_SET},
                    "train_seconds": r.get("chain_train_seconds"), "predict_seconds": np.nan,
                    "run_id": r.get("run_id"), **where}
             model_dir = ds_out / "models" / str(setting) / f"seed{int(seed)}" / f"{r['base']}-{r['component']}"
@@ -503,6 +509,26 @@ def heldout_md(group: pd.DataFrame, chosen: str | None, infos: list[dict]) -> li
     return lines
 
 
+def unseen_md(group: pd.DataFrame, chosen: str | None) -> list[str]:
+    """How each method flags test cells of the types removed from its training (mean over seeds)."""
+    if "test_unseen_auroc_max_prob" not in group or group["test_unseen_auroc_max_prob"].isna().all():
+        return []
+    lines = ["Unseen types (test cells of types removed from train and val), mean over seeds: AUROC of each "
+             "novelty score for unseen against seen test cells; Unassigned: top probability below 0.5; "
+             "kNN flagged: above the kNN-distance threshold that flags 5% of validation.", "",
+             "| method | AUROC 1 − top prob | unseen Unassigned | seen Unassigned | AUROC energy | AUROC kNN | "
+             "unseen kNN-flagged | seen kNN-flagged |", "|---|---|---|---|---|---|---|---|"]
+    order = method_order(group)
+    rows = [(m, f"peer: {display(m)}") for m in order if m in PEERS]
+    if chosen:
+        rows.append((CHOSEN, f"**cellcontrast chosen per seed: {chosen}**"))
+    rows += [(m, f"cellcontrast {display(m)}") for m in order if m not in PEERS]
+    for method, label in rows:
+        g = group[group["method"] == method]
+        lines.append(f"| {label} | " + " | ".join(fmt(g[c], sd=False) if c in g else "—" for c in OPEN_SET) + " |")
+    return lines + [""]
+
+
 def summary_rows(long: pd.DataFrame) -> list[dict]:
     out = []
     for (dataset, setting), group in long.groupby(["dataset", "setting"], sort=False):
@@ -602,7 +628,7 @@ def write_report(long: pd.DataFrame, per_class: pd.DataFrame, out: Path, args, n
                 body = heldout_md(group, chosen, folds[(dataset, setting)])
             else:
                 body = table_md(group, chosen)
-            lines += [f"### {dataset} / {setting}", "", *body, ""]
+            lines += [f"### {dataset} / {setting}", "", *body, "", *unseen_md(group, chosen)]
         rare = rare_md(per_class, long, dataset)
         if rare:
             lines += [f"### {dataset} / natural: rarest types", "", *rare, ""]
@@ -644,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-key", default=None,
                    help="heldout: the obs column of batches (donor, individual, ...), passed to `cellcontrast "
                         "benchmark/split --batch-key`; one fold per batch (default: params.yaml's batch_key)")
+    p.add_argument("--unseen-types", type=int, default=0, metavar="N",
+                   help="per seed, N types left out of training and kept in the test (`cellcontrast benchmark "
+                        "--unseen-types`): the report adds how well each method flags them")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store for the benchmark runs, e.g. sqlite:///reports/peers/mlflow.db; its "
                         "artifacts then go under OUT/{dataset}/mlartifacts (default: MLFLOW_TRACKING_URI or "

@@ -27,6 +27,13 @@ Per peer the JSON holds top-1, top-3 and macro F1 on test (macro over ALL classe
 train and predict seconds (from raw counts: normalisation is part of both), and the per-class
 F1 on test in split.json's class order. A peer that fails is recorded under ``errors`` and the
 others still run; the exit status is then 1.
+
+A split made with ``--unseen-types`` (split.json ``unseen_types``) has test cells of types that
+train and val lack: they are scored apart (``unseen``) and the JSON adds, from each peer's top
+probability, the AUROC of ``1 - top probability`` for unseen against seen test cells and the
+share of each group below 0.5 (CellTypist's default ``p_thres``, cellcontrast's default
+``--min-confidence``): ``test_unseen_auroc_max_prob``, ``test_unseen_unassigned``,
+``test_seen_unassigned``.
 """
 
 from __future__ import annotations
@@ -88,6 +95,7 @@ def read_split(split_dir: Path) -> tuple[dict, dict]:
 
     info = json.loads((split_dir / "split.json").read_text())
     classes = [str(c) for c in info["classes"]]
+    unseen = [str(c) for c in info.get("unseen_types") or []]
     parts, genes = {}, None
     for name in ("train", "val", "test"):
         path = split_dir / f"{name}.h5ad"
@@ -99,10 +107,15 @@ def read_split(split_dir: Path) -> tuple[dict, dict]:
             genes = g
         elif g != genes:
             raise ValueError(f"{path} has other genes than train.h5ad; rebuild the split")
-        codes = pd.Categorical(a.obs[LABEL].astype(str), categories=classes).codes.astype(np.int64)
+        known = classes + (unseen if name == "test" else [])
+        codes = pd.Categorical(a.obs[LABEL].astype(str), categories=known).codes.astype(np.int64)
         if (codes < 0).any():
             raise ValueError(f"{path} has labels outside split.json's classes; rebuild the split")
-        parts[name] = {"X": sp.csr_matrix(a.X, dtype=np.float32), "y": codes, "obs_names": a.obs_names.astype(str)}
+        X = sp.csr_matrix(a.X, dtype=np.float32)
+        new = codes >= len(classes)
+        if new.any():  # test cells of the unseen types, scored apart
+            parts["unseen"] = {"X": X[new], "y": codes[new] - len(classes), "obs_names": a.obs_names[new].astype(str)}
+        parts[name] = {"X": X[~new], "y": codes[~new], "obs_names": a.obs_names[~new].astype(str)}
     info["genes"] = genes
     return info, parts
 
@@ -301,8 +314,22 @@ def run_peer(peer, parts: dict, n_classes: int) -> dict:
                 # celltypist: best match = argmax of decision scores = argmax of expit(scores);
                 # only exact ties can differ.
                 out["argmax_disagreements"] = int((pred != proba.argmax(axis=1)).sum())
+    if "unseen" in parts:
+        out.update(open_set(peer, model, parts))
     out["notes"] = peer.notes
     return out
+
+
+def open_set(peer, model, parts: dict, threshold: float = 0.5) -> dict:
+    """How well the peer's top probability flags test cells of types it never trained on."""
+    from sklearn.metrics import roc_auc_score
+
+    seen = peer.predict(model, parts["test"])[0].max(axis=1)
+    unseen = peer.predict(model, parts["unseen"])[0].max(axis=1)
+    truth = np.r_[np.zeros(seen.size), np.ones(unseen.size)]
+    return {"test_unseen_auroc_max_prob": float(roc_auc_score(truth, np.r_[1 - seen, 1 - unseen])),
+            "test_unseen_unassigned": float((unseen < threshold).mean()),
+            "test_seen_unassigned": float((seen < threshold).mean())}
 
 
 def versions() -> dict:

@@ -32,6 +32,7 @@ from cellcontrast.train.loops import (
 )
 from cellcontrast.train.recipes import COMPONENT_HEAD_L2_PATH, DEFAULT_PARAMS, resolve_params
 from cellcontrast.train.sampler import ClassAwareBatchSampler
+from cellcontrast.train.views import thinned_views
 
 
 def fit_component(base_model: BaseModel, train_counts, train_y: np.ndarray, val_counts,
@@ -46,7 +47,9 @@ def fit_component(base_model: BaseModel, train_counts, train_y: np.ndarray, val_
     p = resolve_params(component, params)
     z_train = embed_frozen(base_model, train_counts)
     z_val = embed_frozen(base_model, val_counts)
-    h = train_component(z_train, train_y, z_val, val_y, n_classes, component, p, seed, log)
+    z_views = [embed_frozen(base_model, view) for view in
+               thinned_views(train_counts, int(p["views"]), p["view_keep"], p["view_dropout"], seed)]
+    h = train_component(z_train, train_y, z_val, val_y, n_classes, component, p, seed, log, z_views)
     head = train_head_on_component(base_model, h, z_train, train_y, z_val, val_y, n_classes,
                                    p.get("head"), seed, log, stage=f"{component}_head",
                                    solver=p["head_solver"], l2_path=p["head_l2_path"])
@@ -62,10 +65,13 @@ def embed_frozen(base_model: BaseModel, counts) -> torch.Tensor:
 
 def train_component(z_train: torch.Tensor, train_y: np.ndarray, z_val: torch.Tensor,
                     val_y: np.ndarray, n_classes: int, component: str, params: dict | None = None,
-                    seed: int = 0, log: Log | None = None) -> nn.Module:
+                    seed: int = 0, log: Log | None = None, z_views: list[torch.Tensor] | None = None) -> nn.Module:
     """Step 3: train h on the training embeddings; keep the best epoch on val (``select``).
 
-    Returns h frozen (eval mode, ``requires_grad`` off).
+    ``z_views``: embeddings of noisy views of the training cells (``views.py``), row i a view
+    of cell i; each batch then holds its cells' views too, positives of their cell (and, with
+    ``view_positives="labels"``, of its whole type). Returns h frozen (eval mode,
+    ``requires_grad`` off).
     """
 
     p = resolve_params(component, params)
@@ -114,7 +120,11 @@ def train_component(z_train: torch.Tensor, train_y: np.ndarray, z_val: torch.Ten
         total, n_batches = 0.0, 0
         for batch in sampler:
             index = torch.as_tensor(list(batch), dtype=torch.long)
-            loss = loss_fn(h.contrastive_features(z_train[index]), y_train_t[index], tau)
+            z, y = z_train[index], y_train_t[index]
+            if z_views:
+                z = torch.cat([z, *(zv[index] for zv in z_views)])
+                y = (y if p["view_positives"] == "labels" else index).repeat(1 + len(z_views))
+            loss = loss_fn(h.contrastive_features(z), y, tau)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

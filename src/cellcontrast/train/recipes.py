@@ -16,6 +16,10 @@ from cellcontrast.core.errors import InputError
 
 # Step 4's L2 path for a linear head on h(z) (see head_solver below); one list for both components.
 COMPONENT_HEAD_L2_PATH = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6]
+# Noisy views of each training cell for the contrastive component (train/views.py): off by
+# default; views > 0 adds that many binomially thinned copies (each read kept with p ~
+# U(view_keep, 1)), with view_dropout of the detected genes zeroed.
+NO_VIEWS = {"views": 0, "view_keep": 0.5, "view_dropout": 0.1, "view_positives": "labels"}
 
 
 DEFAULT_PARAMS: dict[str, dict] = {
@@ -90,11 +94,11 @@ DEFAULT_PARAMS: dict[str, dict] = {
     "mlp": {"hidden_dim": None, "out_dim": None, "temperature": 0.1, "lr": 1e-3,
             "weight_decay": 0.1, "batch_size": 256, "samples_per_class": 4, "max_epochs": 100,
             "patience": 10, "select": "centroid", "head_solver": "lbfgs",
-            "head_l2_path": COMPONENT_HEAD_L2_PATH},
+            "head_l2_path": COMPONENT_HEAD_L2_PATH, **NO_VIEWS},
     "mls": {"hidden_dim": -1, "class_hidden_dim": 0, "temperature": 0.1, "lr": 1e-3,
             "weight_decay": 0.1, "batch_size": 256, "samples_per_class": 4, "max_epochs": 100,
             "patience": 30, "select": "centroid", "head_solver": "lbfgs",
-            "head_l2_path": COMPONENT_HEAD_L2_PATH},
+            "head_l2_path": COMPONENT_HEAD_L2_PATH, **NO_VIEWS},
 }
 
 
@@ -119,6 +123,10 @@ def resolve_params(name: str, params: dict | None) -> dict:
         if p.get("head_solver", "lbfgs") not in ("lbfgs", "adam"):
             raise ValueError(f"{name}.head_solver must be lbfgs or adam, not {p['head_solver']!r}")
         _check_l2_path(f"{name}.head_l2_path", p.get("head_l2_path", DEFAULT_PARAMS[name]["head_l2_path"]))
+        if p.get("view_positives", "labels") not in ("labels", "self"):
+            raise ValueError(f"{name}.view_positives must be labels or self, not {p['view_positives']!r}")
+        if not 0 < p.get("view_keep", 0.5) <= 1 or not 0 <= p.get("view_dropout", 0.1) < 1:
+            raise ValueError(f"{name}.view_keep must be in (0, 1] and view_dropout in [0, 1)")
     return {**DEFAULT_PARAMS[name], **(params or {})}
 
 
