@@ -118,3 +118,14 @@ def test_rejects_bad_arguments():
         ClassAwareBatchSampler(np.array([0, 1]), 2, samples_per_class=0)
     with pytest.raises(TypeError):
         ClassAwareBatchSampler(np.array([0.5, 1.0]), 2)
+
+
+def test_balanced_batches_draw_rare_classes_as_often_as_common_ones():
+    labels = np.repeat(np.arange(3), [400, 40, 8])
+    drawn = {}
+    for balanced in (False, True):
+        s = ClassAwareBatchSampler(labels, batch_size=32, samples_per_class=4, seed=0, balanced=balanced)
+        counts = np.bincount(labels[np.concatenate([np.asarray(b) for b in s])], minlength=3)
+        drawn[balanced] = counts / counts.sum()
+        assert 0 < len(list(s)) <= len(s)  # a rare class cannot fill batches with its few cells twice
+    assert drawn[False][2] < 0.05 and drawn[True][2] > 0.15  # 8 cells: at most 8 of them a batch

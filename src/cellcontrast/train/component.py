@@ -86,7 +86,8 @@ def train_component(z_train: torch.Tensor, train_y: np.ndarray, z_val: torch.Ten
     tau = p["temperature"]
     y_train_t = torch.as_tensor(train_y, dtype=torch.long)
     y_val_t = torch.as_tensor(val_y, dtype=torch.long)
-    sampler = ClassAwareBatchSampler(train_y, p["batch_size"], p["samples_per_class"], seed=seed)
+    sampler = ClassAwareBatchSampler(train_y, p["batch_size"], p["samples_per_class"], seed=seed,
+                                     balanced=p["balanced_batches"])
     val_sampler = ClassAwareBatchSampler(val_y, p["batch_size"], p["samples_per_class"], seed=seed)
     val_sampler.set_epoch(0)
     val_batches = [torch.as_tensor(list(b), dtype=torch.long) for b in val_sampler]

@@ -19,7 +19,9 @@ COMPONENT_HEAD_L2_PATH = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6]
 # Noisy views of each training cell for the contrastive component (train/views.py): off by
 # default; views > 0 adds that many binomially thinned copies (each read kept with p ~
 # U(view_keep, 1)), with view_dropout of the detected genes zeroed.
-NO_VIEWS = {"views": 0, "view_keep": 0.5, "view_dropout": 0.1, "view_positives": "labels"}
+NO_VIEWS = {"views": 0, "view_keep": 0.5, "view_dropout": 0.1, "view_positives": "labels",
+            # every type drawn equally often in the contrastive batches (train/sampler.py)
+            "balanced_batches": False}
 
 
 DEFAULT_PARAMS: dict[str, dict] = {

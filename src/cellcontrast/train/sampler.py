@@ -17,6 +17,10 @@ One epoch:
    cell of a class behind when the class has another cell to pair it with;
 3. ``ceil(n / batch_size)`` batches are emitted (``n // batch_size`` with ``drop_last``).
 
+With ``balanced``, every class gets the same number of groups (``ceil(n / (C x
+samples_per_class))``) instead of a number in proportion to its size: rare classes are drawn
+as often as common ones, re-using their cells, and common ones are subsampled each epoch.
+
 Deterministic for ``seed``; successive ``iter()`` calls (epochs) differ and are reproducible,
 epoch ``e`` depending only on ``(seed, e)`` (see :meth:`ClassAwareBatchSampler.set_epoch`).
 """
@@ -67,6 +71,7 @@ class ClassAwareBatchSampler(Sampler[list[int]]):
         samples_per_class: cells of one class placed together in a batch.
         seed: seed; epoch ``e`` is drawn from ``numpy.random.default_rng([seed, e])``.
         drop_last: emit ``n // batch_size`` full batches instead of ``ceil(n / batch_size)``.
+        balanced: draw every class equally often (see the module docstring).
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class ClassAwareBatchSampler(Sampler[list[int]]):
         samples_per_class: int = 4,
         seed: int = 0,
         drop_last: bool = False,
+        balanced: bool = False,
     ) -> None:
         labels = np.asarray(labels)
         if labels.ndim != 1:
@@ -91,6 +97,7 @@ class ClassAwareBatchSampler(Sampler[list[int]]):
         self.samples_per_class = int(samples_per_class)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
+        self.balanced = bool(balanced)
         self.epoch = 0
         classes, inverse = np.unique(labels, return_inverse=True)
         order = np.argsort(inverse, kind="stable")
@@ -124,9 +131,10 @@ class ClassAwareBatchSampler(Sampler[list[int]]):
 
         # 1. groups of one class each; the pool's first pass covers every cell once.
         groups: list[tuple[int, list[int]]] = []
+        per_class = math.ceil(len(self.labels) / (max(len(self._class_indices), 1) * spc))
         for c, idx in enumerate(self._class_indices):
             size = min(spc, len(idx))
-            for _ in range(math.ceil(len(idx) / spc)):
+            for _ in range(per_class if self.balanced else math.ceil(len(idx) / spc)):
                 groups.append((c, pools[c].take(size)))
 
         # 2. shuffled order, packed into batches.
