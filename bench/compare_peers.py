@@ -60,7 +60,8 @@ CSV_COLUMNS = ["dataset", "setting", "seed", "kind", "method", *METRICS, "train_
 # With --unseen-types: how well each method flags the test cells of types it never trained on
 # (peers: their top probability; chains also the energy and kNN-distance scores).
 OPEN_SET = ["test_unseen_auroc_max_prob", "test_unseen_unassigned", "test_seen_unassigned",
-            "test_unseen_auroc_energy", "test_unseen_auroc_knn", "test_unseen_flagged_knn", "test_seen_flagged_knn"]
+            "test_unseen_auroc_energy", "test_unseen_auroc_knn", "test_unseen_flagged_knn", "test_seen_flagged_knn",
+            "test_unseen_auroc_centroid", "test_unseen_flagged_centroid", "test_seen_flagged_centroid"]
 # Added after CSV_COLUMNS only when a held-out-batch setting was run: the fold's held-out batch.
 HOLDOUT = "holdout"
 CHOSEN = "chosen"  # the rows of the chain chosen per seed on its validation
@@ -515,9 +516,10 @@ def unseen_md(group: pd.DataFrame, chosen: str | None) -> list[str]:
         return []
     lines = ["Unseen types (test cells of types removed from train and val), mean over seeds: AUROC of each "
              "novelty score for unseen against seen test cells; Unassigned: top probability below 0.5; "
-             "kNN flagged: above the kNN-distance threshold that flags 5% of validation.", "",
+             "flagged: above the kNN (centroid) distance threshold that flags 5% of validation.", "",
              "| method | AUROC 1 − top prob | unseen Unassigned | seen Unassigned | AUROC energy | AUROC kNN | "
-             "unseen kNN-flagged | seen kNN-flagged |", "|---|---|---|---|---|---|---|---|"]
+             "unseen kNN-flagged | seen kNN-flagged | AUROC centroid | unseen centroid-flagged | "
+             "seen centroid-flagged |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = method_order(group)
     rows = [(m, f"peer: {display(m)}") for m in order if m in PEERS]
     if chosen:

@@ -60,7 +60,7 @@ def test_a_chain_trained_without_the_unseen_types_is_scored_on_them(small_atlas_
     split = tmp_path / "split"
     info = split_atlas_to_dir(small_atlas_path, "default", 0, split, params_path=small_params, unseen_types=2)
     (row,) = train_cell(split, "lr", ["none"], {"lr": {"epochs": 5}}, out_root=tmp_path / "models", quiet=True)
-    for score in ("max_prob", "energy", "knn"):
+    for score in ("max_prob", "energy", "knn", "centroid"):
         assert 0.0 <= row[f"test_unseen_auroc_{score}"] <= 1.0
         assert 0.0 <= row[f"test_unseen_flagged_{score}"] <= 1.0
     assert 0.0 <= row["test_unseen_unassigned"] <= 1.0 and 0.0 <= row["test_seen_unassigned"] <= 1.0

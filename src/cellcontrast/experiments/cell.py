@@ -146,8 +146,8 @@ def _train_run(cell: _Cell, component: str, resolved: dict, run_tags: dict) -> d
         chain = _fit(cell, component, run.info.run_id)
         metrics, proba = evaluate(chain, {p: data.X[p] for p in ("val", "test")}, data.y, len(data.classes))
         if "unseen" in data.X:  # test cells of types removed from training: can the chain tell?
-            found = open_set_metrics(chain, data.X["train"], data.X["val"], data.X["test"], data.X["unseen"],
-                                     seed=cell.seed)
+            found = open_set_metrics(chain, data.X["train"], data.y["train"], data.X["val"], data.X["test"],
+                                     data.X["unseen"], seed=cell.seed)
             metrics.update({f"test_{k}": v for k, v in found.items()})
         metrics["train_seconds"] = time.time() - started
         mlflow.log_metrics(metrics)

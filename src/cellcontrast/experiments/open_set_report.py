@@ -14,7 +14,8 @@ from cellcontrast.experiments.results import (
     settings_in,
 )
 
-SCORE_NAMES = {"max_prob": "1 − top probability", "energy": "energy", "knn": "kNN distance"}
+SCORE_NAMES = {"max_prob": "1 − top probability", "energy": "energy", "knn": "kNN distance",
+               "centroid": "centroid distance"}
 COLUMNS = {  # results column -> table heading
     "test_macro_f1": "seen macro F1",
     **{f"test_unseen_auroc_{s}": f"AUROC {name}" for s, name in SCORE_NAMES.items()},
@@ -22,6 +23,8 @@ COLUMNS = {  # results column -> table heading
     "test_seen_unassigned": "seen Unassigned @0.5",
     "test_unseen_flagged_knn": "unseen flagged (kNN, 5% of val)",
     "test_seen_flagged_knn": "seen flagged (kNN)",
+    "test_unseen_flagged_centroid": "unseen flagged (centroid, 5% of val)",
+    "test_seen_flagged_centroid": "seen flagged (centroid)",
 }
 
 
