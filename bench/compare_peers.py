@@ -752,7 +752,8 @@ def main(argv: list[str] | None = None) -> int:
         log("error: no results to report")
         return 1
     long = pd.DataFrame(long_rows)
-    long = long.reindex(columns=CSV_COLUMNS + ([HOLDOUT] if HOLDOUT in long.columns else []))
+    found = [c for c in OPEN_SET if c in long.columns and long[c].notna().any()]  # with --unseen-types
+    long = long.reindex(columns=CSV_COLUMNS + found + ([HOLDOUT] if HOLDOUT in long.columns else []))
     rank = {s: i for i, s in enumerate(settings)}
     long = long.sort_values(["dataset", "setting", "kind", "method", "seed"],
                             key=lambda col: col.map(rank) if col.name == "setting" else col).reset_index(drop=True)
