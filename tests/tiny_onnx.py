@@ -40,7 +40,7 @@ def reference_proba(counts: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-def build_model(path, metadata: bool = True):
+def build_model(path, metadata: bool = True, metrics: dict | None = None):
     w, b = _weights()
     g = len(MODEL_GENES)
     nodes = [
@@ -73,7 +73,7 @@ def build_model(path, metadata: bool = True):
         helper.set_model_props(model, {
             "genes": json.dumps(MODEL_GENES), "classes": json.dumps(CLASSES),
             "preprocessing": "log1p(1e4 * x / total)", "base": "lr", "component": "none",
-            "run_id": "r1", "metrics": json.dumps({"val_macro_f1": 0.9}), "input_name": "counts",
+            "run_id": "r1", "metrics": json.dumps(metrics or {"val_macro_f1": 0.9}), "input_name": "counts",
         })
     onnx.checker.check_model(model)
     onnx.save_model(model, str(path))

@@ -100,3 +100,41 @@ def test_refusals_leave_obs_unchanged(change, kwargs, message, model, counts):
 def test_not_an_anndata(model, counts):
     with pytest.raises(cc.InputError, match="AnnData"):
         cc.annotate(counts, model)
+
+
+def test_auto_confidence_is_the_threshold_chosen_on_validation(counts, tmp_path):
+    """`min_confidence="auto"` reads the chain's validation threshold from the model's metadata."""
+    top = tiny_onnx.reference_proba(counts).max(axis=1)
+    chosen = float(np.quantile(top, 0.3))
+    model = tiny_onnx.build_model(tmp_path / "auto.onnx", metrics={"val_macro_f1": 0.9, "val_confidence_q05": chosen})
+    adata = _adata(counts)
+    cc.annotate(adata, model, min_confidence="auto")
+    unassigned = (adata.obs["cellcontrast_label"] == "Unassigned").to_numpy()
+    assert np.array_equal(unassigned, top < chosen) and 0 < unassigned.sum() < len(top)
+    with pytest.raises(cc.InputError, match="auto needs a model exported with its validation threshold"):
+        cc.annotate(_adata(counts), tiny_onnx.build_model(tmp_path / "old.onnx"), min_confidence="auto")
+    with pytest.raises(cc.InputError, match="or be auto"):
+        cc.annotate(_adata(counts), model, min_confidence="high")
+
+
+def test_evaluation_records_the_validation_threshold():
+    import torch
+
+    from cellcontrast.train.evaluation import evaluate
+
+    class Fixed(torch.nn.Module):  # a stand-in chain whose probabilities are known
+        temperature = torch.ones(1)
+        n_classes = 2
+
+        def logits(self, x):
+            return x
+
+        def forward(self, x):
+            return torch.softmax(x / self.temperature, dim=-1)
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 2)).astype(np.float32)
+    y = (X[:, 1] > X[:, 0]).astype(np.int64)
+    metrics, proba = evaluate(Fixed(), {"val": X}, {"val": y}, 2)
+    assert metrics["val_confidence_q05"] == pytest.approx(np.quantile(proba["val"].max(axis=1), 0.05))
+    assert (proba["val"].max(axis=1) < metrics["val_confidence_q05"]).mean() == pytest.approx(0.05, abs=0.01)

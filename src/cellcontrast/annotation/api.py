@@ -77,17 +77,33 @@ class _Predicted:
     found: int
 
 
-def _check_options(batch_size: int, min_confidence: float, min_overlap: float) -> None:
+# The top probability below which 5% of the chain's validation cells fall (train/evaluation.py):
+# what ``min_confidence="auto"`` uses.
+VALIDATION_THRESHOLD = "val_confidence_q05"
+
+
+def _check_options(batch_size: int, min_confidence: float | str, min_overlap: float) -> None:
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size} must be at least 1")
-    if not 0.0 <= min_confidence <= 1.0:
-        raise InputError(f"--min-confidence {min_confidence} must lie between 0 and 1")
+    if min_confidence != "auto" and not (isinstance(min_confidence, int | float) and 0.0 <= min_confidence <= 1.0):
+        raise InputError(f"--min-confidence {min_confidence} must lie between 0 and 1, or be auto")
     if not 0.0 <= min_overlap <= 1.0:
         raise InputError(f"--min-overlap {min_overlap} must lie between 0 and 1")
 
 
 def _as_annotator(model, threads: int) -> Annotator:
     return model if isinstance(model, Annotator) else load_model(model, threads=threads)
+
+
+def _threshold(annotator: Annotator, min_confidence: float | str) -> float:
+    """``auto``: the threshold chosen on the chain's validation cells (it flags 5% of them)."""
+    if min_confidence != "auto":
+        return float(min_confidence)
+    value = (annotator.metadata.get("metrics") or {}).get(VALIDATION_THRESHOLD)
+    if value is None:
+        raise InputError("--min-confidence auto needs a model exported with its validation threshold "
+                         "(trained by this version or later); pass a number instead")
+    return float(value)
 
 
 def _gene_columns(var_names: pd.Index, model: Annotator, min_overlap: float, case_insensitive: bool,
@@ -232,7 +248,7 @@ def annotate_file(
     csv: str | os.PathLike | None = None,
     layer: str | None = None,
     batch_size: int = 8192,
-    min_confidence: float = 0.0,
+    min_confidence: float | str = 0.0,
     min_overlap: float = 0.5,
     case_insensitive: bool = False,
     probabilities: bool = False,
@@ -258,7 +274,8 @@ def annotate_file(
     batch_size, threads
         Rows read at a time; onnxruntime and inflating threads (0: all cores).
     min_confidence
-        Below this confidence a cell's label is ``Unassigned``.
+        Below this confidence a cell's label is ``Unassigned``; ``"auto"``: the threshold that
+        flags 5% of the chain's validation cells, chosen at training.
     min_overlap, case_insensitive
         Least fraction of the model's genes the query must hold; match names ignoring case.
     probabilities
@@ -285,6 +302,7 @@ def annotate_file(
     _check_options(batch_size, min_confidence, min_overlap)
     _check_paths(query_path, out_path, csv_path)
     annotator = _as_annotator(model, threads)
+    min_confidence = _threshold(annotator, min_confidence)
     obs, predicted = _stream_file(annotator, query_path, layer=layer, threads=threads, label_key=label_key,
                                   min_overlap=min_overlap, case_insensitive=case_insensitive,
                                   batch_size=batch_size, probabilities=probabilities, progress=progress, say=say)
@@ -308,7 +326,7 @@ def annotate(
     model: str | os.PathLike | Annotator,
     *,
     layer: str | None = None,
-    min_confidence: float = 0.5,
+    min_confidence: float | str = 0.5,
     key_added: str = "cellcontrast",
     copy: bool = False,
     batch_size: int = 8192,
@@ -335,7 +353,8 @@ def annotate(
     layer
         Read counts from this layer, or ``"raw"`` for ``adata.raw``.
     min_confidence
-        Below this confidence a cell's label is ``Unassigned``.
+        Below this confidence a cell's label is ``Unassigned``; ``"auto"``: the threshold that
+        flags 5% of the chain's validation cells, chosen at training.
     key_added
         The prefix of the obs columns and the ``uns`` key.
     copy
@@ -362,6 +381,7 @@ def annotate(
         raise InputError("key_added must be a non-empty string")
     _check_options(batch_size, min_confidence, min_overlap)
     annotator = _as_annotator(model, threads)
+    min_confidence = _threshold(annotator, min_confidence)
     matrix = MemoryMatrix.of(adata, layer)
     _check_not_empty(matrix)
     col_map = _gene_columns(matrix.var_names, annotator, min_overlap, case_insensitive, lambda *_: None)

@@ -35,6 +35,15 @@ def _simulate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _confidence(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor auto") from None
+
+
 def _split(sub) -> None:
     p = sub.add_parser("split", help="downsample an atlas to a setting and split it 80/10/10")
     p.add_argument("--atlas", required=True, help="input .h5ad with raw counts")
@@ -128,7 +137,9 @@ def _annotate(sub) -> None:
     p.add_argument("--csv", default=None, help="also write predictions as CSV")
     p.add_argument("--layer", default=None, help="read counts from this layer, or 'raw' for .raw")
     p.add_argument("--batch-size", type=int, default=8192)
-    p.add_argument("--min-confidence", type=float, default=0.0, help="below this, call the cell 'Unassigned'")
+    p.add_argument("--min-confidence", type=_confidence, default=0.0,
+                   help="below this, call the cell 'Unassigned'; auto: the threshold that flags 5%% of the "
+                        "chain's validation cells")
     p.add_argument("--min-overlap", type=float, default=0.5, help="least fraction of model genes found in the query")
     p.add_argument("--case-insensitive", action="store_true", help="match gene names ignoring case")
     p.add_argument("--probabilities", action="store_true", help="store per-class probabilities in obsm")

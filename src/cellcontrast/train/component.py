@@ -70,19 +70,14 @@ def train_component(z_train: torch.Tensor, train_y: np.ndarray, z_val: torch.Ten
 
     ``z_views``: embeddings of noisy views of the training cells (``views.py``), row i a view
     of cell i; each batch then holds its cells' views too, positives of their cell (and, with
-    ``view_positives="labels"``, of its whole type). Returns h frozen (eval mode,
-    ``requires_grad`` off).
+    ``view_positives="labels"``, of its whole type). Returns h frozen (no gradients, eval mode).
     """
-
     p = resolve_params(component, params)
     train_y, val_y = np.asarray(train_y, dtype=int), np.asarray(val_y, dtype=int)
     torch.manual_seed(seed)
-    if component == "mlp":
-        h = MLPComponent(z_train.shape[1], p["hidden_dim"], p["out_dim"])
-        loss_fn = supcon_loss
-    else:
-        h = MLSComponent(z_train.shape[1], n_classes, p["hidden_dim"], p.get("class_hidden_dim", 0))
-        loss_fn = mls_loss
+    h, loss_fn = ((MLPComponent(z_train.shape[1], p["hidden_dim"], p["out_dim"]), supcon_loss) if component == "mlp"
+                  else (MLSComponent(z_train.shape[1], n_classes, p["hidden_dim"], p.get("class_hidden_dim", 0)),
+                        mls_loss))
     tau = p["temperature"]
     y_train_t = torch.as_tensor(train_y, dtype=torch.long)
     y_val_t = torch.as_tensor(val_y, dtype=torch.long)
@@ -120,11 +115,8 @@ def train_component(z_train: torch.Tensor, train_y: np.ndarray, z_val: torch.Ten
         sampler.set_epoch(epoch)
         total, n_batches = 0.0, 0
         for batch in sampler:
-            index = torch.as_tensor(list(batch), dtype=torch.long)
-            z, y = z_train[index], y_train_t[index]
-            if z_views:
-                z = torch.cat([z, *(zv[index] for zv in z_views)])
-                y = (y if p["view_positives"] == "labels" else index).repeat(1 + len(z_views))
+            z, y = _batch(torch.as_tensor(list(batch), dtype=torch.long), z_train, y_train_t, z_views,
+                          p["view_positives"])
             loss = loss_fn(h.contrastive_features(z), y, tau)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -147,6 +139,16 @@ def train_component(z_train: torch.Tensor, train_y: np.ndarray, z_val: torch.Ten
     h.eval()
     h.requires_grad_(False)
     return h
+
+
+def _batch(index: torch.Tensor, z_train: torch.Tensor, y_train: torch.Tensor, z_views, positives: str):
+    """A batch's embeddings and contrastive labels, with its cells' views when there are any
+    (labelled by type, or by cell for ``positives="self"``)."""
+    z, y = z_train[index], y_train[index]
+    if not z_views:
+        return z, y
+    return (torch.cat([z, *(zv[index] for zv in z_views)]),
+            (y if positives == "labels" else index).repeat(1 + len(z_views)))
 
 
 CENTROID_CELLS_PER_CLASS = 100

@@ -39,4 +39,7 @@ def evaluate(chain: ChainModule, X: dict, y: dict[str, np.ndarray], n_classes: i
         metrics[f"{part}_ece"] = expected_calibration_error(proba[part], y[part])
     if "test" in X:
         metrics.update({f"test_{k}": v for k, v in coverage_metrics(proba["test"], y["test"]).items()})
+    if "val" in X and len(proba["val"]):
+        # the annotator's `--min-confidence auto`: the top probability that flags 5% of validation
+        metrics["val_confidence_q05"] = float(np.quantile(proba["val"].max(axis=1), 0.05))
     return metrics, proba
