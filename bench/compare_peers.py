@@ -420,7 +420,8 @@ def with_chosen(group: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     seed's, whose cells may be in this seed's test set). Returns (rows, label of the choice)."""
     group = group[group["kind"] != CHOSEN]
     chains = group[group["kind"] == "cellcontrast"]
-    picked = choose_per_seed(chains) if not chains.empty else chains
+    simplest_first = [chain_method(b, c) for b in BASES for c in COMPONENTS]  # ties: LR before the others
+    picked = choose_per_seed(chains, prefer=simplest_first) if not chains.empty else chains
     if picked.empty:
         return group, None
     counts = picked["method"].value_counts()

@@ -40,3 +40,11 @@ def test_a_test_metric_is_refused_and_unscored_runs_ignored():
     assert choose_per_seed(runs)["method"].tolist() == ["mlp"]
     with pytest.raises(ValueError, match="validation"):
         choose_per_seed(runs, metric="test_macro_f1")
+
+
+def test_ties_go_to_the_simplest_chain_named_first():
+    runs = pd.DataFrame({"seed": [0, 0, 0, 1, 1], "method": ["actinn", "scdae+mlp", "lr", "actinn", "lr"],
+                         "val_macro_f1": [1.0, 1.0, 1.0, 1.0, 0.99]})
+    chosen = choose_per_seed(runs, prefer=["lr", "actinn", "scdae+mlp"])
+    assert chosen["method"].tolist() == ["lr", "actinn"]  # seed 1: the better score wins over the order
+    assert choose_per_seed(runs)["method"].tolist() == ["actinn", "actinn"]  # no order: the first row

@@ -12,8 +12,9 @@ import pandas as pd
 SELECTION_METRIC = "val_macro_f1"
 
 
-def choose_per_seed(runs: pd.DataFrame, *, metric: str = SELECTION_METRIC, seed_key: str = "seed") -> pd.DataFrame:
-    """One row per seed: that seed's run with the highest ``metric`` (the first such row on a tie).
+def choose_per_seed(runs: pd.DataFrame, *, metric: str = SELECTION_METRIC, seed_key: str = "seed",
+                    prefer: list[str] | None = None, method_key: str = "method") -> pd.DataFrame:
+    """One row per seed: that seed's run with the highest ``metric``.
 
     Parameters
     ----------
@@ -23,6 +24,9 @@ def choose_per_seed(runs: pd.DataFrame, *, metric: str = SELECTION_METRIC, seed_
         A validation column; never a test column.
     seed_key
         The column naming each run's split (its seed, or fold).
+    prefer, method_key
+        On a tie (small validation sets often score several chains 1.0), the run whose
+        ``method_key`` comes first in ``prefer`` (simplest first) wins; without it, the first row.
 
     Returns
     -------
@@ -33,5 +37,8 @@ def choose_per_seed(runs: pd.DataFrame, *, metric: str = SELECTION_METRIC, seed_
     scored = runs[runs[metric].notna()]
     if scored.empty:
         return scored
-    rows = scored.groupby(seed_key, sort=True)[metric].idxmax()
-    return scored.loc[rows.to_numpy()]
+    rank = {m: i for i, m in enumerate(prefer or [])}
+    order = scored.assign(_rank=[rank.get(m, len(rank)) for m in scored[method_key]] if prefer else 0,
+                          _row=range(len(scored)))
+    order = order.sort_values([seed_key, metric, "_rank", "_row"], ascending=[True, False, True, True], kind="stable")
+    return order.drop_duplicates(seed_key).drop(columns=["_rank", "_row"])
