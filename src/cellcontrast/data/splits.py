@@ -135,17 +135,13 @@ def split_atlas_to_dir(
     their test cells, labelled with their own names (split.json ``unseen_types``).
     """
     s = setting_params(settings if settings is not None else load_params(params_path), setting, batch_key)
-    if tuning_for is not None:
-        if s["heldout"]:
-            raise InputError("--tuning is for random-split settings; a held-out-batch fold is tuned on its own split")
-        if holdout is not None:
-            raise InputError("--tuning and --holdout do not go together")
-        s = {**s, "tuning_for": [int(x) for x in tuning_for]}
+    if tuning_for is not None and s["heldout"]:
+        raise InputError("--tuning is for random-split settings; a held-out-batch fold is tuned on its own split")
     # The reader's notes and the split's warning are held until the split is drawn: a refusal
     # (values, labels, a type too small to split) is then the only line on stderr.
     with notes_held():
         adata = read_atlas(atlas, label_key=label_key, layer=layer, filters=filters)
-        indices, classes, extra = _draw(adata, s, seed, holdout)
+        indices, classes, extra = _draw(adata, s, seed, holdout, tuning_for)
         indices, classes, unseen = remove_unseen_types(adata.obs[LABEL], indices, classes, unseen_types, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -185,8 +181,10 @@ def remove_unseen_types(labels: pd.Series, indices: dict, classes: list[str], n:
     return kept, [c for c in classes if c not in unseen], unseen
 
 
-def _draw(adata: ad.AnnData, s: dict, seed: int, holdout: str | None) -> tuple[dict, list[str], dict]:
-    """The parts' rows, the classes and what split.json records of the draw."""
+def _draw(adata: ad.AnnData, s: dict, seed: int, holdout: str | None,
+          tuning_for: list[int] | None = None) -> tuple[dict, list[str], dict]:
+    """The parts' rows, the classes and what split.json records of the draw (``tuning_for``: the
+    tuning split of those evaluated seeds)."""
     if s["heldout"]:
         batches = batch_values(adata.obs, s["batch_key"])
         names = sorted(set(batches))
@@ -204,10 +202,10 @@ def _draw(adata: ad.AnnData, s: dict, seed: int, holdout: str | None) -> tuple[d
     if holdout is not None:
         raise InputError("--holdout is for a setting that leaves one batch out (e.g. heldout)")
     tuning = {}
-    if "tuning_for" in s:
-        split = make_tuning_split(adata.obs[LABEL], s["k"], s["cap"], s["tuning_for"], s["fractions"],
-                                  s["equalize"], seed)
-        tuning = {"tuning": True, "excludes_test_of_seeds": s["tuning_for"]}
+    if tuning_for is not None:
+        tuning_for = [int(x) for x in tuning_for]
+        split = make_tuning_split(adata.obs[LABEL], s["k"], s["cap"], tuning_for, s["fractions"], s["equalize"], seed)
+        tuning = {"tuning": True, "excludes_test_of_seeds": tuning_for}
     else:
         split = make_split(adata.obs[LABEL], s["k"], s["cap"], seed, s["fractions"], s["equalize"])
     return split.indices, split.classes, {**tuning,
