@@ -135,6 +135,10 @@ def test_evaluation_records_the_validation_threshold():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 2)).astype(np.float32)
     y = (X[:, 1] > X[:, 0]).astype(np.int64)
-    metrics, proba = evaluate(Fixed(), {"val": X}, {"val": y}, 2)
+    chain = Fixed()
+    metrics, proba = evaluate(chain, {"val": X}, {"val": y}, 2)
     assert metrics["val_confidence_q05"] == pytest.approx(np.quantile(proba["val"].max(axis=1), 0.05))
     assert (proba["val"].max(axis=1) < metrics["val_confidence_q05"]).mean() == pytest.approx(0.05, abs=0.01)
+    t = float(chain.temperature)  # fitted on validation by evaluate
+    energy = -t * np.log(np.exp(X.astype(np.float64) / t).sum(axis=1))
+    assert metrics["val_energy_q95"] == pytest.approx(np.quantile(energy, 0.95))

@@ -167,12 +167,47 @@ def test_trained_chains_onnx_equals_torch(base, component, trained_data, tmp_pat
     assert (want.argmax(1) == yq).mean() > 2 / n_classes, f"{base}+{component} did not learn"
     assert float(loaded.temperature) != 1.0 or base == "lr"
     path = export_chain_to_onnx(loaded, config, tmp_path / "m.onnx")
-    got = _session(path).run(["probabilities"], {"counts": xq.toarray()})[0]
+    got, energy = _session(path).run(["probabilities", "energy"], {"counts": xq.toarray()})
     np.testing.assert_allclose(got, want, atol=1e-5)
+    from cellcontrast.nn.chain import predict_logits
+    from cellcontrast.train.open_set import energy as energy_score
+    np.testing.assert_allclose(energy, energy_score(predict_logits(loaded, xq), float(loaded.temperature)),
+                               atol=1e-4, rtol=1e-5)
     order = np.random.default_rng(1).permutation(len(trained_data["genes"]))
     query = ad.AnnData(X=xq[:, order], var=pd.DataFrame(index=np.asarray(trained_data["genes"])[order]))
     cc.annotate(query, path, probabilities=True)
     np.testing.assert_allclose(query.obsm["cellcontrast_probabilities"], want, atol=1e-5)
+
+
+def test_flag_unseen_marks_cells_above_the_validation_energy_threshold(trained_data, tmp_path):
+    """`flag_unseen` calls Unassigned exactly the cells whose energy exceeds the threshold that
+    flags 5% of validation; a model without the energy output is refused."""
+    import anndata as ad
+
+    import cellcontrast as cc
+    from cellcontrast.train.chain import fit_chain
+    from cellcontrast.train.evaluation import evaluate
+
+    (xt, yt), (xv, yv), (xq, _) = trained_data["train"], trained_data["val"], trained_data["query"]
+    n_classes = len(trained_data["classes"])
+    chain = fit_chain(xt, yt, xv, yv, n_classes, "lr", "none", {"lr": {"l2_path": [1e-2]}}, seed=0)
+    metrics, _ = evaluate(chain, {"val": xv}, {"val": yv}, n_classes)
+    config = {"genes": trained_data["genes"], "classes": trained_data["classes"], "metrics": metrics}
+    path = export_chain_to_onnx(chain, config, tmp_path / "m.onnx")
+    threshold = metrics["val_energy_q95"]
+    val = ad.AnnData(X=xv, var=pd.DataFrame(index=trained_data["genes"]))
+    cc.annotate(val, path, min_confidence=0.0, flag_unseen=True)
+    assert val.obs["cellcontrast_unfamiliar"].mean() == pytest.approx(0.05, abs=0.01)
+    query = ad.AnnData(X=xq, var=pd.DataFrame(index=trained_data["genes"]))
+    cc.annotate(query, path, min_confidence=0.0, flag_unseen=True)
+    unfamiliar = query.obs["cellcontrast_energy"].to_numpy() > threshold
+    assert np.array_equal(query.obs["cellcontrast_unfamiliar"].to_numpy(), unfamiliar)
+    assert np.array_equal((query.obs["cellcontrast_label"] == "Unassigned").to_numpy(), unfamiliar)
+    assert query.uns["cellcontrast"]["energy_threshold"] == pytest.approx(threshold)
+    plain = export_chain_to_onnx(TinyChain(len(trained_data["genes"]), n_classes).eval(),
+                                 {**config, "metrics": {}}, tmp_path / "plain.onnx")
+    with pytest.raises(cc.InputError, match="--flag-unseen needs a model exported with its energy output"):
+        cc.annotate(query, plain, flag_unseen=True)
 
 
 def test_graph_of_an_unscaled_all_gene_lr_skips_gather_and_standardisation(trained_data, tmp_path):

@@ -75,11 +75,14 @@ class _Predicted:
     probabilities: np.ndarray | None
     col_map: np.ndarray
     found: int
+    energy: np.ndarray | None = None
 
 
 # The top probability below which 5% of the chain's validation cells fall (train/evaluation.py):
 # what ``min_confidence="auto"`` uses.
 VALIDATION_THRESHOLD = "val_confidence_q05"
+# The energy above which 5% of the chain's validation cells lie: what ``flag_unseen`` uses.
+VALIDATION_ENERGY_THRESHOLD = "val_energy_q95"
 
 
 def _check_options(batch_size: int, min_confidence: float | str, min_overlap: float) -> None:
@@ -106,6 +109,31 @@ def _threshold(annotator: Annotator, min_confidence: float | str) -> float:
     return float(value)
 
 
+def _energy_threshold(annotator: Annotator, flag_unseen: bool) -> float | None:
+    """With ``flag_unseen``: the validation energy threshold the model carries."""
+    if not flag_unseen:
+        return None
+    value = (annotator.metadata.get("metrics") or {}).get(VALIDATION_ENERGY_THRESHOLD)
+    if annotator.energy_name is None or value is None:
+        raise InputError("--flag-unseen needs a model exported with its energy output and validation "
+                         "threshold (trained and exported by this version or later)")
+    return float(value)
+
+
+def _frame(obs_names: pd.Index, annotator: Annotator, predicted: _Predicted, min_confidence: float,
+           energy_threshold: float | None, prefix: str = PREFIX) -> pd.DataFrame:
+    return predictions_frame(obs_names, annotator.classes, predicted.top_idx, predicted.top_p, min_confidence,
+                             prefix=prefix, energy=predicted.energy, energy_threshold=energy_threshold)
+
+
+def _unassigned_note(pred: pd.DataFrame, min_confidence: float, flag_unseen: bool) -> str:
+    if not (min_confidence > 0 or flag_unseen):
+        return ""
+    unfamiliar = f", or unfamiliar: {int(pred[f'{PREFIX}unfamiliar'].sum())} cells" if flag_unseen else ""
+    n_unassigned = int((pred[f"{PREFIX}label"] == UNASSIGNED).sum())
+    return f"; {n_unassigned} Unassigned (confidence < {min_confidence:g}{unfamiliar})"
+
+
 def _gene_columns(var_names: pd.Index, model: Annotator, min_overlap: float, case_insensitive: bool,
                   say) -> np.ndarray:
     """Each query gene's model column (-1: unused); refuses an overlap below ``min_overlap``."""
@@ -124,12 +152,13 @@ def _gene_columns(var_names: pd.Index, model: Annotator, min_overlap: float, cas
 
 
 def predict_matrix(model: Annotator, matrix, col_map: np.ndarray, batch_size: int, *,
-                   probabilities: bool = False, progress: bool | None = None) -> _Predicted:
+                   probabilities: bool = False, energy: bool = False, progress: bool | None = None) -> _Predicted:
     """Stream every row of ``matrix`` (`open_query` or `MemoryMatrix`) through the model."""
     n, n_model, n_classes = matrix.n_obs, len(model.genes), len(model.classes)
     top_idx = np.zeros((n, min(3, n_classes)), dtype=np.int32)
     top_p = np.zeros(top_idx.shape, dtype=np.float32)
     probs_all = np.zeros((n, n_classes), dtype=np.float32) if probabilities else None
+    energy_all = np.zeros(n, dtype=np.float32) if energy else None
     disable = (not sys.stderr.isatty()) if progress is None else (not progress)
     chunks = read_ahead(read_chunks(matrix, batch_size))
     with tqdm(total=n, unit="cells", desc="annotate", file=sys.stderr, disable=disable) as bar, \
@@ -141,18 +170,20 @@ def predict_matrix(model: Annotator, matrix, col_map: np.ndarray, batch_size: in
             for lo in range(0, mapped.n_rows, INFERENCE_ROWS):
                 hi = min(lo + INFERENCE_ROWS, mapped.n_rows)
                 a, b = start + lo, start + hi
-                probs = model.predict_proba(mapped.rows(lo, hi))
+                probs, cell_energy = model.predict(mapped.rows(lo, hi), energy=energy)
                 if probs.shape != (b - a, n_classes):
                     raise InputError(f"the model returned shape {probs.shape} for {b - a} cells; re-export it")
                 top_idx[a:b], top_p[a:b] = top3(probs)
                 if probs_all is not None:
                     probs_all[a:b] = probs
+                if energy_all is not None:
+                    energy_all[a:b] = cell_energy
                 bar.update(b - a)
-    return _Predicted(top_idx, top_p, probs_all, col_map, int((col_map >= 0).sum()))
+    return _Predicted(top_idx, top_p, probs_all, col_map, int((col_map >= 0).sum()), energy_all)
 
 
 def _metadata(model: Annotator, predicted: _Predicted, query: str, layer: str | None,
-              min_confidence: float, case_insensitive: bool) -> dict:
+              min_confidence: float, case_insensitive: bool, energy_threshold: float | None = None) -> dict:
     """What ``uns['cellcontrast']`` records: the model, the gene overlap, the options."""
     n_model = len(model.genes)
     missing = [g for g, ok in zip(model.genes, found_mask(predicted.col_map, n_model), strict=True) if not ok]
@@ -164,6 +195,8 @@ def _metadata(model: Annotator, predicted: _Predicted, query: str, layer: str | 
         "gene_overlap": float(predicted.found / n_model), "genes_missing": missing, "query": query,
         "layer": layer or "X", "min_confidence": float(min_confidence),
         "case_insensitive": bool(case_insensitive), "cellcontrast_version": __version__,
+        "flag_unseen": energy_threshold is not None,
+        "energy_threshold": float("nan") if energy_threshold is None else float(energy_threshold),
     })
 
 
@@ -219,7 +252,7 @@ def _read_query(f, query_path: Path, layer: str | None, pool, label_key: str | N
 
 
 def _stream_file(annotator: Annotator, query_path: Path, *, layer, threads: int, label_key, min_overlap: float,
-                 case_insensitive: bool, batch_size: int, probabilities: bool, progress, say):
+                 case_insensitive: bool, batch_size: int, probabilities: bool, energy: bool, progress, say):
     """Open the query file, check it, and stream its cells; returns (obs, predictions)."""
     try:
         query_file = h5py.File(query_path, "r")
@@ -231,7 +264,7 @@ def _stream_file(annotator: Annotator, query_path: Path, *, layer, threads: int,
         matrix, obs = _read_query(f, query_path, layer, pool, label_key)
         col_map = _gene_columns(matrix.var_names, annotator, min_overlap, case_insensitive, say)
         return obs, predict_matrix(annotator, matrix, col_map, batch_size, probabilities=probabilities,
-                                   progress=progress)
+                                   energy=energy, progress=progress)
 
 
 def _check_not_empty(matrix) -> None:
@@ -252,6 +285,7 @@ def annotate_file(
     min_overlap: float = 0.5,
     case_insensitive: bool = False,
     probabilities: bool = False,
+    flag_unseen: bool = False,
     threads: int = 0,
     label_key: str | None = None,
     progress: bool | None = None,
@@ -261,16 +295,12 @@ def annotate_file(
 
     Parameters
     ----------
-    model
-        The exported ``.onnx`` annotator, or an opened `Annotator`.
-    query
-        An ``.h5ad`` file with raw counts.
-    out
-        The ``.h5ad`` to write (layout in the module docstring).
-    csv
-        Also write the predictions as CSV (the pair appears together).
-    layer
-        Read counts from this layer, or ``"raw"`` for ``.raw`` (default ``X``).
+    model, query, out
+        The exported ``.onnx`` annotator (or an opened `Annotator`); an ``.h5ad`` file with raw
+        counts; the ``.h5ad`` to write (layout in the module docstring).
+    csv, layer
+        Also write the predictions as CSV (the pair appears together); read counts from this
+        layer, or ``"raw"`` for ``.raw`` (default ``X``).
     batch_size, threads
         Rows read at a time; onnxruntime and inflating threads (0: all cores).
     min_confidence
@@ -280,10 +310,12 @@ def annotate_file(
         Least fraction of the model's genes the query must hold; match names ignoring case.
     probabilities
         Store every class's probability in ``obsm['cellcontrast_probabilities']``.
-    label_key
-        An obs column of true labels: the accuracy is reported.
-    progress, log
-        Show a progress bar (None: when stderr is a terminal); called with each message.
+    flag_unseen
+        Also call ``Unassigned`` the cells less familiar than 95% of the chain's validation cells
+        by the energy score (columns ``cellcontrast_energy``, ``cellcontrast_unfamiliar``).
+    label_key, progress, log
+        An obs column of true labels (the accuracy is reported); show a progress bar (None: when
+        stderr is a terminal); called with each message.
 
     Returns
     -------
@@ -297,27 +329,26 @@ def annotate_file(
         For every bad input (nothing is written then).
     """
     say = log if log is not None else print
-    query_path, out_path = Path(query), Path(out)
-    csv_path = Path(csv) if csv else None
+    query_path, out_path, csv_path = Path(query), Path(out), (Path(csv) if csv else None)
     _check_options(batch_size, min_confidence, min_overlap)
     _check_paths(query_path, out_path, csv_path)
     annotator = _as_annotator(model, threads)
-    min_confidence = _threshold(annotator, min_confidence)
+    min_confidence, energy_threshold = _threshold(annotator, min_confidence), _energy_threshold(annotator, flag_unseen)
     obs, predicted = _stream_file(annotator, query_path, layer=layer, threads=threads, label_key=label_key,
                                   min_overlap=min_overlap, case_insensitive=case_insensitive,
-                                  batch_size=batch_size, probabilities=probabilities, progress=progress, say=say)
+                                  batch_size=batch_size, probabilities=probabilities, energy=flag_unseen,
+                                  progress=progress, say=say)
     obs = _unique_index(obs, say)
-    pred = predictions_frame(obs.index, annotator.classes, predicted.top_idx, predicted.top_p, min_confidence)
+    pred = _frame(obs.index, annotator, predicted, min_confidence, energy_threshold)
     out_obs = obs.drop(columns=[c for c in obs.columns if c in pred.columns]).join(pred)
-    uns = _metadata(annotator, predicted, str(query_path.name), layer, min_confidence, case_insensitive)
+    uns = _metadata(annotator, predicted, query_path.name, layer, min_confidence, case_insensitive, energy_threshold)
     summary = summary_frame(pred)
     summary.attrs.update({"n_cells": len(obs), "genes_found": predicted.found, "genes_total": len(annotator.genes)})
     if label_key is not None and (acc := _accuracy(obs, label_key, pred, annotator.classes, say)) is not None:
         summary.attrs["accuracy"] = acc
     write_outputs(out_path, csv_path, out_obs, uns, predicted.probabilities, pred)
-    n_unassigned = int((pred[f"{PREFIX}label"] == UNASSIGNED).sum())
     say(f"annotated {len(obs)} cells into {out_path}" + (f" and {csv_path}" if csv_path else "")
-        + (f"; {n_unassigned} Unassigned (confidence < {min_confidence:g})" if min_confidence > 0 else ""))
+        + _unassigned_note(pred, min_confidence, flag_unseen))
     return summary
 
 
@@ -333,6 +364,7 @@ def annotate(
     min_overlap: float = 0.5,
     case_insensitive: bool = False,
     probabilities: bool = False,
+    flag_unseen: bool = False,
     threads: int = 0,
     progress: bool | None = None,
 ) -> anndata.AnnData | None:
@@ -364,6 +396,8 @@ def annotate(
         As in `annotate_file`.
     probabilities
         Store every class's probability in ``obsm[f"{key_added}_probabilities"]``.
+    flag_unseen
+        As in `annotate_file` (columns ``{key_added}_energy``, ``{key_added}_unfamiliar``).
 
     Returns
     -------
@@ -382,18 +416,19 @@ def annotate(
     _check_options(batch_size, min_confidence, min_overlap)
     annotator = _as_annotator(model, threads)
     min_confidence = _threshold(annotator, min_confidence)
+    energy_threshold = _energy_threshold(annotator, flag_unseen)
     matrix = MemoryMatrix.of(adata, layer)
     _check_not_empty(matrix)
     col_map = _gene_columns(matrix.var_names, annotator, min_overlap, case_insensitive, lambda *_: None)
     predicted = predict_matrix(annotator, matrix, col_map, batch_size, probabilities=probabilities,
-                               progress=progress)
+                               energy=flag_unseen, progress=progress)
     target = (adata.to_memory() if adata.isbacked else adata.copy()) if copy else adata
     prefix = f"{key_added}_"
-    pred = predictions_frame(target.obs_names, annotator.classes, predicted.top_idx, predicted.top_p,
-                             min_confidence, prefix=prefix)
+    pred = _frame(target.obs_names, annotator, predicted, min_confidence, energy_threshold, prefix=prefix)
     for column in pred.columns:
-        target.obs[column] = pred[column].to_numpy() if pred[column].dtype.kind == "f" else pred[column].array
+        target.obs[column] = pred[column].to_numpy() if pred[column].dtype.kind in "fb" else pred[column].array
     if predicted.probabilities is not None:
         target.obsm[f"{key_added}_probabilities"] = predicted.probabilities
-    target.uns[key_added] = _metadata(annotator, predicted, "AnnData", layer, min_confidence, case_insensitive)
+    target.uns[key_added] = _metadata(annotator, predicted, "AnnData", layer, min_confidence, case_insensitive,
+                                      energy_threshold)
     return target if copy else None

@@ -35,6 +35,7 @@ class Annotator:
     metadata: dict[str, Any]
     input_name: str
     output_name: str
+    energy_name: str | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike, threads: int = 0) -> Annotator:
@@ -58,6 +59,14 @@ class Annotator:
         """Probabilities [n, n_classes] for counts [n, n_genes] in the model's gene order."""
         counts = np.ascontiguousarray(counts, dtype=np.float32)
         return self.session.run([self.output_name], {self.input_name: counts})[0]
+
+    def predict(self, counts: np.ndarray, energy: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and, with ``energy`` (for a model that has it), each cell's energy."""
+        if not (energy and self.energy_name):
+            return self.predict_proba(counts), None
+        counts = np.ascontiguousarray(counts, dtype=np.float32)
+        probs, cell_energy = self.session.run([self.output_name, self.energy_name], {self.input_name: counts})
+        return probs, cell_energy
 
 
 def load_model(path: str | os.PathLike, threads: int = 0) -> Annotator:
@@ -129,4 +138,5 @@ def load_model(path: str | os.PathLike, threads: int = 0) -> Annotator:
     output_name = "probabilities" if "probabilities" in outputs else outputs[0]
     if len(set(meta["genes"])) != len(meta["genes"]):
         raise InputError(f"{path} lists duplicated genes in its metadata; {hint}")
-    return Annotator(path, session, meta["genes"], meta["classes"], meta, input_name, output_name)
+    energy_name = "energy" if "energy" in outputs else None  # exported by this version or later
+    return Annotator(path, session, meta["genes"], meta["classes"], meta, input_name, output_name, energy_name)

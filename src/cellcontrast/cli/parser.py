@@ -143,6 +143,9 @@ def _annotate(sub) -> None:
     p.add_argument("--min-overlap", type=float, default=0.5, help="least fraction of model genes found in the query")
     p.add_argument("--case-insensitive", action="store_true", help="match gene names ignoring case")
     p.add_argument("--probabilities", action="store_true", help="store per-class probabilities in obsm")
+    p.add_argument("--flag-unseen", action="store_true",
+                   help="also call Unassigned the cells less familiar (by the energy score) than 95%% of the "
+                        "chain's validation cells: cells of types the reference may lack")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
     p.add_argument("--label-key", default=None, help="obs column with true labels, to print accuracy")
 

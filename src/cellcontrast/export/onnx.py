@@ -3,7 +3,8 @@
 The file holds the whole chain `preprocess -> encoder -> component -> head -> softmax` as one
 graph with input ``counts`` (float32 ``[batch, n_genes]``, raw counts in the model's gene
 order, dynamic batch axis) and output ``probabilities`` (``[batch, n_classes]``), plus
-``embedding`` when the chain exposes one (an ``embed(counts)`` method). Every tensor is
+``energy`` (``[batch]``, ``-T logsumexp(logits / T)``) and ``embedding`` when the chain exposes
+them (a head, a temperature, an ``embed(counts)`` method). Every tensor is
 embedded in the file: there is never an external-data side file. ``metadata_props`` carry
 what `cellcontrast annotate` needs without torch: the gene list, the class names, the
 preprocessing, the source run id and its metrics (see `METADATA_KEYS`).
@@ -36,6 +37,8 @@ INPUT_NAME = "counts"
 
 
 PROBABILITIES = "probabilities"
+# -T logsumexp(logits / T) per cell, for `annotate --flag-unseen` (train/open_set.py)
+ENERGY = "energy"
 
 
 EMBEDDING = "embedding"
@@ -48,8 +51,8 @@ METADATA_KEYS = (
 )
 
 
-def _wrap(chain, with_embedding: bool):
-    """A module whose forward returns (probabilities,) or (probabilities, embedding)."""
+def _wrap(chain, with_embedding: bool, with_energy: bool):
+    """A module whose forward returns probabilities, then the energy and the embedding if asked."""
 
     class _Export(torch.nn.Module):
         def __init__(self, inner):
@@ -57,12 +60,17 @@ def _wrap(chain, with_embedding: bool):
             self.inner = inner
 
         def forward(self, counts):
-            if with_embedding:
-                embedding = self.inner.embed(counts)
-                if hasattr(self.inner, "classify"):  # one pass through the encoder for both outputs
-                    return self.inner.classify(embedding), embedding
-                return self.inner(counts), embedding
-            return self.inner(counts)
+            if not (with_embedding or with_energy):
+                return self.inner(counts)
+            embedding = self.inner.embed(counts)
+            if with_energy:  # one pass through the head for the probabilities and the energy
+                scaled = self.inner.head(embedding) / self.inner.temperature
+                outputs = [torch.softmax(scaled, dim=-1), -self.inner.temperature * torch.logsumexp(scaled, dim=-1)]
+            elif hasattr(self.inner, "classify"):  # one pass through the encoder for both outputs
+                outputs = [self.inner.classify(embedding)]
+            else:
+                outputs = [self.inner(counts)]
+            return tuple(outputs + ([embedding] if with_embedding else []))
 
     return _Export(chain).eval()
 
@@ -217,21 +225,22 @@ def export_chain_to_onnx(chain, config: dict, out_path: str | os.PathLike, opset
             "re-save the chain with a matching config"
         )
 
-    # An embedding output only if the chain exposes one and it traces cleanly.
-    candidates = []
-    if callable(getattr(chain, "embed", None)):
-        candidates.append(True)
-    candidates.append(False)
+    # The embedding and energy outputs only if the chain exposes them and they trace cleanly.
+    has_embed = callable(getattr(chain, "embed", None))
+    has_energy = has_embed and isinstance(getattr(chain, "head", None), torch.nn.Module) \
+        and torch.is_tensor(getattr(chain, "temperature", None))
+    candidates = [(e, g) for e, g in ((True, True), (True, False), (False, True), (False, False))
+                  if (has_embed or not e) and (has_energy or not g)]
     proto = module = output_names = None
     last_error: Exception | None = None
-    for with_embedding in candidates:
-        output_names = [PROBABILITIES, EMBEDDING] if with_embedding else [PROBABILITIES]
-        module = _wrap(chain, with_embedding)
+    for with_embedding, with_energy in candidates:
+        output_names = [PROBABILITIES] + ([ENERGY] if with_energy else []) + ([EMBEDDING] if with_embedding else [])
+        module = _wrap(chain, with_embedding, with_energy)
         try:
             proto = _torch_to_proto(module, example, output_names, opset)
             _verify(proto, module, output_names, n_genes)
             break
-        except Exception as err:  # noqa: BLE001 - retry without the embedding output
+        except Exception as err:  # noqa: BLE001 - retry with fewer outputs
             last_error = err
             proto = None
     if proto is None:

@@ -13,6 +13,7 @@ from cellcontrast.train.calibration import (
     fit_temperature,
 )
 from cellcontrast.train.metrics import classification_metrics
+from cellcontrast.train.open_set import energy
 
 
 def calibrate(chain: ChainModule, X: dict, y: dict[str, np.ndarray]) -> dict:
@@ -42,4 +43,7 @@ def evaluate(chain: ChainModule, X: dict, y: dict[str, np.ndarray], n_classes: i
     if "val" in X and len(proba["val"]):
         # the annotator's `--min-confidence auto`: the top probability that flags 5% of validation
         metrics["val_confidence_q05"] = float(np.quantile(proba["val"].max(axis=1), 0.05))
+        # the annotator's `--flag-unseen`: the energy above which 5% of validation cells lie
+        val_energy = energy(predict_logits(chain, X["val"]), float(chain.temperature))
+        metrics["val_energy_q95"] = float(np.quantile(val_energy, 0.95))
     return metrics, proba

@@ -31,6 +31,11 @@ KNN_K = 10
 KNN_REFERENCE_CELLS = 20_000  # training cells the kNN score compares against (a seeded sample)
 
 
+def energy(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """The energy score ``-T logsumexp(logits / T)`` of each cell; higher is less familiar."""
+    return -temperature * logsumexp(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
+
+
 def auroc(novelty_seen: np.ndarray, novelty_unseen: np.ndarray) -> float:
     """Area under the ROC curve of unseen against seen cells by a novelty score."""
     if novelty_seen.size == 0 or novelty_unseen.size == 0:
