@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cellcontrast.experiments.open_set_report import OPEN_SET_COLUMNS
 from cellcontrast.experiments.selection import choose_per_seed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,10 +59,8 @@ COMPONENT_NAMES = {"none": "", "mlp": " + MLP-CL", "mls": " + MLS-CL"}
 METRICS = ["val_top1", "val_top3", "val_macro_f1", "test_top1", "test_top3", "test_macro_f1"]
 CSV_COLUMNS = ["dataset", "setting", "seed", "kind", "method", *METRICS, "train_seconds", "predict_seconds", "run_id"]
 # With --unseen-types: how well each method flags the test cells of types it never trained on
-# (peers: their top probability; chains also the energy and kNN-distance scores).
-OPEN_SET = ["test_unseen_auroc_max_prob", "test_unseen_unassigned", "test_seen_unassigned",
-            "test_unseen_auroc_energy", "test_unseen_auroc_knn", "test_unseen_flagged_knn", "test_seen_flagged_knn",
-            "test_unseen_auroc_centroid", "test_unseen_flagged_centroid", "test_seen_flagged_centroid"]
+# (peers: their top probability; chains also the energy and distance scores).
+OPEN_SET = list(OPEN_SET_COLUMNS)
 # Added after CSV_COLUMNS only when a held-out-batch setting was run: the fold's held-out batch.
 HOLDOUT = "holdout"
 CHOSEN = "chosen"  # the rows of the chain chosen per seed on its validation
@@ -517,10 +516,9 @@ def unseen_md(group: pd.DataFrame, chosen: str | None) -> list[str]:
         return []
     lines = ["Unseen types (test cells of types removed from train and val), mean over seeds: AUROC of each "
              "novelty score for unseen against seen test cells; Unassigned: top probability below 0.5; "
-             "flagged: above the kNN (centroid) distance threshold that flags 5% of validation.", "",
-             "| method | AUROC 1 − top prob | unseen Unassigned | seen Unassigned | AUROC energy | AUROC kNN | "
-             "unseen kNN-flagged | seen kNN-flagged | AUROC centroid | unseen centroid-flagged | "
-             "seen centroid-flagged |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "with `--flag-unseen` also the energy above 5% of validation; flagged: above the kNN (centroid) "
+             "distance threshold that flags 5% of validation.", "",
+             "| method | " + " | ".join(OPEN_SET_COLUMNS.values()) + " |", "|---" * (len(OPEN_SET) + 1) + "|"]
     order = method_order(group)
     rows = [(m, f"peer: {display(m)}") for m in order if m in PEERS]
     if chosen:

@@ -64,6 +64,8 @@ def test_a_chain_trained_without_the_unseen_types_is_scored_on_them(small_atlas_
         assert 0.0 <= row[f"test_unseen_auroc_{score}"] <= 1.0
         assert 0.0 <= row[f"test_unseen_flagged_{score}"] <= 1.0
     assert 0.0 <= row["test_unseen_unassigned"] <= 1.0 and 0.0 <= row["test_seen_unassigned"] <= 1.0
+    for group in ("unseen", "seen"):  # --flag-unseen only ever adds Unassigned cells
+        assert row[f"test_{group}_unassigned"] <= row[f"test_{group}_unassigned_flag_unseen"] <= 1.0
     config = json.loads((tmp_path / "models" / "lr-none" / "config.json").read_text())
     assert config["class_names"] == info["classes"]  # the model never heard of the unseen types
 

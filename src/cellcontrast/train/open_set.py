@@ -78,7 +78,8 @@ class NoveltyScorer:
 def open_set_metrics(chain: ChainModule, train_counts, train_y: np.ndarray, val_counts, seen_counts, unseen_counts,
                      *, min_confidence: float = 0.5, flag_rate: float = 0.05, seed: int = 0) -> dict:
     """``unseen_auroc_{score}`` for every score; for ``max_prob`` the Unassigned rates of unseen and
-    seen test cells at ``min_confidence`` (``unseen_unassigned``, ``seen_unassigned``); for
+    seen test cells at ``min_confidence`` (``unseen_unassigned``, ``seen_unassigned``), and with
+    the annotator's ``--flag-unseen`` (``{group}_unassigned_flag_unseen``); for
     every score the rates at the threshold flagging ``flag_rate`` of validation
     (``unseen_flagged_{score}``, ``seen_flagged_{score}``)."""
     scorer = NoveltyScorer(chain, train_counts, train_y, seed)
@@ -91,4 +92,10 @@ def open_set_metrics(chain: ChainModule, train_counts, train_y: np.ndarray, val_
         out[f"seen_flagged_{name}"] = float((seen[name] > threshold).mean())
     out["unseen_unassigned"] = float((1.0 - unseen["max_prob"] < min_confidence).mean())
     out["seen_unassigned"] = float((1.0 - seen["max_prob"] < min_confidence).mean())
+    # what `annotate --flag-unseen` calls Unassigned: low confidence, or energy above the
+    # validation threshold (evaluation.py's val_energy_q95)
+    energy_threshold = np.quantile(val["energy"], 1.0 - flag_rate)
+    for group, found in (("unseen", unseen), ("seen", seen)):
+        flagged = (1.0 - found["max_prob"] < min_confidence) | (found["energy"] > energy_threshold)
+        out[f"{group}_unassigned_flag_unseen"] = float(flagged.mean())
     return out
