@@ -66,3 +66,16 @@ def test_individuals_differ_in_depth_composition_and_expression():
     even = atlas(donor_composition=float("inf"), donor_depth_sd=0.0)
     mix = even.obs.groupby(["cell_type", "individual"], observed=False).size().unstack().to_numpy(float)
     assert (mix / mix.sum(axis=1, keepdims=True)).std(axis=0).max() < 0.06
+
+
+def test_many_genes_are_simulated_in_smaller_chunks_deterministically():
+    """Past 2,000 genes the cells are drawn in smaller chunks (memory bounded by the chunk, not
+    the gene count); the atlas is still one seed's deterministic draw."""
+    from cellcontrast.data.simulate import _rows_per_chunk
+
+    assert _rows_per_chunk(2_000) == 8192 and _rows_per_chunk(20_000) * 20_000 <= 8192 * 2_000
+    a = simulate_atlas(n_cells=4000, n_types=8, n_genes=6000, n_individuals=2, seed=3)
+    b = simulate_atlas(n_cells=4000, n_types=8, n_genes=6000, n_individuals=2, seed=3)
+    assert a.shape == (4000, 6000) and -(-4000 // _rows_per_chunk(6000)) > 1
+    assert (a.X != b.X).nnz == 0 and a.obs.equals(b.obs)
+    assert np.asarray(a.X.sum(axis=1)).min() > 0  # every chunk holds real cells

@@ -210,6 +210,38 @@ def test_flag_unseen_marks_cells_above_the_validation_energy_threshold(trained_d
         cc.annotate(query, plain, flag_unseen=True)
 
 
+@pytest.mark.parametrize("base", ["lr", "scdae"])
+def test_every_gene_through_export_and_annotation(base, trained_data, tmp_path):
+    """``n_hvg: all`` keeps every gene of the reference, and the exported chain annotates a
+    query (its genes shuffled) as torch predicts it."""
+    import anndata as ad
+
+    import cellcontrast as cc
+    from cellcontrast.nn.chain import predict_proba
+    from cellcontrast.train.chain import fit_chain
+
+    (xt, yt), (xv, yv), (xq, _) = trained_data["train"], trained_data["val"], trained_data["query"]
+    params = {base: {"n_hvg": "all", **({"l2_path": [1e-2]} if base == "lr" else {"epochs": 2})}}
+    chain = fit_chain(xt, yt, xv, yv, len(trained_data["classes"]), base, "none", params, seed=0)
+    assert chain.preprocess.n_selected == chain.preprocess.n_genes == len(trained_data["genes"])
+    config = {"genes": trained_data["genes"], "classes": trained_data["classes"]}
+    path = export_chain_to_onnx(chain, config, tmp_path / "all.onnx")
+    order = np.random.default_rng(2).permutation(len(trained_data["genes"]))
+    query = ad.AnnData(X=xq[:, order], var=pd.DataFrame(index=np.asarray(trained_data["genes"])[order]))
+    cc.annotate(query, path, probabilities=True)
+    np.testing.assert_allclose(query.obsm["cellcontrast_probabilities"], predict_proba(chain, xq), atol=1e-5)
+
+
+@pytest.mark.parametrize("value", ["some", 0, -5, 2.5])
+def test_a_gene_count_that_is_not_a_count_or_all_is_refused(value):
+    from cellcontrast.core.errors import InputError
+    from cellcontrast.train.recipes import check_params
+
+    with pytest.raises(InputError, match="n_hvg"):
+        check_params({"lr": {"n_hvg": value}})
+    check_params({"lr": {"n_hvg": "all"}, "scdae": {"n_hvg": 500}})
+
+
 def test_graph_of_an_unscaled_all_gene_lr_skips_gather_and_standardisation(trained_data, tmp_path):
     from cellcontrast.train.chain import fit_chain
 

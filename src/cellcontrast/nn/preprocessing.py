@@ -63,7 +63,7 @@ def _log1p_csr(x: sp.csr_matrix, base: float | None = None) -> sp.csr_matrix:
     return out
 
 
-def highly_variable_genes(normalized: sp.csr_matrix, n_top: int, n_bins: int = 20) -> np.ndarray:
+def highly_variable_genes(normalized: sp.csr_matrix, n_top: int | str, n_bins: int = 20) -> np.ndarray:
     """Indices (sorted ascending) of the ``n_top`` most dispersed genes, Seurat flavour.
 
     Same recipe as ``scanpy.pp.highly_variable_genes(flavor='seurat')``: on library-normalised
@@ -73,7 +73,7 @@ def highly_variable_genes(normalized: sp.csr_matrix, n_top: int, n_bins: int = 2
     tests check that it agrees with scanpy.
     """
     n_genes = normalized.shape[1]
-    if n_top >= n_genes:
+    if n_top == "all" or n_top >= n_genes:  # recipes.ALL_GENES
         return np.arange(n_genes)
     score = dispersion_scores(normalized, n_bins)
     # Stable sort on the negated score: ties keep gene order, so the choice is reproducible.
@@ -152,6 +152,12 @@ class GeneSelecting(nn.Module):
         return self.gene_index.cpu().numpy()
 
 
+def _kept(module: GeneSelecting) -> str:
+    if module.n_selected == module.n_genes:
+        return f"all {module.n_genes} genes"
+    return f"keep {module.n_selected} of {module.n_genes} genes (highly variable, Seurat dispersion, fit on train)"
+
+
 class LRPreprocess(GeneSelecting):
     """Logistic regression: normalise to 1e4, log1p, highly variable genes, z-score, clip.
 
@@ -178,7 +184,7 @@ class LRPreprocess(GeneSelecting):
         return x.clamp(-self.clip, self.clip)
 
     @classmethod
-    def fit(cls, counts, n_hvg: int = 2000, target_sum: float = TARGET_SUM, clip: float = 10.0,
+    def fit(cls, counts, n_hvg: int | str = 2000, target_sum: float = TARGET_SUM, clip: float = 10.0,
             sd_floor: float = 1e-6, standardize: bool = True) -> LRPreprocess:
         normalized = _normalized_csr(counts, target_sum)
         genes = highly_variable_genes(normalized, n_hvg)
@@ -198,8 +204,7 @@ class LRPreprocess(GeneSelecting):
 
     def describe(self) -> str:
         scaling = "standardise with train mean/sd" if self.standardize else "no standardisation"
-        return (f"library-size normalise to {self.target_sum:g}; log1p; keep {self.n_selected} of "
-                f"{self.n_genes} genes (highly variable, Seurat dispersion, fit on train); "
+        return (f"library-size normalise to {self.target_sum:g}; log1p; {_kept(self)}; "
                 f"{scaling}; clip at +-{self.clip:g}")
 
 
@@ -266,7 +271,7 @@ class ScdaePreprocess(GeneSelecting):
         return torch.log1p(self.selected_normalized(counts, self.target_sum)) / self.scale
 
     @classmethod
-    def fit(cls, counts, n_hvg: int = 2000, target_sum: float = TARGET_SUM) -> ScdaePreprocess:
+    def fit(cls, counts, n_hvg: int | str = 2000, target_sum: float = TARGET_SUM) -> ScdaePreprocess:
         normalized = _normalized_csr(counts, target_sum)
         genes = highly_variable_genes(normalized, n_hvg)
         logged = _log1p_csr(normalized[:, genes])
@@ -281,8 +286,7 @@ class ScdaePreprocess(GeneSelecting):
         return {"n_genes": self.n_genes, "n_selected": self.n_selected, "target_sum": self.target_sum}
 
     def describe(self) -> str:
-        return (f"library-size normalise to {self.target_sum:g}; log1p; keep {self.n_selected} of "
-                f"{self.n_genes} genes (highly variable, Seurat dispersion, fit on train); divide "
+        return (f"library-size normalise to {self.target_sum:g}; log1p; {_kept(self)}; divide "
                 "each gene by its train maximum (inputs in [0, 1] for the sigmoid decoder)")
 
 

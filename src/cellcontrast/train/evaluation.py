@@ -12,7 +12,7 @@ from cellcontrast.train.calibration import (
     expected_calibration_error,
     fit_temperature,
 )
-from cellcontrast.train.metrics import classification_metrics
+from cellcontrast.train.metrics import classification_metrics, macro_f1_standard_error
 from cellcontrast.train.open_set import energy
 
 
@@ -38,6 +38,8 @@ def evaluate(chain: ChainModule, X: dict, y: dict[str, np.ndarray], n_classes: i
         for key, value in classification_metrics(y[part], proba[part], n_classes).items():
             metrics[f"{part}_{key}"] = value
         metrics[f"{part}_ece"] = expected_calibration_error(proba[part], y[part])
+    if "val" in X and len(proba["val"]) > 1:  # for the one-standard-error choice of chain
+        metrics["val_macro_f1_se"] = macro_f1_standard_error(y["val"], proba["val"].argmax(axis=1), n_classes)
     if "test" in X:
         metrics.update({f"test_{k}": v for k, v in coverage_metrics(proba["test"], y["test"]).items()})
     if "val" in X and len(proba["val"]):

@@ -53,3 +53,23 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndar
     """``[n_classes, n_classes]`` counts; rows are true classes, columns predictions."""
     return confusion_matrix(np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int),
                             labels=np.arange(n_classes))
+
+
+def macro_f1_standard_error(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, n_boot: int = 200,
+                            seed: int = 0) -> float:
+    """The bootstrap standard error of macro F1 over the cells (resampled with replacement,
+    ``n_boot`` times, seeded): how much the score of a small validation set could move.
+
+    The one-standard-error rule (``experiments.selection``) reads it. Classes absent from a
+    resample count as F1 0, as in `classification_metrics`.
+    """
+    y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
+    n = y_true.size
+    if n < 2:
+        return float("nan")
+    weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+    truth, guess = np.eye(n_classes)[y_true], np.eye(n_classes)[y_pred]
+    true_positive = weights @ (truth * guess)  # [n_boot, n_classes]
+    denominator = weights @ truth + weights @ guess
+    f1 = np.divide(2.0 * true_positive, denominator, out=np.zeros_like(true_positive), where=denominator > 0)
+    return float(f1.mean(axis=1).std(ddof=1))

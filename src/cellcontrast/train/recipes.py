@@ -104,6 +104,10 @@ DEFAULT_PARAMS: dict[str, dict] = {
 }
 
 
+# ``n_hvg: all``: no gene selection (what CellTypist does); a number keeps the most dispersed genes.
+ALL_GENES = "all"
+
+
 def resolve_params(name: str, params: dict | None) -> dict:
     if name not in DEFAULT_PARAMS:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(DEFAULT_PARAMS)}")
@@ -111,8 +115,12 @@ def resolve_params(name: str, params: dict | None) -> dict:
     if unknown:
         raise ValueError(f"unknown parameters for {name}: {sorted(unknown)}")
     for key, value in (params or {}).items():
+        if key == "n_hvg" and value == ALL_GENES:  # every gene of the reference
+            continue
         if key in DEFAULT_PARAMS[name]:
             _check_value(name, key, DEFAULT_PARAMS[name][key], value)
+        if key == "n_hvg" and value is not None and value < 1:
+            raise ValueError(f"{name}.n_hvg must be a positive number of genes or {ALL_GENES!r}, not {value!r}")
     if name == "lr":
         p = params or {}
         if p.get("standardize", "auto") not in (True, False, "auto"):
