@@ -138,3 +138,17 @@ def test_tuning_split_refuses_a_heldout_setting(small_atlas_path, tmp_path):
     with pytest.raises(InputError, match="--tuning is for random-split settings"):
         split_atlas_to_dir(small_atlas_path, "heldout", 0, tmp_path / "t", settings=settings, tuning_for=[0])
     assert not (tmp_path / "t").exists()
+
+
+def test_tuning_split_of_a_small_dataset_leaves_out_the_types_it_cannot_split(capsys):
+    """pbmc68k's rarest type has too few cells left once five seeds' test cells are set aside:
+    the tuning split is drawn on the other types, with one note, instead of failing."""
+    from cellcontrast.data.splits import make_tuning_split
+
+    labels = np.array(["a"] * 200 + ["b"] * 150 + ["rare"] * 7)
+    tuning = make_tuning_split(labels, 3, 500, [0, 1, 2, 3, 4], equalize=False)
+    assert tuning.classes == ["a", "b"] and set(labels[tuning.indices["train"]]) == {"a", "b"}
+    err = capsys.readouterr().err
+    assert "leaves out 1 types" in err and "rare (" in err
+    with pytest.raises(InputError, match="tuning split of 2 or more types"):
+        make_tuning_split(np.array(["a"] * 200 + ["b"] * 7 + ["c"] * 7), 3, 500, [0, 1, 2, 3, 4], equalize=False)

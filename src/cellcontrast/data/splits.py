@@ -61,7 +61,9 @@ def make_split(
     """Choose the top-K types, downsample and split them; returns row indices per part.
 
     ``exclude`` (row indices) are never drawn: the types and their counts are still chosen on
-    every cell, and a type with fewer free cells than its count keeps the free ones.
+    every cell, and a type with fewer free cells than its count keeps the free ones; a type
+    with too few free cells to split is left out, with one note (the tuning split of a small
+    dataset: its hyperparameters are then chosen on the other types).
     """
     if abs(sum(fractions) - 1.0) > 1e-6 or len(fractions) != 3 or min(fractions) <= 0:
         raise InputError(f"split fractions {list(fractions)} must be three positive numbers summing to 1")
@@ -80,10 +82,14 @@ def make_split(
     free = np.ones(len(labels), dtype=bool)
     if exclude is not None:
         free[np.asarray(exclude, dtype=np.int64)] = False
+    left_out = []
     for name, count in chosen:
         members = np.flatnonzero((labels.to_numpy() == name) & free)
         n = min(kth_count if equalize else count, cap, members.size)
         sizes = part_sizes(n, fractions)
+        if min(sizes) < 1 and exclude is not None:
+            left_out.append(f"{name} ({members.size} free cells)")
+            continue
         if min(sizes) < 1:
             raise InputError(
                 f"type {name!r} would get {n} cells, too few to split {list(fractions)} "
@@ -95,8 +101,14 @@ def make_split(
             parts[part].append(sample[start : start + size])
             start += size
         n_per_type[name] = n
+    if left_out:
+        if len(n_per_type) < 2:
+            raise InputError(f"too few cells outside the evaluated seeds' test parts to draw a tuning split "
+                             f"of 2 or more types (left out: {', '.join(left_out)}); lower K or use fewer seeds")
+        print(f"note: the tuning split leaves out {len(left_out)} types with too few cells outside the "
+              f"evaluated seeds' test parts: {', '.join(left_out)}", file=sys.stderr)
     indices = {p: np.sort(np.concatenate(parts[p])) for p in PARTS}
-    return Split(indices=indices, classes=[name for name, _ in chosen], n_per_type=n_per_type)
+    return Split(indices=indices, classes=[name for name, _ in chosen if name in n_per_type], n_per_type=n_per_type)
 
 
 def make_tuning_split(labels, k: int, cap: int, seeds, fractions=(0.8, 0.1, 0.1), equalize: bool = True,
