@@ -6,3 +6,6 @@ COMPONENTS = ("none", "mlp", "mls")
 METRICS = ("top1", "top3", "macro_f1")
 # The obs column that holds the cell type once an atlas has been read.
 LABEL = "cell_type"
+
+# ``n_hvg: all``: no gene selection (what CellTypist does); a number keeps the most dispersed genes.
+ALL_GENES = "all"

@@ -16,6 +16,8 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from cellcontrast.core.names import ALL_GENES
+
 TARGET_SUM = 1e4
 
 
@@ -73,7 +75,7 @@ def highly_variable_genes(normalized: sp.csr_matrix, n_top: int | str, n_bins: i
     tests check that it agrees with scanpy.
     """
     n_genes = normalized.shape[1]
-    if n_top == "all" or n_top >= n_genes:  # recipes.ALL_GENES
+    if n_top == ALL_GENES or n_top >= n_genes:
         return np.arange(n_genes)
     score = dispersion_scores(normalized, n_bins)
     # Stable sort on the negated score: ties keep gene order, so the choice is reproducible.

@@ -65,12 +65,14 @@ class NoveltyScorer:
 
     def scores(self, counts) -> dict[str, np.ndarray]:
         temperature = float(self.chain.temperature)
-        logits = predict_logits(self.chain, counts).astype(np.float64) / temperature
-        proba = np.exp(logits - logsumexp(logits, axis=1, keepdims=True))
+        logits = predict_logits(self.chain, counts).astype(np.float64)
+        cell_energy = energy(logits, temperature)
+        # softmax(logits / T) = exp(logits / T + energy / T): its top is the calibrated top probability
+        top = np.exp(logits.max(axis=1) / temperature + cell_energy / temperature)
         z = _normalised_embedding(self.chain, counts)
         distances, _ = self.neighbours.kneighbors(z)
         # unit vectors: squared euclidean distance is 2 - 2 cos
-        return {"max_prob": 1.0 - proba.max(axis=1), "energy": -temperature * logsumexp(logits, axis=1),
+        return {"max_prob": 1.0 - top, "energy": cell_energy,
                 "knn": (distances**2 / 2.0).mean(axis=1), "centroid": 1.0 - (z @ self.centroids.T).max(axis=1)}
 
 
@@ -84,18 +86,17 @@ def open_set_metrics(chain: ChainModule, train_counts, train_y: np.ndarray, val_
     (``unseen_flagged_{score}``, ``seen_flagged_{score}``)."""
     scorer = NoveltyScorer(chain, train_counts, train_y, seed)
     val, seen, unseen = (scorer.scores(x) for x in (val_counts, seen_counts, unseen_counts))
-    out = {}
+    out, thresholds = {}, {}
     for name in SCORES:
         out[f"unseen_auroc_{name}"] = auroc(seen[name], unseen[name])
-        threshold = np.quantile(val[name], 1.0 - flag_rate)
+        thresholds[name] = threshold = np.quantile(val[name], 1.0 - flag_rate)
         out[f"unseen_flagged_{name}"] = float((unseen[name] > threshold).mean())
         out[f"seen_flagged_{name}"] = float((seen[name] > threshold).mean())
     out["unseen_unassigned"] = float((1.0 - unseen["max_prob"] < min_confidence).mean())
     out["seen_unassigned"] = float((1.0 - seen["max_prob"] < min_confidence).mean())
     # what `annotate --flag-unseen` calls Unassigned: low confidence, or energy above the
     # validation threshold (evaluation.py's val_energy_q95)
-    energy_threshold = np.quantile(val["energy"], 1.0 - flag_rate)
     for group, found in (("unseen", unseen), ("seen", seen)):
-        flagged = (1.0 - found["max_prob"] < min_confidence) | (found["energy"] > energy_threshold)
+        flagged = (1.0 - found["max_prob"] < min_confidence) | (found["energy"] > thresholds["energy"])
         out[f"{group}_unassigned_flag_unseen"] = float(flagged.mean())
     return out

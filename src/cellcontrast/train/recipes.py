@@ -13,6 +13,7 @@ import numbers
 from pathlib import Path
 
 from cellcontrast.core.errors import InputError
+from cellcontrast.core.names import ALL_GENES
 
 # Step 4's L2 path for a linear head on h(z) (see head_solver below); one list for both components.
 COMPONENT_HEAD_L2_PATH = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6]
@@ -102,10 +103,6 @@ DEFAULT_PARAMS: dict[str, dict] = {
             "patience": 30, "select": "centroid", "head_solver": "lbfgs",
             "head_l2_path": COMPONENT_HEAD_L2_PATH, **NO_VIEWS},
 }
-
-
-# ``n_hvg: all``: no gene selection (what CellTypist does); a number keeps the most dispersed genes.
-ALL_GENES = "all"
 
 
 def resolve_params(name: str, params: dict | None) -> dict:
