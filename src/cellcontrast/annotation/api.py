@@ -16,6 +16,9 @@ Output of `annotate_file` (a NEW file; the query is opened read-only and never m
 * ``X``: none, and ``var`` is empty: the file's shape is ``(n_cells, 0)``. The query's matrix
   is not copied (it can be tens of GB); join the predictions back with
   ``query.obs = query.obs.join(out.obs.filter(like="cellcontrast_"))``;
+* with ``flag_unseen``: ``cellcontrast_energy`` and ``cellcontrast_unfamiliar``; with
+  ``majority_voting``: ``cellcontrast_over_clustering``, ``cellcontrast_majority_voting`` and
+  ``cellcontrast_majority_agreement`` (`cellcontrast.annotation.majority`);
 * ``obsm['cellcontrast_probabilities']`` (``[n_cells, n_classes]`` float32, opt-in, columns in
   the order of ``uns['cellcontrast']['classes']``; held in memory while annotating);
 * ``uns['cellcontrast']``: the model's metadata, the gene overlap and the options used.
@@ -43,14 +46,17 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from cellcontrast.annotation.genes import align_genes, found_mask
+from cellcontrast.annotation.genes import found_mask, model_columns
+from cellcontrast.annotation.majority import check_can_cluster, majority_columns
 from cellcontrast.annotation.model import Annotator, load_model
-from cellcontrast.annotation.query import MemoryMatrix, open_query, read_elem
+from cellcontrast.annotation.query import MemoryMatrix, check_not_empty, check_paths, read_query
 from cellcontrast.annotation.results import (
     PREFIX,
     UNASSIGNED,
+    accuracy,
     predictions_frame,
     summary_frame,
+    unique_index,
     uns_safe,
     write_outputs,
 )
@@ -85,13 +91,28 @@ VALIDATION_THRESHOLD = "val_confidence_q05"
 VALIDATION_ENERGY_THRESHOLD = "val_energy_q95"
 
 
-def _check_options(batch_size: int, min_confidence: float | str, min_overlap: float) -> None:
+def _check_options(batch_size: int, min_confidence: float | str, min_overlap: float,
+                   min_agreement: float = 0.0) -> None:
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size} must be at least 1")
     if min_confidence != "auto" and not (isinstance(min_confidence, int | float) and 0.0 <= min_confidence <= 1.0):
         raise InputError(f"--min-confidence {min_confidence} must lie between 0 and 1, or be auto")
     if not 0.0 <= min_overlap <= 1.0:
         raise InputError(f"--min-overlap {min_overlap} must lie between 0 and 1")
+    if not 0.0 <= min_agreement <= 1.0:
+        raise InputError(f"--min-agreement {min_agreement} must lie between 0 and 1")
+
+
+def _progress_bar(progress: bool | None):
+    """A function opening a tqdm bar on stderr (None: shown when stderr is a terminal)."""
+    disable = (not sys.stderr.isatty()) if progress is None else (not progress)
+    return lambda total, desc: tqdm(total=total, unit="cells", desc=desc, file=sys.stderr, disable=disable)
+
+
+def _columns(matrix, annotator: Annotator, *, min_overlap: float, case_insensitive: bool, say) -> np.ndarray:
+    return model_columns(matrix.var_names, annotator.genes, min_overlap=min_overlap,
+                         case_insensitive=case_insensitive, gene_key=matrix.gene_key, say=say,
+                         other_columns=matrix.other_gene_columns())
 
 
 def _as_annotator(model, threads: int) -> Annotator:
@@ -134,23 +155,6 @@ def _unassigned_note(pred: pd.DataFrame, min_confidence: float, flag_unseen: boo
     return f"; {n_unassigned} Unassigned (confidence < {min_confidence:g}{unfamiliar})"
 
 
-def _gene_columns(var_names: pd.Index, model: Annotator, min_overlap: float, case_insensitive: bool,
-                  say) -> np.ndarray:
-    """Each query gene's model column (-1: unused); refuses an overlap below ``min_overlap``."""
-    col_map = align_genes(var_names, model.genes, case_insensitive)
-    n_model = len(model.genes)
-    found = int((col_map >= 0).sum())
-    frac = found / n_model
-    if frac < min_overlap:
-        hint = "are gene names of the same kind (symbols vs Ensembl IDs)?" + (
-            "" if case_insensitive else " try --case-insensitive")
-        raise InputError(f"only {found} of {n_model} model genes ({100 * frac:.1f}%) found in the query "
-                         f"(need {100 * min_overlap:.0f}%, --min-overlap); {hint}")
-    say(f"found {found} of {n_model} model genes ({100 * frac:.1f}%) in the query; "
-        f"{n_model - found} missing genes set to 0")
-    return col_map
-
-
 def predict_matrix(model: Annotator, matrix, col_map: np.ndarray, batch_size: int, *,
                    probabilities: bool = False, energy: bool = False, progress: bool | None = None) -> _Predicted:
     """Stream every row of ``matrix`` (`open_query` or `MemoryMatrix`) through the model."""
@@ -159,9 +163,8 @@ def predict_matrix(model: Annotator, matrix, col_map: np.ndarray, batch_size: in
     top_p = np.zeros(top_idx.shape, dtype=np.float32)
     probs_all = np.zeros((n, n_classes), dtype=np.float32) if probabilities else None
     energy_all = np.zeros(n, dtype=np.float32) if energy else None
-    disable = (not sys.stderr.isatty()) if progress is None else (not progress)
     chunks = read_ahead(read_chunks(matrix, batch_size))
-    with tqdm(total=n, unit="cells", desc="annotate", file=sys.stderr, disable=disable) as bar, \
+    with _progress_bar(progress)(n, "annotate") as bar, \
             contextlib.closing(chunks):  # stops the reader before the file closes, even on error
         for start, chunk in chunks:
             mapped = to_model_columns(chunk, col_map, n_model, start, matrix.where, matrix.hint)
@@ -182,8 +185,21 @@ def predict_matrix(model: Annotator, matrix, col_map: np.ndarray, batch_size: in
     return _Predicted(top_idx, top_p, probs_all, col_map, int((col_map >= 0).sum()), energy_all)
 
 
-def _metadata(model: Annotator, predicted: _Predicted, query: str, layer: str | None,
-              min_confidence: float, case_insensitive: bool, energy_threshold: float | None = None) -> dict:
+@dataclass
+class _Options:
+    """The options an annotation ran with, recorded in ``uns``."""
+
+    layer: str | None
+    min_confidence: float
+    case_insensitive: bool
+    gene_key: str | None
+    energy_threshold: float | None
+    majority_voting: bool
+    min_agreement: float
+
+
+def _metadata(model: Annotator, predicted: _Predicted, query: str, options: _Options,
+              n_clusters: int | None = None) -> dict:
     """What ``uns['cellcontrast']`` records: the model, the gene overlap, the options."""
     n_model = len(model.genes)
     missing = [g for g, ok in zip(model.genes, found_mask(predicted.col_map, n_model), strict=True) if not ok]
@@ -193,84 +209,35 @@ def _metadata(model: Annotator, predicted: _Predicted, query: str, layer: str | 
         "model_metadata": {**meta, "metrics": json.dumps(meta.get("metrics", {}))},
         "classes": model.classes, "genes_found": predicted.found, "genes_total": n_model,
         "gene_overlap": float(predicted.found / n_model), "genes_missing": missing, "query": query,
-        "layer": layer or "X", "min_confidence": float(min_confidence),
-        "case_insensitive": bool(case_insensitive), "cellcontrast_version": __version__,
-        "flag_unseen": energy_threshold is not None,
-        "energy_threshold": float("nan") if energy_threshold is None else float(energy_threshold),
+        "layer": options.layer or "X", "gene_key": options.gene_key or "",
+        "min_confidence": float(options.min_confidence), "case_insensitive": bool(options.case_insensitive),
+        "cellcontrast_version": __version__, "flag_unseen": options.energy_threshold is not None,
+        "energy_threshold": float("nan") if options.energy_threshold is None else float(options.energy_threshold),
+        "majority_voting": options.majority_voting, "min_agreement": float(options.min_agreement),
+        "n_clusters": -1 if n_clusters is None else int(n_clusters),
     })
 
 
-def _unique_index(obs: pd.DataFrame, say) -> pd.DataFrame:
-    obs.index = obs.index.astype(str)
-    if obs.index.has_duplicates:  # joining on a duplicated index would multiply the rows
-        obs.index = anndata.utils.make_index_unique(obs.index)
-        say("note: the query has duplicate cell names; made unique by suffixes (-1, -2, ...)")
-    return obs
-
-
-def _accuracy(obs: pd.DataFrame, label_key: str, pred: pd.DataFrame, classes: list[str], say) -> float | None:
-    """Accuracy of the raw labels on the cells whose given label is a model class."""
-    truth = obs[label_key].astype(str).to_numpy()
-    known = np.isin(truth, classes)
-    if not known.any():
-        say(f"accuracy: no cell's obs[{label_key!r}] label is among the model's classes")
-        return None
-    acc = float(np.mean(pred[f"{PREFIX}raw_label"].astype(str).to_numpy()[known] == truth[known]))
-    say(f"accuracy against obs[{label_key!r}]: {acc:.4f} on {int(known.sum())} of {len(obs)} cells "
-        "whose label is a model class")
-    return acc
-
-
-def _check_paths(query_path: Path, out_path: Path, csv_path: Path | None) -> None:
-    if not query_path.is_file():
-        raise InputError(f"query file {query_path} does not exist; pass an .h5ad with raw counts")
-    for target in [out_path] + ([csv_path] if csv_path else []):
-        if target.exists() and target.resolve() == query_path.resolve():
-            raise InputError(f"output {target} is the query file itself; write the annotation to a new file")
-    if csv_path is not None and csv_path.resolve() == out_path.resolve():
-        raise InputError("--csv and --out name the same file; give them different names")
-    if not h5py.is_hdf5(query_path):
-        raise InputError(f"query {query_path} is not an .h5ad (HDF5) file; convert it with anndata first")
-
-
-def _read_query(f, query_path: Path, layer: str | None, pool, label_key: str | None):
-    """The count matrix and obs of an open query file, both checked."""
-    try:
-        matrix = open_query(f, layer, pool)
-        obs = read_elem(f["obs"]) if "obs" in f else None
-    except InputError:
-        raise
-    except Exception as err:
-        raise InputError(f"cannot read the query {query_path}: {first_line(err, 200)}") from err
-    if obs is None or len(obs) != matrix.n_obs:
-        raise InputError(f"the query's obs does not match its {matrix.where} ({matrix.n_obs} cells)")
-    _check_not_empty(matrix)
-    if label_key is not None and label_key not in obs.columns:
-        raise InputError(f"--label-key {label_key!r} is not an obs column of the query "
-                         f"(columns: {', '.join(map(str, obs.columns[:10])) or 'none'})")
-    return matrix, obs
-
-
-def _stream_file(annotator: Annotator, query_path: Path, *, layer, threads: int, label_key, min_overlap: float,
-                 case_insensitive: bool, batch_size: int, probabilities: bool, energy: bool, progress, say):
-    """Open the query file, check it, and stream its cells; returns (obs, predictions)."""
-    try:
-        query_file = h5py.File(query_path, "r")
-    except OSError as err:
-        raise InputError(f"cannot read the query {query_path} (truncated or damaged?): {first_line(err, 200)}") from None
-    # Threads that inflate the query's gzip chunks (h5chunks) beside the annotating thread.
-    pool = ThreadPoolExecutor(max_workers=threads or cores(), thread_name_prefix="cellcontrast-inflate")
-    with query_file as f, pool:
-        matrix, obs = _read_query(f, query_path, layer, pool, label_key)
-        col_map = _gene_columns(matrix.var_names, annotator, min_overlap, case_insensitive, say)
-        return obs, predict_matrix(annotator, matrix, col_map, batch_size, probabilities=probabilities,
-                                   energy=energy, progress=progress)
-
-
-def _check_not_empty(matrix) -> None:
-    if matrix.n_obs == 0 or matrix.n_vars == 0:
-        raise InputError(f"the query is empty ({matrix.n_obs} cells x {matrix.n_vars} genes); "
-                         "pass an .h5ad with cells and genes")
+def _annotate_matrix(annotator: Annotator, matrix, obs_names: pd.Index, options: _Options, *, min_overlap: float,
+                     batch_size: int, probabilities: bool, progress, say, prefix: str = PREFIX):
+    """Predictions (and majority voting) for every cell of ``matrix``: (frame, predicted, n_clusters)."""
+    if options.majority_voting:
+        check_can_cluster(matrix.n_obs, len(annotator.classes))
+    col_map = _columns(matrix, annotator, min_overlap=min_overlap, case_insensitive=options.case_insensitive, say=say)
+    predicted = predict_matrix(annotator, matrix, col_map, batch_size,
+                               probabilities=probabilities or options.majority_voting,
+                               energy=options.energy_threshold is not None, progress=progress)
+    pred = _frame(obs_names, annotator, predicted, options.min_confidence, options.energy_threshold, prefix=prefix)
+    if not options.majority_voting:
+        return pred, predicted, None
+    say(f"majority voting: clustering {matrix.n_obs} cells")
+    voted = majority_columns(predicted.probabilities, pred[f"{prefix}label"].array,
+                             min_agreement=options.min_agreement, prefix=prefix)
+    if not probabilities:
+        predicted.probabilities = None  # held for the clustering only
+    for column, values in voted.items():
+        pred[column] = values
+    return pred, predicted, len(voted[f"{prefix}over_clustering"].categories)
 
 
 def annotate_file(
@@ -280,12 +247,15 @@ def annotate_file(
     *,
     csv: str | os.PathLike | None = None,
     layer: str | None = None,
+    gene_key: str | None = None,
     batch_size: int = 8192,
     min_confidence: float | str = 0.0,
     min_overlap: float = 0.5,
     case_insensitive: bool = False,
     probabilities: bool = False,
     flag_unseen: bool = False,
+    majority_voting: bool = False,
+    min_agreement: float = 0.0,
     threads: int = 0,
     label_key: str | None = None,
     progress: bool | None = None,
@@ -301,6 +271,9 @@ def annotate_file(
     csv, layer
         Also write the predictions as CSV (the pair appears together); read counts from this
         layer, or ``"raw"`` for ``.raw`` (default ``X``).
+    gene_key
+        Match the model's genes against this ``var`` column instead of ``var_names`` (e.g.
+        ``"feature_name"`` for a CELLxGENE file). Ensembl version suffixes are ignored.
     batch_size, threads
         Rows read at a time; onnxruntime and inflating threads (0: all cores).
     min_confidence
@@ -313,6 +286,11 @@ def annotate_file(
     flag_unseen
         Also call ``Unassigned`` the cells less familiar than 95% of the chain's validation cells
         by the energy score (columns ``cellcontrast_energy``, ``cellcontrast_unfamiliar``).
+    majority_voting, min_agreement
+        Over-cluster the query and give each cluster its majority label (columns
+        ``cellcontrast_over_clustering``, ``cellcontrast_majority_voting``,
+        ``cellcontrast_majority_agreement``); clusters whose majority is below
+        ``min_agreement`` are ``Heterogeneous`` (see `cellcontrast.annotation.majority`).
     label_key, progress, log
         An obs column of true labels (the accuracy is reported); show a progress bar (None: when
         stderr is a terminal); called with each message.
@@ -330,25 +308,33 @@ def annotate_file(
     """
     say = log if log is not None else print
     query_path, out_path, csv_path = Path(query), Path(out), (Path(csv) if csv else None)
-    _check_options(batch_size, min_confidence, min_overlap)
-    _check_paths(query_path, out_path, csv_path)
+    _check_options(batch_size, min_confidence, min_overlap, min_agreement)
+    check_paths(query_path, out_path, csv_path)
     annotator = _as_annotator(model, threads)
-    min_confidence, energy_threshold = _threshold(annotator, min_confidence), _energy_threshold(annotator, flag_unseen)
-    obs, predicted = _stream_file(annotator, query_path, layer=layer, threads=threads, label_key=label_key,
-                                  min_overlap=min_overlap, case_insensitive=case_insensitive,
-                                  batch_size=batch_size, probabilities=probabilities, energy=flag_unseen,
-                                  progress=progress, say=say)
-    obs = _unique_index(obs, say)
-    pred = _frame(obs.index, annotator, predicted, min_confidence, energy_threshold)
+    options = _Options(layer, _threshold(annotator, min_confidence), case_insensitive, gene_key,
+                       _energy_threshold(annotator, flag_unseen), majority_voting, min_agreement)
+    try:
+        query_file = h5py.File(query_path, "r")
+    except OSError as err:
+        raise InputError(f"cannot read the query {query_path} (truncated or damaged?): {first_line(err, 200)}") from None
+    # Threads that inflate the query's gzip chunks (h5chunks) beside the annotating thread.
+    pool = ThreadPoolExecutor(max_workers=threads or cores(), thread_name_prefix="cellcontrast-inflate")
+    with query_file as f, pool:
+        matrix, obs = read_query(f, query_path, layer, pool, label_key, gene_key)
+        obs = unique_index(obs, say)
+        pred, predicted, n_clusters = _annotate_matrix(
+            annotator, matrix, obs.index, options, min_overlap=min_overlap, batch_size=batch_size,
+            probabilities=probabilities, progress=progress, say=say)
     out_obs = obs.drop(columns=[c for c in obs.columns if c in pred.columns]).join(pred)
-    uns = _metadata(annotator, predicted, query_path.name, layer, min_confidence, case_insensitive, energy_threshold)
+    uns = _metadata(annotator, predicted, query_path.name, options, n_clusters)
     summary = summary_frame(pred)
     summary.attrs.update({"n_cells": len(obs), "genes_found": predicted.found, "genes_total": len(annotator.genes)})
-    if label_key is not None and (acc := _accuracy(obs, label_key, pred, annotator.classes, say)) is not None:
+    if label_key is not None and (acc := accuracy(obs, label_key, pred, annotator.classes, say)) is not None:
         summary.attrs["accuracy"] = acc
     write_outputs(out_path, csv_path, out_obs, uns, predicted.probabilities, pred)
     say(f"annotated {len(obs)} cells into {out_path}" + (f" and {csv_path}" if csv_path else "")
-        + _unassigned_note(pred, min_confidence, flag_unseen))
+        + _unassigned_note(pred, options.min_confidence, flag_unseen)
+        + (f"; majority voting over {n_clusters} clusters" if n_clusters else ""))
     return summary
 
 
@@ -357,6 +343,7 @@ def annotate(
     model: str | os.PathLike | Annotator,
     *,
     layer: str | None = None,
+    gene_key: str | None = None,
     min_confidence: float | str = 0.5,
     key_added: str = "cellcontrast",
     copy: bool = False,
@@ -365,6 +352,8 @@ def annotate(
     case_insensitive: bool = False,
     probabilities: bool = False,
     flag_unseen: bool = False,
+    majority_voting: bool = False,
+    min_agreement: float = 0.0,
     threads: int = 0,
     progress: bool | None = None,
 ) -> anndata.AnnData | None:
@@ -384,6 +373,8 @@ def annotate(
         The exported ``.onnx`` annotator, or an opened `Annotator`.
     layer
         Read counts from this layer, or ``"raw"`` for ``adata.raw``.
+    gene_key
+        Match the model's genes against this ``var`` column instead of ``var_names``.
     min_confidence
         Below this confidence a cell's label is ``Unassigned``; ``"auto"``: the threshold that
         flags 5% of the chain's validation cells, chosen at training.
@@ -396,8 +387,10 @@ def annotate(
         As in `annotate_file`.
     probabilities
         Store every class's probability in ``obsm[f"{key_added}_probabilities"]``.
-    flag_unseen
-        As in `annotate_file` (columns ``{key_added}_energy``, ``{key_added}_unfamiliar``).
+    flag_unseen, majority_voting, min_agreement
+        As in `annotate_file` (columns ``{key_added}_energy``, ``{key_added}_unfamiliar``,
+        ``{key_added}_over_clustering``, ``{key_added}_majority_voting``,
+        ``{key_added}_majority_agreement``).
 
     Returns
     -------
@@ -413,22 +406,20 @@ def annotate(
         raise InputError(f"annotate takes an AnnData, not {type(adata).__name__}; read one with anndata.read_h5ad")
     if not isinstance(key_added, str) or not key_added:
         raise InputError("key_added must be a non-empty string")
-    _check_options(batch_size, min_confidence, min_overlap)
+    _check_options(batch_size, min_confidence, min_overlap, min_agreement)
     annotator = _as_annotator(model, threads)
-    min_confidence = _threshold(annotator, min_confidence)
-    energy_threshold = _energy_threshold(annotator, flag_unseen)
-    matrix = MemoryMatrix.of(adata, layer)
-    _check_not_empty(matrix)
-    col_map = _gene_columns(matrix.var_names, annotator, min_overlap, case_insensitive, lambda *_: None)
-    predicted = predict_matrix(annotator, matrix, col_map, batch_size, probabilities=probabilities,
-                               energy=flag_unseen, progress=progress)
+    options = _Options(layer, _threshold(annotator, min_confidence), case_insensitive, gene_key,
+                       _energy_threshold(annotator, flag_unseen), majority_voting, min_agreement)
+    matrix = MemoryMatrix.of(adata, layer, gene_key)
+    check_not_empty(matrix)
+    pred, predicted, n_clusters = _annotate_matrix(
+        annotator, matrix, adata.obs_names, options, min_overlap=min_overlap, batch_size=batch_size,
+        probabilities=probabilities, progress=progress, say=lambda *_: None, prefix=f"{key_added}_")
     target = (adata.to_memory() if adata.isbacked else adata.copy()) if copy else adata
-    prefix = f"{key_added}_"
-    pred = _frame(target.obs_names, annotator, predicted, min_confidence, energy_threshold, prefix=prefix)
+    pred.index = target.obs_names
     for column in pred.columns:
         target.obs[column] = pred[column].to_numpy() if pred[column].dtype.kind in "fb" else pred[column].array
     if predicted.probabilities is not None:
         target.obsm[f"{key_added}_probabilities"] = predicted.probabilities
-    target.uns[key_added] = _metadata(annotator, predicted, "AnnData", layer, min_confidence, case_insensitive,
-                                      energy_threshold)
+    target.uns[key_added] = _metadata(annotator, predicted, "AnnData", options, n_clusters)
     return target if copy else None

@@ -64,6 +64,30 @@ def summary_frame(pred: pd.DataFrame, prefix: str = PREFIX) -> pd.DataFrame:
     return summary.sort_values("n_cells", ascending=False)[["n_cells", "fraction", "mean_confidence"]]
 
 
+def unique_index(obs: pd.DataFrame, say) -> pd.DataFrame:
+    """``obs`` with a unique string index (joining on a duplicated one would multiply rows)."""
+    import anndata
+
+    obs.index = obs.index.astype(str)
+    if obs.index.has_duplicates:
+        obs.index = anndata.utils.make_index_unique(obs.index)
+        say("note: the query has duplicate cell names; made unique by suffixes (-1, -2, ...)")
+    return obs
+
+
+def accuracy(obs: pd.DataFrame, label_key: str, pred: pd.DataFrame, classes: list[str], say) -> float | None:
+    """Accuracy of the raw labels on the cells whose given label is a model class."""
+    truth = obs[label_key].astype(str).to_numpy()
+    known = np.isin(truth, classes)
+    if not known.any():
+        say(f"accuracy: no cell's obs[{label_key!r}] label is among the model's classes")
+        return None
+    acc = float(np.mean(pred[f"{PREFIX}raw_label"].astype(str).to_numpy()[known] == truth[known]))
+    say(f"accuracy against obs[{label_key!r}]: {acc:.4f} on {int(known.sum())} of {len(obs)} cells "
+        "whose label is a model class")
+    return acc
+
+
 def uns_safe(value):
     """Make metadata storable in .uns (no None, nested dicts of strings/numbers/arrays)."""
     if isinstance(value, dict):

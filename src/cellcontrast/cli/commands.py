@@ -148,8 +148,8 @@ def annotate(args: argparse.Namespace) -> None:
     annotate_file(args.model, args.query, args.out, csv=args.csv, layer=args.layer, batch_size=args.batch_size,
                   min_confidence=args.min_confidence, min_overlap=args.min_overlap,
                   case_insensitive=args.case_insensitive, probabilities=args.probabilities,
-                  flag_unseen=args.flag_unseen,
-                  threads=args.threads, label_key=args.label_key)
+                  flag_unseen=args.flag_unseen, gene_key=args.gene_key, majority_voting=args.majority_voting,
+                  min_agreement=args.min_agreement, threads=args.threads, label_key=args.label_key)
 
 
 COMMANDS = {"simulate": simulate, "split": split, "holdout": holdout, "train": train, "tune": tune,

@@ -142,6 +142,13 @@ def _annotate(sub) -> None:
                         "chain's validation cells")
     p.add_argument("--min-overlap", type=float, default=0.5, help="least fraction of model genes found in the query")
     p.add_argument("--case-insensitive", action="store_true", help="match gene names ignoring case")
+    p.add_argument("--gene-key", default=None, metavar="COLUMN",
+                   help="match the model's genes against this var column (e.g. feature_name) instead of var_names")
+    p.add_argument("--majority-voting", action="store_true",
+                   help="over-cluster the query (PCA, kNN, Leiden) and give each cluster its majority label")
+    p.add_argument("--min-agreement", type=float, default=0.0,
+                   help="with --majority-voting: clusters whose majority label has a smaller share are "
+                        "'Heterogeneous' (default 0)")
     p.add_argument("--probabilities", action="store_true", help="store per-class probabilities in obsm")
     p.add_argument("--flag-unseen", action="store_true",
                    help="also call Unassigned the cells less familiar (by the energy score) than 95%% of the "

@@ -29,6 +29,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from cellcontrast.annotation.genes import identifier_kind
 from cellcontrast.core.errors import InputError, first_line
 from cellcontrast.core.files import atomic_path
 from cellcontrast.core.version import __version__
@@ -47,7 +48,7 @@ EMBEDDING = "embedding"
 # Keys written into the ONNX file's metadata_props (all values are strings; lists/dicts JSON).
 METADATA_KEYS = (
     "genes", "classes", "preprocessing", "base", "component", "run_id", "metrics",
-    "cellcontrast_version", "input_name", "output_names", "opset",
+    "cellcontrast_version", "input_name", "output_names", "opset", "gene_identifiers",
 )
 
 
@@ -156,6 +157,8 @@ def _metadata(config: dict, output_names: list[str], opset: int) -> dict[str, st
         "input_name": INPUT_NAME,
         "output_names": json.dumps(output_names),
         "opset": str(opset),
+        # "ensembl" or "symbol": what a query's genes are matched against (--gene-key)
+        "gene_identifiers": identifier_kind(str(g) for g in config["genes"]),
     }
 
 
