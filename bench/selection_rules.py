@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cellcontrast.core.names import BASES, COMPONENTS
+from cellcontrast.core.names import CHAINS_SIMPLEST_FIRST
 from cellcontrast.data.split_data import load_split_data
 from cellcontrast.experiments.selection import choose_per_seed
 from cellcontrast.nn.chain import load_chain, predict_proba
 from cellcontrast.train.metrics import classification_metrics, macro_f1_standard_error
 
-SIMPLEST_FIRST = [b if c == "none" else f"{b}+{c}" for b in BASES for c in COMPONENTS]
+SIMPLEST_FIRST = list(CHAINS_SIMPLEST_FIRST)
 
 
 def _with_standard_errors(peers_dir: Path, chains: pd.DataFrame) -> pd.DataFrame:

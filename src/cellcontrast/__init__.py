@@ -4,7 +4,8 @@ The Python API, AnnData first with keyword-only options::
 
     import cellcontrast as cc
 
-    chain = cc.fit(reference, "cell_type", base="lr")   # train (torch)
+    cc.fit_annotator(reference, "cell_type", out="annotator.onnx")  # chains, choice, card
+    chain = cc.fit(reference, "cell_type", base="lr")   # or train one chain (torch)
     chain.export("annotator.onnx")                       # one ONNX file
     cc.annotate(query, "annotator.onnx")                 # obs["cellcontrast_label"], ... (no torch)
 
@@ -23,10 +24,11 @@ _LAZY = {
     "annotate_file": "cellcontrast.annotation.api",
     "Annotator": "cellcontrast.annotation.model",
     "fit": "cellcontrast.model.fit",
+    "fit_annotator": "cellcontrast.experiments.fit_annotator",
     "Chain": "cellcontrast.model.chain",
 }
 
-__all__ = ["Annotator", "Chain", "InputError", "__version__", "annotate", "annotate_file", "fit"]
+__all__ = ["Annotator", "Chain", "InputError", "__version__", "annotate", "annotate_file", "fit", "fit_annotator"]
 
 
 def __getattr__(name: str):

@@ -140,6 +140,25 @@ def export(args: argparse.Namespace) -> None:
                            register=not args.no_register))
 
 
+def fit(args: argparse.Namespace) -> None:
+    import time
+
+    from cellcontrast.data.atlas import open_h5ad
+    from cellcontrast.experiments.fit_annotator import fit_annotator
+    from cellcontrast.train.recipes import read_params_file
+
+    started = time.perf_counter()
+    params = read_params_file(args.params)
+    result = fit_annotator(open_h5ad(args.reference), args.label_key, chains=args.chains, layer=args.layer,
+                           filters=parse_filters(args.filter), seed=args.seed, params=params,
+                           val_fraction=args.val_fraction, test_fraction=args.test_fraction, out=args.out,
+                           experiment=args.experiment, register=not args.no_register)
+    val = result.chain.metrics.get("val_macro_f1", float("nan"))
+    test = f", test macro F1 {result.test_metrics['test_macro_f1']:.4f}" if result.test_metrics else ""
+    print(f"chose {result.chosen} (validation macro F1 {val:.4f}{test}) in {time.perf_counter() - started:.0f} s; "
+          f"wrote {', '.join(str(p) for p in result.files.values())}")
+
+
 def annotate(args: argparse.Namespace) -> None:
     from cellcontrast.annotation.api import annotate_file
     from cellcontrast.annotation.stream import fix_mmap_threshold
@@ -154,4 +173,4 @@ def annotate(args: argparse.Namespace) -> None:
 
 COMMANDS = {"simulate": simulate, "split": split, "holdout": holdout, "train": train, "tune": tune,
             "tune-setting": tune_setting, "grid": grid, "report": report, "benchmark": benchmark,
-            "export": export, "annotate": annotate}
+            "export": export, "annotate": annotate, "fit": fit}

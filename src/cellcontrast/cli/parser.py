@@ -79,6 +79,23 @@ def _train(sub) -> None:
     p.add_argument("--experiment", default="cellcontrast", help="MLflow experiment name")
 
 
+def _fit(sub) -> None:
+    p = sub.add_parser("fit", help="train an annotator on a labelled reference: chains, choice on validation, "
+                                   "ONNX file and model card")
+    p.add_argument("--reference", required=True, help="labelled reference .h5ad with raw counts")
+    p.add_argument("--out", required=True, help="annotator .onnx to write (the model card goes beside it)")
+    p.add_argument("--chains", default="lr,lr+mlp,scdae",
+                   help="chains to train and choose among: lr, lr+mlp, scdae+mls, ... or all (default: lr,lr+mlp,scdae)")
+    p.add_argument("--test-fraction", type=float, default=0.0,
+                   help="hold out this share of each type as a test part, reported only (default 0: none)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="each type's share for validation (default 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--params", default=None, help="JSON file of hyperparameters keyed by model name")
+    p.add_argument("--experiment", default="cellcontrast-fit", help="MLflow experiment of the parent run")
+    p.add_argument("--no-register", action="store_true", help="do not register the annotator in MLflow")
+    _atlas_options(p)
+
+
 def _tune(sub) -> None:
     p = sub.add_parser("tune", help="tune a chain's hyperparameters with Optuna on the validation split")
     p.add_argument("--split-dir", required=True)
@@ -162,6 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Cell-type annotation of scRNA-seq with supervised contrastive learning.")
     parser.add_argument("--version", action="version", version=f"cellcontrast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_simulate, _split, _holdout, _train, _tune, _pipeline_steps, _benchmark, _export, _annotate):
+    for add in (_simulate, _split, _holdout, _fit, _train, _tune, _pipeline_steps, _benchmark, _export, _annotate):
         add(sub)
     return parser

@@ -93,7 +93,7 @@ def find_best_run(client, experiment: str, tags: dict[str, str] | None = None):
     )
 
 
-def _register(out_path: Path, config: dict, source_run_id: str | None, experiment: str) -> str:
+def register_annotator(out_path: Path, config: dict, source_run_id: str | None, experiment: str) -> str:
     """Log the ONNX file with MLflow's ONNX flavour in a new run and register a model version."""
 
 
@@ -104,7 +104,8 @@ def _register(out_path: Path, config: dict, source_run_id: str | None, experimen
     tags = {"cellcontrast.kind": "export", "source_run_id": source_run_id or "",
             "base": str(config.get("base", "")), "component": str(config.get("component", "")),
             **tracking.parent_tags()}
-    with mlflow.start_run(run_name="export-onnx", tags=tags) as run:
+    # nested under the caller's run when there is one (`fit_annotator`'s parent run)
+    with mlflow.start_run(run_name="export-onnx", tags=tags, nested=mlflow.active_run() is not None) as run:
         metrics = config.get("metrics") or {}
         mlflow.log_params({
             "source_run_id": source_run_id or "",
@@ -151,7 +152,7 @@ def export_annotator(out: str | os.PathLike, *, model_dir: str | os.PathLike | N
             config = {**config, "run_id": source_run_id,
                       "metrics": {**(config.get("metrics") or {}), **run.data.metrics}}
         export_chain_to_onnx(chain, config, out_path)
-    registered = _register(out_path, config, source_run_id, experiment) if register else ""
+    registered = register_annotator(out_path, config, source_run_id, experiment) if register else ""
     val = (config.get("metrics") or {}).get(SELECTION_METRIC)
     val_text = f"{SELECTION_METRIC}={val:.4f}" if isinstance(val, int | float) else f"{SELECTION_METRIC}=n/a"
     return f"exported {out_path} from {source} ({val_text})" + (f"; registered as {registered}" if registered else "")

@@ -1,0 +1,237 @@
+"""`fit_annotator`: from a user's labelled reference to one ONNX annotator and its model card.
+
+Every cell of the reference is used: a stratified split into training and validation (the
+same for every chain), validation for each chain's checkpoints, L2 and temperature and for the
+choice among chains; a test part is held out only when ``test_fraction`` asks for it, and it
+is only reported, never read by a choice. The chain is chosen by the one-standard-error rule
+(`experiments.selection`): the simplest chain within one bootstrap standard error of the best
+validation macro F1, because validation parts of a few cells a type cannot rank chains by less
+(README, "Choosing the chain"). One MLflow parent run holds a nested run per chain; the chosen
+chain is exported, logged and registered.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from cellcontrast.core.errors import InputError
+from cellcontrast.core.names import CHAINS_SIMPLEST_FIRST, LABEL
+from cellcontrast.data.atlas import prepare_atlas
+from cellcontrast.experiments.selection import SELECTION_METRIC, choose_per_seed
+from cellcontrast.model.chain import Chain
+from cellcontrast.model.fit import MIN_CELLS_PER_TYPE, fit, stratified_validation
+
+# Three chains that cover the method at a cost a laptop affords (bench/bench_fit.py): the
+# linear bar, its contrastive variant, and the deep base.
+DEFAULT_CHAINS = ("lr", "lr+mlp", "scdae")
+
+
+def parse_chains(chains: str | list[str] | tuple[str, ...]) -> list[str]:
+    """``"lr,scdae+mlp"``, ``"all"`` or a list, as chain names in the order given."""
+    names = list(CHAINS_SIMPLEST_FIRST) if chains == "all" else (
+        [c.strip() for c in chains.split(",") if c.strip()] if isinstance(chains, str) else list(chains))
+    unknown = [c for c in names if c not in CHAINS_SIMPLEST_FIRST]
+    if unknown or not names:
+        raise InputError(f"unknown chain {', '.join(unknown) or '(none given)'}; chains are "
+                         f"{', '.join(CHAINS_SIMPLEST_FIRST)} or all")
+    return list(dict.fromkeys(names))
+
+
+def _base_component(name: str) -> tuple[str, str]:
+    base, _, component = name.partition("+")
+    return base, component or "none"
+
+
+@dataclass
+class FittedAnnotator:
+    """What `fit_annotator` made: the chosen chain, every chain's validation scores, the
+    reported test scores (with ``test_fraction``), the files written."""
+
+    chain: Chain
+    chosen: str
+    scores: pd.DataFrame
+    n_cells: dict[str, int]
+    class_counts: pd.Series
+    test_metrics: dict | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _hold_out_test(atlas: anndata.AnnData, test_fraction: float, seed: int):
+    """The reference without its test part, and the test part (None without a fraction)."""
+    if test_fraction == 0:
+        return atlas, None
+    rest, test, _ = stratified_validation(atlas.obs[LABEL], test_fraction, seed + 1_000_003)
+    return atlas[np.sort(rest)].copy(), atlas[np.sort(test)].copy()
+
+
+def _drop_small_types(reference: anndata.AnnData) -> anndata.AnnData:
+    counts = reference.obs[LABEL].value_counts()
+    small = sorted(counts.index[counts < MIN_CELLS_PER_TYPE])
+    if not small:
+        return reference
+    print(f"note: {len(small)} types with fewer than {MIN_CELLS_PER_TYPE} cells to train on are left out: "
+          f"{', '.join(small[:10])}{' ...' if len(small) > 10 else ''}", file=sys.stderr)
+    return reference[~reference.obs[LABEL].isin(small).to_numpy()].copy()
+
+
+def _scores(chains: dict[str, Chain]) -> pd.DataFrame:
+    rows = [{"chain": name, "seed": 0, **{k: v for k, v in chain.metrics.items() if k.startswith("val_")}}
+            for name, chain in chains.items()]
+    return pd.DataFrame(rows)
+
+
+def _test_metrics(chain: Chain, test: anndata.AnnData | None) -> dict | None:
+    if test is None:
+        return None
+    from cellcontrast.train.metrics import classification_metrics
+
+    known = test.obs[LABEL].isin(chain.classes).to_numpy()
+    y = pd.Categorical(test.obs[LABEL][known], categories=chain.classes).codes
+    metrics = classification_metrics(y, chain.predict_proba(test[known]), len(chain.classes))
+    return {f"test_{k}": float(v) for k, v in metrics.items()} | {"n_test": int(known.sum())}
+
+
+def fit_annotator(
+    adata: anndata.AnnData,
+    labels_key: str = LABEL,
+    *,
+    chains: str | list[str] | tuple[str, ...] = DEFAULT_CHAINS,
+    layer: str | None = None,
+    filters: dict[str, str] | None = None,
+    seed: int = 0,
+    params: dict | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.0,
+    out: str | Path | None = None,
+    experiment: str | None = "cellcontrast-fit",
+    register: bool = True,
+) -> FittedAnnotator:
+    """Train the chains on a labelled reference, choose one on validation, export it.
+
+    Parameters
+    ----------
+    adata
+        The reference: raw counts in ``X`` (or ``layer``), cell types in ``obs[labels_key]``.
+    labels_key, layer, filters
+        The label column; where the counts are; keep only cells whose obs columns equal
+        the given values (``{"donor": "mouse2"}``).
+    chains
+        Chain names (``"lr"``, ``"scdae+mlp"``, ...), a comma-separated string, or ``"all"``.
+    seed
+        Seeds the splits and every training: same seed, same annotator.
+    params
+        Hyperparameters keyed by model name, as in `cellcontrast.fit`.
+    val_fraction, test_fraction
+        Each type's share for validation; for a held-out test part (0: none, no cell unused).
+    out
+        The ``.onnx`` file to write; the model card goes beside it (``.card.md``, ``.card.png``).
+    experiment, register
+        MLflow experiment of the parent run (None: no tracking); register the exported model.
+
+    Returns
+    -------
+    FittedAnnotator
+
+    Raises
+    ------
+    InputError
+        For bad input: no such column, one type, every type too small, unknown chains.
+    """
+    names = parse_chains(chains)
+    if not 0.0 <= test_fraction < 0.5:
+        raise InputError(f"--test-fraction {test_fraction} must lie in [0, 0.5)")
+    if out is not None and Path(out).suffix.lower() != ".onnx":
+        raise InputError(f"--out {out} should end in .onnx")
+    atlas = prepare_atlas(adata, label_key=labels_key, layer=layer, filters=filters, source="the reference")
+    reference, test = _hold_out_test(atlas, test_fraction, seed)
+    reference = _drop_small_types(reference)
+    tracker = _Tracker(experiment, names, reference, seed, test_fraction)
+    fitted = {}
+    with tracker:
+        for name in tqdm(names, desc="fit chains", unit="chain", file=sys.stderr, disable=not sys.stderr.isatty()):
+            base, component = _base_component(name)
+            fitted[name] = fit(reference, LABEL, base=base, component=component, seed=seed, params=params,
+                               val_fraction=val_fraction)
+            tracker.log_chain(name, fitted[name])
+        scores = _scores(fitted)
+        chosen = choose_per_seed(scores, prefer=list(CHAINS_SIMPLEST_FIRST), method_key="chain", one_se=True)
+        chosen_name = str(chosen["chain"].iloc[0])
+        chain = fitted[chosen_name]
+        chain.config["fit"]["chains"] = names
+        chain.config["fit"]["chosen_by"] = f"one standard error of the best {SELECTION_METRIC}"
+        counts = reference.obs[LABEL].value_counts().reindex(chain.classes)
+        result = FittedAnnotator(chain, chosen_name, scores, {"reference": atlas.n_obs, "train": chain.config["fit"]["n_train"],
+                                 "val": chain.config["fit"]["n_val"], "test": 0 if test is None else test.n_obs},
+                                 counts, _test_metrics(chain, test))
+        if out is not None:
+            from cellcontrast.experiments.model_card import write_model_card
+
+            result.files["onnx"] = chain.export(out)
+            result.files.update(write_model_card(result, reference, val_fraction, seed, Path(out)))
+            tracker.log_result(result, register)
+    return result
+
+
+class _Tracker:
+    """The MLflow parent run of one `fit_annotator` and a nested run per chain (or nothing)."""
+
+    def __init__(self, experiment: str | None, names: list[str], reference, seed: int, test_fraction: float):
+        self.experiment, self.run = experiment, None
+        self.params = {"chains": ",".join(names), "n_cells": reference.n_obs, "n_types": reference.obs[LABEL].nunique(),
+                       "n_genes": reference.n_vars, "seed": seed, "test_fraction": test_fraction}
+
+    def __enter__(self):
+        if self.experiment is not None:
+            import mlflow
+
+            from cellcontrast.experiments import tracking
+
+            tracking.setup(self.experiment)
+            self.run = mlflow.start_run(run_name="fit-annotator", tags={"cellcontrast.kind": "fit-annotator",
+                                                                       **tracking.parent_tags()})
+            mlflow.log_params(self.params)
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if self.run is not None:
+            import mlflow
+
+            mlflow.end_run("FINISHED" if kind is None else "FAILED")
+        return False
+
+    def log_chain(self, name: str, chain: Chain) -> None:
+        if self.run is None:
+            return
+        import mlflow
+
+        from cellcontrast.experiments.tracking import flatten
+
+        base, component = _base_component(name)
+        with mlflow.start_run(run_name=name, nested=True, tags={"cellcontrast.kind": "fit-chain", "chain": name}):
+            mlflow.log_params({"base": base, "component": component, **flatten(chain.config.get("params") or {})})
+            mlflow.log_metrics({k: float(v) for k, v in chain.metrics.items() if np.isfinite(v)})
+
+    def log_result(self, result: FittedAnnotator, register: bool) -> None:
+        if self.run is None:
+            return
+        import mlflow
+
+        mlflow.set_tag("chosen_chain", result.chosen)
+        mlflow.log_metrics({f"chosen_{k}": float(v) for k, v in result.chain.metrics.items() if np.isfinite(v)})
+        if result.test_metrics:
+            mlflow.log_metrics(result.test_metrics)
+        for path in result.files.values():
+            mlflow.log_artifact(str(path), artifact_path="annotator")
+        if register:
+            from cellcontrast.experiments.registry import register_annotator
+            from cellcontrast.export.onnx import normalize_config
+
+            register_annotator(result.files["onnx"], normalize_config(result.chain.config), self.run.info.run_id,
+                               self.experiment)

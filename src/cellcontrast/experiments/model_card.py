@@ -1,0 +1,116 @@
+"""The model card `fit_annotator` writes beside the ONNX file: Markdown with the classes and
+their training counts, the genes, every chain's validation scores and the choice, per-class
+validation F1; a PNG with the validation confusion matrix and the calibration curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cellcontrast.core.files import atomic_path
+from cellcontrast.core.names import LABEL
+from cellcontrast.model.fit import stratified_validation
+
+
+def _validation_predictions(result, reference, val_fraction: float, seed: int):
+    """The chosen chain's labels and probabilities on its own validation cells (the same
+    split `fit` drew: same labels, fraction and seed)."""
+    _, val, classes = stratified_validation(reference.obs[LABEL], val_fraction, seed)
+    cells = reference[np.sort(val)]
+    y = pd.Categorical(cells.obs[LABEL].astype(str), categories=classes).codes
+    return y, result.chain.predict_proba(cells)
+
+
+def _calibration(y: np.ndarray, proba: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
+    confidence, correct = proba.max(1), proba.argmax(1) == y
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    frame = pd.DataFrame({"bin": bins, "confidence": confidence, "correct": correct})
+    return frame.groupby("bin").agg(confidence=("confidence", "mean"), accuracy=("correct", "mean"),
+                                    cells=("correct", "size"))
+
+
+def _figure(path: Path, classes: list[str], y: np.ndarray, proba: np.ndarray) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cellcontrast.train.metrics import confusion
+
+    matrix = confusion(y, proba.argmax(1), len(classes)).astype(float)
+    matrix /= np.maximum(matrix.sum(1, keepdims=True), 1)
+    side = min(14, 4 + 0.18 * len(classes))
+    fig, (ax_cm, ax_cal) = plt.subplots(1, 2, figsize=(side + 5, side), gridspec_kw={"width_ratios": [side, 5]})
+    image = ax_cm.imshow(matrix, cmap="viridis", vmin=0, vmax=1)
+    ticks = np.arange(len(classes))
+    ax_cm.set_xticks(ticks, classes, rotation=90, fontsize=max(4, 9 - len(classes) // 15))
+    ax_cm.set_yticks(ticks, classes, fontsize=max(4, 9 - len(classes) // 15))
+    ax_cm.set(xlabel="predicted", ylabel="validation label", title="Validation confusion (row share)")
+    fig.colorbar(image, ax=ax_cm, fraction=0.04)
+    cal = _calibration(y, proba)
+    ax_cal.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    ax_cal.plot(cal["confidence"], cal["accuracy"], marker="o")
+    ax_cal.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title="Calibration (validation)")
+    ax_cal.set_aspect("equal")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _genes_used(chain) -> str:
+    n_hvg = (chain.config.get("params") or {}).get(chain.config.get("base"), {}).get("n_hvg")
+    return "all" if n_hvg in (None, "all") else str(min(int(n_hvg), len(chain.genes)))
+
+
+def _markdown(result, y: np.ndarray, proba: np.ndarray, png: Path) -> str:
+    from cellcontrast.train.metrics import per_class_f1
+
+    chain, classes = result.chain, result.chain.classes
+    scores = result.scores.set_index("chain")
+    cols = [c for c in ("val_macro_f1", "val_macro_f1_se", "val_top1", "val_top3", "val_ece") if c in scores]
+    rows = [f"| {name}{' (chosen)' if name == result.chosen else ''} | "
+            + " | ".join(f"{row[c]:.4f}" for c in cols) + " |" for name, row in scores[cols].iterrows()]
+    table = "\n".join([f"| chain | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|", *rows])
+    f1 = per_class_f1(y, proba.argmax(1), classes).set_index("class")["f1"] if len(y) else pd.Series(dtype=float)
+    classes_md = "\n".join(f"| {name} | {int(result.class_counts.get(name, 0))} | {f1.get(name, float('nan')):.3f} |"
+                           for name in classes)
+    test = result.test_metrics
+    test_md = (f"Held-out test part ({test['n_test']} cells, reported only): macro F1 {test['test_macro_f1']:.4f}, "
+               f"top-1 {test['test_top1']:.4f}, top-3 {test['test_top3']:.4f}.\n" if test else
+               "No test part was held out (`--test-fraction 0`): every cell trained or validated.\n")
+    fit = chain.config.get("fit", {})
+    return f"""# Model card: {png.name.removesuffix('.card.png')}
+
+- Chosen chain: **{result.chosen}** ({fit.get('chosen_by', '')}), among {', '.join(fit.get('chains', []))}
+- Cells: {result.n_cells['reference']} in the reference; {result.n_cells['train']} trained, {result.n_cells['val']} validated{f", {result.n_cells['test']} held out for the test" if result.n_cells['test'] else ''}; seed {fit.get('seed', 0)}
+- Genes: {len(chain.genes)} in the reference, {_genes_used(chain)} used by the base
+- Classes: {len(classes)}; temperature {chain.metrics.get('temperature', float('nan')):.3f};
+  `--min-confidence auto` threshold {chain.metrics.get('val_confidence_q05', float('nan')):.3f}
+
+## Chains on validation
+
+{table}
+
+{test_md}
+## Classes
+
+| class | training + validation cells | validation F1 |
+|---|---|---|
+{classes_md}
+
+![validation confusion matrix and calibration]({png.name})
+"""
+
+
+def write_model_card(result, reference, val_fraction: float, seed: int, out: Path) -> dict[str, Path]:
+    """Write ``<out>.card.md`` and ``<out>.card.png`` (atomically); returns their paths."""
+    stem = out.with_suffix("")
+    md, png = Path(f"{stem}.card.md"), Path(f"{stem}.card.png")
+    y, proba = _validation_predictions(result, reference, val_fraction, seed)
+    _figure(png, result.chain.classes, y, proba)
+    with atomic_path(md) as tmp:
+        tmp.write_text(_markdown(result, y, proba, png))
+    return {"card": md, "card_png": png}
