@@ -198,6 +198,30 @@ class _Options:
     min_agreement: float
 
 
+def _options(annotator: Annotator, layer, min_confidence, case_insensitive, gene_key, flag_unseen, majority_voting,
+             min_agreement) -> _Options:
+    return _Options(layer, _threshold(annotator, min_confidence), case_insensitive, gene_key,
+                    _energy_threshold(annotator, flag_unseen), majority_voting, min_agreement)
+
+
+def _predict_file(annotator: Annotator, query_path: Path, options: _Options, *, threads: int, label_key, say,
+                  inspect, **stream):
+    """Open the query, check it, and annotate its cells: (obs, predictions, streamed, clusters)."""
+    try:
+        query_file = h5py.File(query_path, "r")
+    except OSError as err:
+        raise InputError(f"cannot read the query {query_path} (truncated or damaged?): {first_line(err, 200)}") from None
+    # Threads that inflate the query's gzip chunks (h5chunks) beside the annotating thread.
+    pool = ThreadPoolExecutor(max_workers=threads or cores(), thread_name_prefix="cellcontrast-inflate")
+    with query_file as f, pool:
+        matrix, obs = read_query(f, query_path, options.layer, pool, label_key, options.gene_key)
+        obs = unique_index(obs, say)
+        pred, predicted, n_clusters = _annotate_matrix(
+            annotator, matrix, obs.index, options, say=say, **stream,
+            inspect=None if inspect is None else (lambda pred, probs: inspect(_joined(obs, pred), probs)))
+    return obs, pred, predicted, n_clusters
+
+
 def _metadata(model: Annotator, predicted: _Predicted, query: str, options: _Options,
               n_clusters: int | None = None) -> dict:
     """What ``uns['cellcontrast']`` records: the model, the gene overlap, the options."""
@@ -219,25 +243,33 @@ def _metadata(model: Annotator, predicted: _Predicted, query: str, options: _Opt
 
 
 def _annotate_matrix(annotator: Annotator, matrix, obs_names: pd.Index, options: _Options, *, min_overlap: float,
-                     batch_size: int, probabilities: bool, progress, say, prefix: str = PREFIX):
+                     batch_size: int, probabilities: bool, progress, say, prefix: str = PREFIX, inspect=None):
     """Predictions (and majority voting) for every cell of ``matrix``: (frame, predicted, n_clusters)."""
     if options.majority_voting:
         check_can_cluster(matrix.n_obs, len(annotator.classes))
     col_map = _columns(matrix, annotator, min_overlap=min_overlap, case_insensitive=options.case_insensitive, say=say)
     predicted = predict_matrix(annotator, matrix, col_map, batch_size,
-                               probabilities=probabilities or options.majority_voting,
+                               probabilities=probabilities or options.majority_voting or inspect is not None,
                                energy=options.energy_threshold is not None, progress=progress)
     pred = _frame(obs_names, annotator, predicted, options.min_confidence, options.energy_threshold, prefix=prefix)
-    if not options.majority_voting:
-        return pred, predicted, None
-    say(f"majority voting: clustering {matrix.n_obs} cells")
-    voted = majority_columns(predicted.probabilities, pred[f"{prefix}label"].array,
-                             min_agreement=options.min_agreement, prefix=prefix)
+    n_clusters = None
+    if options.majority_voting:
+        say(f"majority voting: clustering {matrix.n_obs} cells")
+        voted = majority_columns(predicted.probabilities, pred[f"{prefix}label"].array,
+                                 min_agreement=options.min_agreement, prefix=prefix)
+        for column, values in voted.items():
+            pred[column] = values
+        n_clusters = len(voted[f"{prefix}over_clustering"].categories)
+    if inspect is not None:
+        inspect(pred, predicted.probabilities)
     if not probabilities:
-        predicted.probabilities = None  # held for the clustering only
-    for column, values in voted.items():
-        pred[column] = values
-    return pred, predicted, len(voted[f"{prefix}over_clustering"].categories)
+        predicted.probabilities = None  # held for the clustering or the plots only
+    return pred, predicted, n_clusters
+
+
+def _joined(obs: pd.DataFrame, pred: pd.DataFrame) -> pd.DataFrame:
+    """The query's obs with the prediction columns (replacing any of the same name)."""
+    return obs.drop(columns=[c for c in obs.columns if c in pred.columns]).join(pred)
 
 
 def annotate_file(
@@ -245,21 +277,11 @@ def annotate_file(
     query: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    csv: str | os.PathLike | None = None,
-    layer: str | None = None,
-    gene_key: str | None = None,
-    batch_size: int = 8192,
-    min_confidence: float | str = 0.0,
-    min_overlap: float = 0.5,
-    case_insensitive: bool = False,
-    probabilities: bool = False,
-    flag_unseen: bool = False,
-    majority_voting: bool = False,
-    min_agreement: float = 0.0,
-    threads: int = 0,
-    label_key: str | None = None,
-    progress: bool | None = None,
-    log=None,
+    csv: str | os.PathLike | None = None, layer: str | None = None, gene_key: str | None = None,
+    batch_size: int = 8192, min_confidence: float | str = 0.0, min_overlap: float = 0.5,
+    case_insensitive: bool = False, probabilities: bool = False, flag_unseen: bool = False,
+    majority_voting: bool = False, min_agreement: float = 0.0, threads: int = 0,
+    label_key: str | None = None, progress: bool | None = None, log=None, inspect=None,
 ) -> pd.DataFrame:
     """Annotate the cells of an ``.h5ad`` file into a new ``.h5ad`` (and CSV), streaming.
 
@@ -268,12 +290,10 @@ def annotate_file(
     model, query, out
         The exported ``.onnx`` annotator (or an opened `Annotator`); an ``.h5ad`` file with raw
         counts; the ``.h5ad`` to write (layout in the module docstring).
-    csv, layer
+    csv, layer, gene_key
         Also write the predictions as CSV (the pair appears together); read counts from this
-        layer, or ``"raw"`` for ``.raw`` (default ``X``).
-    gene_key
-        Match the model's genes against this ``var`` column instead of ``var_names`` (e.g.
-        ``"feature_name"`` for a CELLxGENE file). Ensembl version suffixes are ignored.
+        layer, or ``"raw"`` for ``.raw`` (default ``X``); match the model's genes against this
+        ``var`` column (``"feature_name"`` in CELLxGENE files), not ``var_names``.
     batch_size, threads
         Rows read at a time; onnxruntime and inflating threads (0: all cores).
     min_confidence
@@ -287,13 +307,14 @@ def annotate_file(
         Also call ``Unassigned`` the cells less familiar than 95% of the chain's validation cells
         by the energy score (columns ``cellcontrast_energy``, ``cellcontrast_unfamiliar``).
     majority_voting, min_agreement
-        Over-cluster the query and give each cluster its majority label (columns
-        ``cellcontrast_over_clustering``, ``cellcontrast_majority_voting``,
-        ``cellcontrast_majority_agreement``); clusters whose majority is below
-        ``min_agreement`` are ``Heterogeneous`` (see `cellcontrast.annotation.majority`).
+        Over-cluster the query, give each cluster its majority label (``*_over_clustering``,
+        ``*_majority_voting``, ``*_majority_agreement``); below ``min_agreement``:
+        ``Heterogeneous`` (`cellcontrast.annotation.majority`).
     label_key, progress, log
         An obs column of true labels (the accuracy is reported); show a progress bar (None: when
         stderr is a terminal); called with each message.
+    inspect
+        Called with obs and every cell's probabilities before anything is written (``--plots``).
 
     Returns
     -------
@@ -311,21 +332,12 @@ def annotate_file(
     _check_options(batch_size, min_confidence, min_overlap, min_agreement)
     check_paths(query_path, out_path, csv_path)
     annotator = _as_annotator(model, threads)
-    options = _Options(layer, _threshold(annotator, min_confidence), case_insensitive, gene_key,
-                       _energy_threshold(annotator, flag_unseen), majority_voting, min_agreement)
-    try:
-        query_file = h5py.File(query_path, "r")
-    except OSError as err:
-        raise InputError(f"cannot read the query {query_path} (truncated or damaged?): {first_line(err, 200)}") from None
-    # Threads that inflate the query's gzip chunks (h5chunks) beside the annotating thread.
-    pool = ThreadPoolExecutor(max_workers=threads or cores(), thread_name_prefix="cellcontrast-inflate")
-    with query_file as f, pool:
-        matrix, obs = read_query(f, query_path, layer, pool, label_key, gene_key)
-        obs = unique_index(obs, say)
-        pred, predicted, n_clusters = _annotate_matrix(
-            annotator, matrix, obs.index, options, min_overlap=min_overlap, batch_size=batch_size,
-            probabilities=probabilities, progress=progress, say=say)
-    out_obs = obs.drop(columns=[c for c in obs.columns if c in pred.columns]).join(pred)
+    options = _options(annotator, layer, min_confidence, case_insensitive, gene_key, flag_unseen, majority_voting,
+                       min_agreement)
+    obs, pred, predicted, n_clusters = _predict_file(
+        annotator, query_path, options, threads=threads, label_key=label_key, say=say, inspect=inspect,
+        min_overlap=min_overlap, batch_size=batch_size, probabilities=probabilities, progress=progress)
+    out_obs = _joined(obs, pred)
     uns = _metadata(annotator, predicted, query_path.name, options, n_clusters)
     summary = summary_frame(pred)
     summary.attrs.update({"n_cells": len(obs), "genes_found": predicted.found, "genes_total": len(annotator.genes)})
@@ -342,20 +354,10 @@ def annotate(
     adata: anndata.AnnData,
     model: str | os.PathLike | Annotator,
     *,
-    layer: str | None = None,
-    gene_key: str | None = None,
-    min_confidence: float | str = 0.5,
-    key_added: str = "cellcontrast",
-    copy: bool = False,
-    batch_size: int = 8192,
-    min_overlap: float = 0.5,
-    case_insensitive: bool = False,
-    probabilities: bool = False,
-    flag_unseen: bool = False,
-    majority_voting: bool = False,
-    min_agreement: float = 0.0,
-    threads: int = 0,
-    progress: bool | None = None,
+    layer: str | None = None, gene_key: str | None = None, min_confidence: float | str = 0.5,
+    key_added: str = "cellcontrast", copy: bool = False, batch_size: int = 8192, min_overlap: float = 0.5,
+    case_insensitive: bool = False, probabilities: bool = False, flag_unseen: bool = False,
+    majority_voting: bool = False, min_agreement: float = 0.0, threads: int = 0, progress: bool | None = None,
 ) -> anndata.AnnData | None:
     """Annotate an AnnData (in memory or backed) with an exported annotator.
 
@@ -371,10 +373,8 @@ def annotate(
         or backed.
     model
         The exported ``.onnx`` annotator, or an opened `Annotator`.
-    layer
-        Read counts from this layer, or ``"raw"`` for ``adata.raw``.
-    gene_key
-        Match the model's genes against this ``var`` column instead of ``var_names``.
+    layer, gene_key
+        Read counts from this layer, or ``"raw"`` for ``adata.raw``; match genes by this column.
     min_confidence
         Below this confidence a cell's label is ``Unassigned``; ``"auto"``: the threshold that
         flags 5% of the chain's validation cells, chosen at training.
@@ -388,9 +388,7 @@ def annotate(
     probabilities
         Store every class's probability in ``obsm[f"{key_added}_probabilities"]``.
     flag_unseen, majority_voting, min_agreement
-        As in `annotate_file` (columns ``{key_added}_energy``, ``{key_added}_unfamiliar``,
-        ``{key_added}_over_clustering``, ``{key_added}_majority_voting``,
-        ``{key_added}_majority_agreement``).
+        As in `annotate_file`, the columns prefixed ``{key_added}_``.
 
     Returns
     -------
@@ -408,8 +406,8 @@ def annotate(
         raise InputError("key_added must be a non-empty string")
     _check_options(batch_size, min_confidence, min_overlap, min_agreement)
     annotator = _as_annotator(model, threads)
-    options = _Options(layer, _threshold(annotator, min_confidence), case_insensitive, gene_key,
-                       _energy_threshold(annotator, flag_unseen), majority_voting, min_agreement)
+    options = _options(annotator, layer, min_confidence, case_insensitive, gene_key, flag_unseen, majority_voting,
+                       min_agreement)
     matrix = MemoryMatrix.of(adata, layer, gene_key)
     check_not_empty(matrix)
     pred, predicted, n_clusters = _annotate_matrix(

@@ -164,11 +164,18 @@ def annotate(args: argparse.Namespace) -> None:
     from cellcontrast.annotation.stream import fix_mmap_threshold
 
     fix_mmap_threshold()
+    inspect = None
+    if args.plots:
+        from cellcontrast.experiments.annotation_plots import write_plots
+
+        def inspect(obs, probabilities):  # drawn before the outputs are written: a failure writes nothing
+            for path in write_plots(args.plots, obs, probabilities, label_key=args.label_key):
+                print(f"wrote {path}")
     annotate_file(args.model, args.query, args.out, csv=args.csv, layer=args.layer, batch_size=args.batch_size,
                   min_confidence=args.min_confidence, min_overlap=args.min_overlap,
                   case_insensitive=args.case_insensitive, probabilities=args.probabilities,
                   flag_unseen=args.flag_unseen, gene_key=args.gene_key, majority_voting=args.majority_voting,
-                  min_agreement=args.min_agreement, threads=args.threads, label_key=args.label_key)
+                  min_agreement=args.min_agreement, threads=args.threads, label_key=args.label_key, inspect=inspect)
 
 
 COMMANDS = {"simulate": simulate, "split": split, "holdout": holdout, "train": train, "tune": tune,

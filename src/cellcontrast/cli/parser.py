@@ -166,6 +166,9 @@ def _annotate(sub) -> None:
     p.add_argument("--min-agreement", type=float, default=0.0,
                    help="with --majority-voting: clusters whose majority label has a smaller share are "
                         "'Heterogeneous' (default 0)")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="write PNG plots into DIR: UMAP by label and confidence, counts per label; with "
+                        "--label-key, the contingency against the given labels and accuracy per label")
     p.add_argument("--probabilities", action="store_true", help="store per-class probabilities in obsm")
     p.add_argument("--flag-unseen", action="store_true",
                    help="also call Unassigned the cells less familiar (by the energy score) than 95%% of the "
