@@ -99,7 +99,8 @@ def over_cluster(points: np.ndarray, *, resolution: float | None = None, n_neigh
     if n <= EXACT_NEIGHBOURS:
         neighbours = _exact_neighbours(points, k)
     else:
-        index = pynndescent.NNDescent(points, n_neighbors=k + 1, random_state=seed, n_jobs=1)
+        # seeded, and the same on a machine with the same number of cores
+        index = pynndescent.NNDescent(points, n_neighbors=k + 1, random_state=seed)
         neighbours = index.neighbor_graph[0]
     rows = np.repeat(np.arange(n), k + 1)
     keep = neighbours.ravel() != rows
