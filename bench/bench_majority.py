@@ -5,7 +5,7 @@ smallest one, each in its own subprocess (bench_annotate.measure).
     python bench/bench_majority.py --atlas data/atlas.h5ad --model models/annotator.onnx \
         --cells 100000,1000000 --query-dir /tmp/mv
 
-The queries are built by resampling the atlas's cells (bench_annotate.build_query) and reused
+The queries are built by resampling the atlas's cells (bench_annotate.py --worker build) and reused
 when they exist. Accuracy is printed against the atlas's labels for both cellcontrast columns
 (per cell and majority voting) and for CellTypist's. Prints a Markdown table.
 """
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_annotate import CELLTYPIST_TRAIN, build_query, measure, peer_has_celltypist  # noqa: E402
+from bench_annotate import CELLTYPIST_TRAIN, measure, peer_has_celltypist  # noqa: E402
 
 ACCURACY = r"""
 import json, sys, anndata as ad
@@ -32,7 +32,12 @@ print(json.dumps(row))
 """
 
 CELLTYPIST_MAJORITY = r"""
-import json, sys, time, scanpy as sc, celltypist
+import json, sys, time, numpy as np, scipy.sparse as sp, scanpy as sc, celltypist
+# scanpy 1.11.5 (CellTypist's over-clustering) calls getnnz, which scipy 1.17 removed from sparse
+# arrays: put back what it computes (stored values in all, per row, per column).
+if not hasattr(sp.csr_array, "getnnz"):
+    sp.csr_array.getnnz = lambda self, axis=None: (
+        self.nnz if axis is None else np.diff(self.indptr) if axis == 1 else np.bincount(self.indices, minlength=self.shape[1]))
 query, model = sys.argv[1], sys.argv[2]
 a = sc.read_h5ad(query)
 truth = a.obs["cell_type"].astype(str).to_numpy()
@@ -54,14 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--query-dir", required=True)
     p.add_argument("--peer-python", default=".venv-bench/bin/python")
     p.add_argument("--celltypist-model", default=None, help="CellTypist .pkl; trained on the atlas if absent")
+    p.add_argument("--skip-ours", action="store_true", help="only CellTypist's run (the queries must exist)")
     args = p.parse_args(argv)
     folder = Path(args.query_dir)
     folder.mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, "-m", "cellcontrast.cli.entry", "annotate", args.model]
     rows = []
     sizes = [int(n) for n in args.cells.split(",")]
-    for n in sizes:
-        query = build_query(Path(args.atlas), n, folder / f"query_{n}.h5ad", None)
+    for n in [] if args.skip_ours else sizes:
+        query = folder / f"query_{n}.h5ad"
+        # built in a child: a parent holding the atlas would count in every child's peak RSS
+        subprocess.run([sys.executable, str(Path(__file__).parent / "bench_annotate.py"), "--worker", "build",
+                        "--atlas", args.atlas, "--cells", str(n), "--out", str(query)], check=True)
         for name, extra in (("annotate", []), ("annotate --majority-voting", ["--majority-voting"])):
             out = folder / f"out_{n}_{len(extra)}.h5ad"
             row = measure(f"{name} ({n} cells)", cli + [str(query), "--out", str(out), *extra])

@@ -28,13 +28,15 @@ N_NEIGHBORS = 15
 # Up to this many cells the neighbours are found exactly (seconds); above, NN-descent
 # (pynndescent), whose numba code compiles once per process (about 45 s here).
 EXACT_NEIGHBOURS = 30_000
-# Bytes a cell of the kNN search and the Leiden graph take, besides its probabilities
-# (measured at 100k and 1M cells by bench/bench_majority.py, rounded up).
-GRAPH_BYTES_PER_CELL = 3_000
+# What majority voting adds to a run's peak memory: a fixed part (numba, pynndescent) and, per
+# cell, the kNN search and the Leiden graph besides the probabilities (bench/bench_majority.py:
+# +590 MiB at 100k cells, +3.4 GiB at 1M, 97 classes; rounded up).
+FIXED_BYTES = 300 << 20
+GRAPH_BYTES_PER_CELL = 3_200
 
 
 def bytes_per_cell(n_classes: int) -> int:
-    return GRAPH_BYTES_PER_CELL + 4 * n_classes
+    return GRAPH_BYTES_PER_CELL + 2 * 4 * n_classes  # the probabilities and their square roots
 
 
 def default_resolution(n_cells: int) -> float:
@@ -65,7 +67,7 @@ def check_can_cluster(n_cells: int, n_classes: int, available: int | None = None
         import pynndescent  # noqa: F401
     except ImportError:
         raise InputError("majority voting needs igraph and pynndescent: pip install 'cellcontrast[majority]'") from None
-    need = n_cells * bytes_per_cell(n_classes)
+    need = FIXED_BYTES + n_cells * bytes_per_cell(n_classes)
     available = available_bytes() if available is None else available
     if need > 0.8 * available:
         raise InputError(f"majority voting on {n_cells} cells needs about {need / 2**30:.1f} GiB "
