@@ -291,7 +291,7 @@ def test_killed_worker_resumes_without_redoing_trials(split_dir, tmp_path, monke
                 trials = []
             complete = [t for t in trials if t.state == TrialState.COMPLETE]
             # Killed once the next trial is under way: its MLflow run is open (a trial killed
-            # before its first heartbeat is issue 17's gap, tested there).
+            # before its first heartbeat: test_a_trial_whose_worker_died_before_its_first_heartbeat...).
             if complete and any(t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs for t in trials):
                 done = {t.number: t.value for t in complete}
                 break
@@ -319,3 +319,22 @@ def test_killed_worker_resumes_without_redoing_trials(split_dir, tmp_path, monke
     assert len(failed) == 1  # the killed trial, failed by the heartbeat
     run_id = failed[0].user_attrs["mlflow_run_id"]  # its MLflow run was closed too
     assert mlflow.MlflowClient().get_run(run_id).info.status == "FAILED"
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed(tmp_path, monkeypatch):
+    """The heartbeat gap: Optuna skips RUNNING trials with no heartbeat; they are failed once
+    older than the grace period, and a young one (a worker still starting it) is left alone."""
+    import optuna
+
+    from cellcontrast.experiments.optuna_storage import fail_stale, open_storage
+
+    monkeypatch.setenv("CELLCONTRAST_TUNE_HEARTBEAT", "1")
+    monkeypatch.setenv("CELLCONTRAST_TUNE_GRACE", "2")
+    study = optuna.create_study(study_name="gap", storage=open_storage(f"sqlite:///{tmp_path}/optuna.db"))
+    orphan = study.ask()  # created, never beaten: its worker was killed right here
+    time.sleep(2.5)
+    young = study.ask()
+    fail_stale(study)
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states[orphan.number] == TrialState.FAIL
+    assert states[young.number] == TrialState.RUNNING

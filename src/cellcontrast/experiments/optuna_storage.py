@@ -3,6 +3,7 @@ for many machines), with the heartbeat on so that trials of dead workers are fai
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import sqlalchemy
+from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from cellcontrast.core.errors import InputError, first_line
@@ -90,9 +92,40 @@ def close_stale_trial_run(study, trial) -> None:
               f"{first_line(err)}", file=sys.stderr)
 
 
+def _never_beaten(study, grace: int) -> list:
+    """RUNNING trials started longer than ``grace`` seconds ago that never recorded a heartbeat.
+
+    Optuna's workers record a trial's first heartbeat as soon as it starts, so such a trial's
+    worker died between creating it and that beat; `fail_stale_trials` skips trials without a
+    heartbeat and would leave it RUNNING for good.
+    """
+    storage = getattr(study._storage, "_backend", study._storage)  # under Optuna's cache wrapper
+    if not isinstance(storage, optuna.storages.RDBStorage):
+        return []
+    from optuna.storages._rdb import models  # the heartbeat table has no public reader
+
+    now = datetime.datetime.now()  # the clock Optuna's workers stamp datetime_start with
+    old = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+           if t.datetime_start is not None and (now - t.datetime_start).total_seconds() > grace]
+    if not old:
+        return []
+    session = storage.scoped_session()
+    try:
+        return [t for t in old if models.TrialHeartbeatModel.where_trial_id(t._trial_id, session) is None]
+    finally:
+        session.close()
+
+
 def fail_stale(study) -> None:
-    # Known gap: Optuna only fails RUNNING trials that have a stale heartbeat; a worker killed
-    # between creating a trial and its first beat leaves that trial RUNNING for good.
+    """Mark FAIL the RUNNING trials of workers that died: a heartbeat older than the grace
+    period (Optuna), or none at all for longer than it (`_never_beaten`); close their runs."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+        _, grace = heartbeat_settings()
+        for trial in _never_beaten(study, grace):
+            try:
+                if study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                    close_stale_trial_run(study, trial)
+            except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+                pass  # another worker finished or failed it first

@@ -33,8 +33,10 @@ Killed processes. The storage runs Optuna's heartbeat (``heartbeat_interval`` 60
 ``CELLCONTRAST_TUNE_GRACE`` override them): a live worker refreshes its trial's heartbeat, so
 only trials whose worker stopped beating for longer than the grace period are marked FAIL
 (when a process opens the study, before each trial and at the end), never the running trial
-of another live worker. Marking every RUNNING trial failed on restart would not be safe with
-several workers. The MLflow run of such a trial is closed as FAILED at the same time.
+of another live worker. A trial that never beat (its worker was killed between creating it
+and the first beat) is failed once older than the grace period. Marking every RUNNING trial
+failed on restart would not be safe with several workers. The MLflow run of such a trial is
+closed as FAILED at the same time.
 
 Tracking. Each process opens one MLflow parent run for the study (name = study name, tags
 study_name/base/component/setting/worker); each trial is a nested run with its parameters,
