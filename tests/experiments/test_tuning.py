@@ -249,10 +249,10 @@ def test_bad_inputs_exit_2_with_one_line(split_dir, work, capsys):
 # ---------------------------------------------------------------- processes
 
 
-def test_two_workers_share_one_study(split_dir, tmp_path):
+def test_two_workers_share_one_study(split_dir, tmp_path, optuna_storage):
     params = tmp_path / "params.yaml"
     params.write_text(SLOW_PARAMS_YAML % 200)
-    storage = f"sqlite:///{tmp_path}/optuna.db"
+    storage = optuna_storage
     env = _child_env(tmp_path)
     procs = [subprocess.Popen(_tune_cmd(split_dir, storage, "shared", 4, params), cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -270,12 +270,14 @@ def test_two_workers_share_one_study(split_dir, tmp_path):
     assert len({json.dumps(t.params, sort_keys=True) for t in finished}) == len(finished)
 
 
-def test_killed_worker_resumes_without_redoing_trials(split_dir, tmp_path, monkeypatch):
+def test_killed_worker_resumes_without_redoing_trials(split_dir, tmp_path, monkeypatch, optuna_storage):
+    """A worker SIGKILLed in the middle of a trial; the study still completes, every trial
+    COMPLETE, PRUNED or FAILED, none RUNNING, none lost (on sqlite and on PostgreSQL)."""
     import mlflow
 
     params = tmp_path / "params.yaml"
     params.write_text(SLOW_PARAMS_YAML % 250)
-    storage = f"sqlite:///{tmp_path}/optuna.db"
+    storage = optuna_storage
     heartbeat = {"CELLCONTRAST_TUNE_HEARTBEAT": "1", "CELLCONTRAST_TUNE_GRACE": "6"}
     n_trials = 3
     cmd = _tune_cmd(split_dir, storage, "killed", n_trials, params)
@@ -321,7 +323,7 @@ def test_killed_worker_resumes_without_redoing_trials(split_dir, tmp_path, monke
     assert mlflow.MlflowClient().get_run(run_id).info.status == "FAILED"
 
 
-def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed(tmp_path, monkeypatch):
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed(tmp_path, monkeypatch, optuna_storage):
     """The heartbeat gap: Optuna skips RUNNING trials with no heartbeat; they are failed once
     older than the grace period, and a young one (a worker still starting it) is left alone."""
     import optuna
@@ -330,7 +332,7 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed(tmp_path
 
     monkeypatch.setenv("CELLCONTRAST_TUNE_HEARTBEAT", "1")
     monkeypatch.setenv("CELLCONTRAST_TUNE_GRACE", "2")
-    study = optuna.create_study(study_name="gap", storage=open_storage(f"sqlite:///{tmp_path}/optuna.db"))
+    study = optuna.create_study(study_name="gap", storage=open_storage(optuna_storage))
     orphan = study.ask()  # created, never beaten: its worker was killed right here
     time.sleep(2.5)
     young = study.ask()
