@@ -411,3 +411,17 @@ def test_export_registers_under_an_mlflow_project_run(tmp_path, fake_chain_modul
     export_run = client.get_run(client.search_model_versions(f"name='{REGISTERED_MODEL_NAME}'")[0].run_id)
     assert export_run.data.tags["mlflow.parentRunId"] == project.info.run_id
     assert client.get_experiment(export_run.info.experiment_id).name == "exp"
+
+
+def test_cli_model_dir_takes_the_out_dir_of_one_train(tmp_path, fake_chain_module, capsys):
+    """`train --out-dir m` saves m/<base>-<component>/: export finds the one chain inside, and
+    lists them when there are several."""
+    fake_chain_module(tmp_path / "m" / "lr-none")
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--model-dir", str(tmp_path / "m"), "--out", str(out), "--no-register"]) == 0
+    assert out.exists()
+    fake_chain_module(tmp_path / "m" / "lr-mlp")
+    other = tmp_path / "other.onnx"
+    assert main(["export", "--model-dir", str(tmp_path / "m"), "--out", str(other), "--no-register"]) == 2
+    err = capsys.readouterr().err
+    assert "holds 2 chains" in err and "lr-mlp" in err and "lr-none" in err and not other.exists()
