@@ -66,8 +66,15 @@ def work(tmp_path, monkeypatch):
     return tmp_path, f"sqlite:///{tmp_path}/optuna.db"
 
 
+_STORAGES: dict = {}
+
+
 def _trials(storage: str, name: str, states=None):
-    study = optuna.load_study(study_name=name, storage=storage)
+    # One storage object per URL: a new one per poll would open a connection pool each time
+    # and exhaust a PostgreSQL server's connections.
+    if storage not in _STORAGES:
+        _STORAGES[storage] = optuna.storages.RDBStorage(storage)
+    study = optuna.load_study(study_name=name, storage=_STORAGES[storage])
     return study.get_trials(deepcopy=False, states=states)
 
 
@@ -281,9 +288,10 @@ def test_killed_worker_resumes_without_redoing_trials(split_dir, tmp_path, monke
     heartbeat = {"CELLCONTRAST_TUNE_HEARTBEAT": "1", "CELLCONTRAST_TUNE_GRACE": "6"}
     n_trials = 3
     cmd = _tune_cmd(split_dir, storage, "killed", n_trials, params)
+    log = open(tmp_path / "worker.log", "w")  # noqa: SIM115 - closed below, read on failure
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_child_env(tmp_path, **heartbeat),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 90
+                            stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.time() + 300  # a generous bound on shared cores; the trial takes seconds alone
     done: dict = {}
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -301,7 +309,8 @@ def test_killed_worker_resumes_without_redoing_trials(split_dir, tmp_path, monke
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert done, "the first trial did not complete in time"
+        log.close()
+    assert done, f"the first trial did not complete in time: {(tmp_path / 'worker.log').read_text()[-1500:]}"
     assert len(done) < n_trials
     killed_at = time.time()
     assert _trials(storage, "killed", (TrialState.RUNNING,))  # the trial it was running
