@@ -61,11 +61,10 @@ def available_bytes() -> int:
 def check_can_cluster(n_cells: int, n_classes: int, available: int | None = None) -> None:
     """Refuse, before any work, a query whose clustering would not fit in memory, and a
     missing clustering library."""
-    try:
-        import igraph  # noqa: F401
-        import pynndescent  # noqa: F401
-    except ImportError:
-        raise InputError("majority voting needs igraph and pynndescent: pip install 'cellcontrast[majority]'") from None
+    from importlib.util import find_spec  # finding, not importing: numba's import takes seconds
+
+    if find_spec("igraph") is None or find_spec("pynndescent") is None:
+        raise InputError("majority voting needs igraph and pynndescent: pip install 'cellcontrast[majority]'")
     need = FIXED_BYTES + n_cells * bytes_per_cell(n_classes)
     available = available_bytes() if available is None else available
     if need > 0.8 * available:
@@ -91,7 +90,6 @@ def over_cluster(points: np.ndarray, *, resolution: float | None = None, n_neigh
                  seed: int = 0) -> np.ndarray:
     """Leiden clusters (modularity, igraph) of the symmetric kNN graph of ``points``."""
     import igraph
-    import pynndescent
 
     n = len(points)
     k = min(n_neighbors, n - 1)
@@ -100,6 +98,8 @@ def over_cluster(points: np.ndarray, *, resolution: float | None = None, n_neigh
     if n <= EXACT_NEIGHBOURS:
         neighbours = _exact_neighbours(points, k)
     else:
+        import pynndescent  # only here: its numba import and compilation cost most of a minute
+
         # seeded, and the same on a machine with the same number of cores
         index = pynndescent.NNDescent(points, n_neighbors=k + 1, random_state=seed)
         neighbours = index.neighbor_graph[0]

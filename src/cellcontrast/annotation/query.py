@@ -32,17 +32,17 @@ def read_elem(elem):
     return reader(elem)
 
 
+def _names(values) -> pd.Index:
+    """Gene or cell names as a string Index."""
+    return pd.Index(np.asarray(values).astype(str))
+
+
 def dataframe_index(group) -> pd.Index:
     """The index of an anndata-encoded dataframe group, without reading its columns."""
     name = group.attrs.get("_index", "_index")
     if isinstance(name, bytes):
         name = name.decode()
-    values = read_elem(group[name])
-    return pd.Index(np.asarray(values).astype(str))
-
-
-def _names(values) -> pd.Index:
-    return pd.Index(np.asarray(values).astype(str))
+    return _names(read_elem(group[name]))
 
 
 def _name_columns_h5(group, skip: str | None) -> dict:
