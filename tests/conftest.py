@@ -153,3 +153,50 @@ def optuna_storage(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/optuna.db"
     return new_database(request.getfixturevalue("postgres_url"))
+
+
+# A real MLflow tracking server, as teams share runs: `mlflow server` on 127.0.0.1 at a free
+# port, a sqlite backend and an artifact root in a temporary folder (artifacts travel over
+# HTTP, `mlflow-artifacts:/`), one worker; stopped after the session.
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    """The server's URL, ``http://127.0.0.1:PORT``."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root = Path(tempfile.mkdtemp(prefix="cellcontrast-mlflow-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"MLFLOW_DISABLE_TELEMETRY": "true"}
+    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+               "--artifacts-destination", str(root / "artifacts")]
+    log = root / "server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root,
+                                  start_new_session=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

@@ -108,3 +108,25 @@ def test_predict_proba_matches_genes_by_name(chain, reference):
     query = reference[:40].copy()
     shuffled = query[:, np.random.default_rng(0).permutation(query.n_vars)].copy()
     np.testing.assert_allclose(chain.predict_proba(shuffled), chain.predict_proba(query), atol=1e-6)
+
+
+def test_chains_on_one_reference_share_the_split_and_the_base(reference, monkeypatch):
+    """`fit_chains` trains LR once for "lr" and "lr+mlp" when "auto" scaling kept z-scores (the
+    base a component needs), and each chain equals the one `cc.fit` trains alone."""
+    import importlib
+
+    from cellcontrast.data.atlas import prepare_atlas
+
+    fit_module = importlib.import_module("cellcontrast.model.fit")  # the package's `fit` is the function
+
+    params = {"lr": {**FAST["lr"], "standardize": True}, "mlp": {"max_epochs": 2}}
+    calls = []
+    real = fit_module.fit_base
+    monkeypatch.setattr(fit_module, "fit_base", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    atlas = prepare_atlas(reference, label_key="cell_type", source="the reference")
+    fitted = fit_module.fit_chains(atlas, [("lr", "none"), ("lr", "mlp")], params=params)
+    assert calls == ["lr"] and set(fitted.chains) == {"lr", "lr+mlp"}
+    assert set(fitted.train).isdisjoint(fitted.val) and len(fitted.train) + len(fitted.val) == reference.n_obs
+    alone = cc.fit(reference, "cell_type", base="lr", component="mlp", params=params)
+    np.testing.assert_allclose(fitted.chains["lr+mlp"].predict_proba(reference[:50]),
+                               alone.predict_proba(reference[:50]), atol=1e-6)

@@ -344,3 +344,25 @@ def test_lbfgs_settings_are_validated(splits, params, match):
     (xt, yt), (xv, yv) = splits["train"], splits["val"]
     with pytest.raises(ValueError, match=match):
         fit_base(xt, yt, xv, yv, N_CLASSES, "lr", params, seed=0)
+
+
+def test_large_references_search_the_l2_path_on_a_sample_then_refit_every_cell(splits):
+    """Above ``path_max_cells`` the path runs on a stratified sample; the kept fit is refitted
+    on every training cell at the same total penalty (l2 x n_sample / n)."""
+    from cellcontrast.train.base_model import path_sample
+
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    assert path_sample(yt, None, 0) is None and path_sample(yt, len(yt), 0) is None
+    rows = path_sample(yt, len(yt) // 3, 0)
+    assert abs(len(rows) - len(yt) // 3) <= N_CLASSES and set(np.unique(yt[rows])) == set(np.unique(yt))
+    np.testing.assert_array_equal(rows, path_sample(yt, len(yt) // 3, 0))  # same seed, same sample
+    logged = []
+    model = fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {"standardize": True, "l2_path": [1e-1, 1e-2],
+                     "path_max_cells": len(yt) // 3, "path_max_iter": 5}, seed=0,
+                     log=lambda stage, step, m: logged.append((stage, m)))
+    path = [m for stage, m in logged if stage == "lr"]
+    assert [m["l2"] for m in path] == [1e-1, 1e-2]
+    (refit,) = [m for stage, m in logged if stage == "lr_refit"]
+    best = max(path, key=lambda m: (m["val_macro_f1"], m["val_accuracy"], -m["val_loss"]))
+    assert refit["l2"] == pytest.approx(best["l2"] * len(rows) / len(yt))
+    assert model.train_params["chosen_l2"] in (refit["l2"], best["l2"])

@@ -94,13 +94,13 @@ def tune(args: argparse.Namespace) -> None:
 def tune_setting(args: argparse.Namespace) -> None:
     from cellcontrast.experiments.setting_tuning import tune_setting_from_params
 
-    tune_setting_from_params(args.params, args.setting)
+    tune_setting_from_params(args.params, args.setting, scheduler=args.scheduler)
 
 
 def grid(args: argparse.Namespace) -> None:
     from cellcontrast.experiments.grid import run_grid_from_params
 
-    run_grid_from_params(args.params)
+    run_grid_from_params(args.params, scheduler=args.scheduler)
 
 
 def report(args: argparse.Namespace) -> None:
@@ -129,7 +129,7 @@ def benchmark(args: argparse.Namespace) -> None:
     run_benchmark(args.atlas, out_dir=args.out_dir, settings=args.settings.split(","), seeds=args.seeds,
                   tune_trials=args.tune_trials, params_path=args.params, label_key=args.label_key,
                   layer=args.layer, filters=parse_filters(args.filter), batch_key=args.batch_key,
-                  unseen_types=args.unseen_types)
+                  unseen_types=args.unseen_types, scheduler=args.scheduler)
 
 
 def export(args: argparse.Namespace) -> None:
@@ -164,6 +164,17 @@ def annotate(args: argparse.Namespace) -> None:
     from cellcontrast.annotation.stream import fix_mmap_threshold
 
     fix_mmap_threshold()
+    options = dict(layer=args.layer, batch_size=args.batch_size, min_confidence=args.min_confidence,
+                   min_overlap=args.min_overlap, case_insensitive=args.case_insensitive,
+                   probabilities=args.probabilities, flag_unseen=args.flag_unseen, gene_key=args.gene_key,
+                   majority_voting=args.majority_voting, min_agreement=args.min_agreement, label_key=args.label_key)
+    if args.out_dir is not None:
+        _annotate_many(args, options)
+        return
+    if len(args.query) > 1 or any(ch in args.query[0] for ch in "*?["):
+        raise InputError("several queries (or a glob) need --out-dir, not --out")
+    if args.workers != 1 or args.scheduler:
+        raise InputError("--workers and --scheduler share several queries among processes; they need --out-dir")
     inspect = None
     if args.plots:
         from cellcontrast.experiments.annotation_plots import write_plots
@@ -171,11 +182,19 @@ def annotate(args: argparse.Namespace) -> None:
         def inspect(obs, probabilities):  # drawn before the outputs are written: a failure writes nothing
             for path in write_plots(args.plots, obs, probabilities, label_key=args.label_key):
                 print(f"wrote {path}")
-    annotate_file(args.model, args.query, args.out, csv=args.csv, layer=args.layer, batch_size=args.batch_size,
-                  min_confidence=args.min_confidence, min_overlap=args.min_overlap,
-                  case_insensitive=args.case_insensitive, probabilities=args.probabilities,
-                  flag_unseen=args.flag_unseen, gene_key=args.gene_key, majority_voting=args.majority_voting,
-                  min_agreement=args.min_agreement, threads=args.threads, label_key=args.label_key, inspect=inspect)
+    annotate_file(args.model, args.query[0], args.out, csv=args.csv, threads=args.threads, inspect=inspect, **options)
+
+
+def _annotate_many(args: argparse.Namespace, options: dict) -> None:
+    from cellcontrast.annotation.batch import annotate_files
+
+    if args.csv or args.plots:
+        raise InputError("--csv and --plots take one query with --out; with --out-dir each query gets its "
+                         ".h5ad and the summary lists them")
+    if args.workers < 1:
+        raise InputError(f"--workers must be at least 1, not {args.workers}")
+    annotate_files(args.model, args.query, args.out_dir, workers=args.workers, scheduler=args.scheduler,
+                   threads=args.threads, **options)
 
 
 COMMANDS = {"simulate": simulate, "split": split, "holdout": holdout, "train": train, "tune": tune,

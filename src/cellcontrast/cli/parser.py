@@ -84,8 +84,8 @@ def _fit(sub) -> None:
                                    "ONNX file and model card")
     p.add_argument("--reference", required=True, help="labelled reference .h5ad with raw counts")
     p.add_argument("--out", required=True, help="annotator .onnx to write (the model card goes beside it)")
-    p.add_argument("--chains", default="lr,lr+mlp,scdae",
-                   help="chains to train and choose among: lr, lr+mlp, scdae+mls, ... or all (default: lr,lr+mlp,scdae)")
+    p.add_argument("--chains", default="lr,scdae",
+                   help="chains to train and choose among: lr, lr+mlp, scdae+mls, ... or all (default: lr,scdae)")
     p.add_argument("--test-fraction", type=float, default=0.0,
                    help="hold out this share of each type as a test part, reported only (default 0: none)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="each type's share for validation (default 0.1)")
@@ -113,10 +113,18 @@ def _pipeline_steps(sub) -> None:
     p = sub.add_parser("tune-setting", help="tune every base and component of one setting (on its tuning split)")
     p.add_argument("--setting", required=True)
     p.add_argument("--params", default="params.yaml")
+    _scheduler_option(p)
     p = sub.add_parser("grid", help="train every setting x seed x base x component with the tuned parameters")
     p.add_argument("--params", default="params.yaml")
+    _scheduler_option(p)
     p = sub.add_parser("report", help="write Table 1 and Figure 2 from the grid's results")
     p.add_argument("--params", default="params.yaml")
+
+
+def _scheduler_option(p) -> None:
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="a running Dask scheduler (tcp://HOST:8786) to send the trainings to (default: params.yaml's "
+                        "grid.scheduler, else a local cluster of grid.workers processes)")
 
 
 def _benchmark(sub) -> None:
@@ -130,6 +138,7 @@ def _benchmark(sub) -> None:
                    help="per seed, N types left out of training and kept in the test: how well each chain flags them")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--params", default="params.yaml")
+    _scheduler_option(p)
     _atlas_options(p)
 
 
@@ -149,8 +158,16 @@ def _export(sub) -> None:
 def _annotate(sub) -> None:
     p = sub.add_parser("annotate", help="annotate cells with an exported ONNX model (no torch needed)")
     p.add_argument("model", help="annotator .onnx from `cellcontrast export`")
-    p.add_argument("query", help="query .h5ad with raw counts")
-    p.add_argument("--out", required=True, help="annotated .h5ad to write")
+    p.add_argument("query", nargs="+", help="query .h5ad with raw counts; several, or a quoted glob "
+                                            "('shards/*.h5ad'), with --out-dir")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", default=None, help="annotated .h5ad to write (one query)")
+    out.add_argument("--out-dir", default=None, metavar="DIR",
+                     help="one annotated <name>.h5ad per query in DIR, and DIR/summary.csv")
+    p.add_argument("--workers", type=int, default=1,
+                   help="with --out-dir: queries annotated at once, each in a process of a local Dask cluster")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="with --out-dir: send the queries to a running Dask scheduler (tcp://HOST:8786)")
     p.add_argument("--csv", default=None, help="also write predictions as CSV")
     p.add_argument("--layer", default=None, help="read counts from this layer, or 'raw' for .raw")
     p.add_argument("--batch-size", type=int, default=8192)

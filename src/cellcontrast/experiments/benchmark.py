@@ -30,7 +30,7 @@ from cellcontrast.train.recipes import check_params
 def benchmark(atlas: str | Path, *, out_dir: str | Path, settings: list[str] | tuple[str, ...] = ("default", "scarce"),
               seeds: int = 5, tune_trials: int = 0, params_path: str | Path = "params.yaml",
               label_key: str = LABEL, layer: str | None = None, filters: dict[str, str] | None = None,
-              batch_key: str | None = None, unseen_types: int = 0) -> pd.DataFrame:
+              batch_key: str | None = None, unseen_types: int = 0, scheduler: str | None = None) -> pd.DataFrame:
     """Split ``atlas`` for every setting and seed, tune (``tune_trials`` > 0), train the grid and
     write the report, all under ``out_dir``; returns the results table.
 
@@ -39,7 +39,8 @@ def benchmark(atlas: str | Path, *, out_dir: str | Path, settings: list[str] | t
     ``unseen_types`` N, each seed's split loses N types (seeded) from train and validation but
     keeps their test cells, and the results gain how well each chain flags them
     (``test_unseen_auroc_*``, Unassigned rates); each seed is then tuned on its own split, which
-    lacks its unseen types.
+    lacks its unseen types. ``scheduler``: a Dask scheduler's address for the grid and tuning
+    (default: params.yaml's ``grid.scheduler``, else a local cluster).
     """
     params = load_params(params_path)
     settings = [s.strip() for s in settings if s.strip()]
@@ -67,7 +68,7 @@ def benchmark(atlas: str | Path, *, out_dir: str | Path, settings: list[str] | t
     cfg = grid_config(params)
     cfg.update(settings=settings, seeds=list(range(seeds)), seeds_by_setting=folds, split_root=str(out / "splits"),
                tuned_dir=str(out / "tuned"), models_dir=str(out / "models"), results=str(out / "results.csv"),
-               experiment=f"benchmark-{Path(atlas).stem}")
+               experiment=f"benchmark-{Path(atlas).stem}", scheduler=scheduler or cfg.get("scheduler"))
     if tune_trials > 0:
         tcfg = tune_config(params)
         tcfg.update(n_trials=tune_trials, base_trials=tune_trials,

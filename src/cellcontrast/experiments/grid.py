@@ -17,19 +17,20 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from cellcontrast.core.engine import task_executor
 from cellcontrast.core.errors import InputError
 from cellcontrast.core.files import atomic_path
 from cellcontrast.core.names import BASES, COMPONENTS
 from cellcontrast.core.params import load_params
 from cellcontrast.experiments import tracking
 from cellcontrast.experiments.cell import train_cell
-from cellcontrast.experiments.workers import process_pool
 
 DEFAULTS = {
     "bases": list(BASES),
     "components": list(COMPONENTS),
     "workers": 2,
     "threads": 1,
+    "scheduler": None,
     "experiment": "cellcontrast",
     "split_root": "data/splits",
     "tuned_dir": "models/tuned",
@@ -110,7 +111,7 @@ def run_grid(cfg: dict) -> pd.DataFrame:
     # Create the store and experiment here: two workers creating them at once race.
     tracking.setup(cfg["experiment"])
     rows = []
-    with process_pool(cfg["workers"]) as pool, tqdm(total=len(tasks) * len(cfg["components"]), desc="grid",
+    with task_executor(cfg["workers"], cfg.get("scheduler")) as pool, tqdm(total=len(tasks) * len(cfg["components"]), desc="grid",
                                                     unit="run", file=sys.stderr) as bar:
         futures = [pool.submit(_train_task, t) for t in tasks]
         for future in as_completed(futures):
@@ -127,5 +128,6 @@ def run_grid(cfg: dict) -> pd.DataFrame:
     return table
 
 
-def run_grid_from_params(params_path: str) -> pd.DataFrame:
-    return run_grid(grid_config(load_params(params_path)))
+def run_grid_from_params(params_path: str, scheduler: str | None = None) -> pd.DataFrame:
+    cfg = grid_config(load_params(params_path))
+    return run_grid({**cfg, "scheduler": scheduler or cfg.get("scheduler")})

@@ -11,16 +11,12 @@ import pandas as pd
 
 from cellcontrast.core.files import atomic_path
 from cellcontrast.core.names import LABEL
-from cellcontrast.model.fit import stratified_validation
 
 
-def _validation_predictions(result, reference, val_fraction: float, seed: int):
-    """The chosen chain's labels and probabilities on its own validation cells (the same
-    split `fit` drew: same labels, fraction and seed)."""
-    _, val, classes = stratified_validation(reference.obs[LABEL], val_fraction, seed)
-    cells = reference[np.sort(val)]
-    y = pd.Categorical(cells.obs[LABEL].astype(str), categories=classes).codes
-    return y, result.chain.predict_proba(cells)
+def _validation_predictions(result, validation):
+    """The chosen chain's labels and probabilities on its own validation cells."""
+    y = pd.Categorical(validation.obs[LABEL].astype(str), categories=result.chain.classes).codes
+    return y, result.chain.predict_proba(validation)
 
 
 def _calibration(y: np.ndarray, proba: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
@@ -105,11 +101,11 @@ def _markdown(result, y: np.ndarray, proba: np.ndarray, png: Path) -> str:
 """
 
 
-def write_model_card(result, reference, val_fraction: float, seed: int, out: Path) -> dict[str, Path]:
-    """Write ``<out>.card.md`` and ``<out>.card.png`` (atomically); returns their paths."""
+def write_model_card(result, validation, out: Path) -> dict[str, Path]:
+    """From the chain's validation cells, write ``<out>.card.md`` and ``<out>.card.png`` (atomically); returns their paths."""
     stem = out.with_suffix("")
     md, png = Path(f"{stem}.card.md"), Path(f"{stem}.card.png")
-    y, proba = _validation_predictions(result, reference, val_fraction, seed)
+    y, proba = _validation_predictions(result, validation)
     _figure(png, result.chain.classes, y, proba)
     with atomic_path(md) as tmp:
         tmp.write_text(_markdown(result, y, proba, png))

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from cellcontrast.core.engine import task_executor
 from cellcontrast.core.errors import InputError
 from cellcontrast.core.files import atomic_path
 from cellcontrast.core.fingerprint import fingerprint
@@ -19,7 +20,6 @@ from cellcontrast.experiments import tracking
 from cellcontrast.experiments.grid import grid_config, merged_params
 from cellcontrast.experiments.search_space import search_space_of
 from cellcontrast.experiments.tuning import tune
-from cellcontrast.experiments.workers import process_pool
 from cellcontrast.train import recipes
 
 
@@ -89,7 +89,7 @@ def tune_setting(setting: str, cfg: dict, tcfg: dict, search_space: dict, seed: 
              "model_params": cfg["model_params"], "threads": cfg["threads"]}
             for base in sorted(cfg["bases"], key=lambda b: {"scdae": 0, "actinn": 1}.get(b, 2))]
     results = {}
-    with process_pool(cfg["workers"]) as pool, tqdm(total=len(jobs), desc=f"tune {setting}", unit="base",
+    with task_executor(cfg["workers"], cfg.get("scheduler")) as pool, tqdm(total=len(jobs), desc=f"tune {setting}", unit="base",
                                              file=sys.stderr) as bar:
         for future in as_completed([pool.submit(_tune_base, job) for job in jobs]):
             done = future.result()
@@ -99,7 +99,7 @@ def tune_setting(setting: str, cfg: dict, tcfg: dict, search_space: dict, seed: 
     return results
 
 
-def tune_setting_from_params(params_path: str, setting: str) -> dict:
+def tune_setting_from_params(params_path: str, setting: str, scheduler: str | None = None) -> dict:
     params = load_params(params_path)
-    tcfg = tune_config(params)
-    return tune_setting(setting, grid_config(params), tcfg, search_space_of(tcfg))
+    tcfg, cfg = tune_config(params), grid_config(params)
+    return tune_setting(setting, {**cfg, "scheduler": scheduler or cfg.get("scheduler")}, tcfg, search_space_of(tcfg))

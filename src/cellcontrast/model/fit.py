@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import anndata
 import numpy as np
@@ -15,7 +16,9 @@ from cellcontrast.data.atlas import prepare_atlas
 from cellcontrast.data.heldout import validation_split
 from cellcontrast.model.chain import Chain
 from cellcontrast.nn.chain import chain_config
-from cellcontrast.train.chain import fit_chain
+from cellcontrast.train.base_model import fit_base, needs_component_base
+from cellcontrast.train.chain import build_chain
+from cellcontrast.train.component import fit_component
 from cellcontrast.train.evaluation import evaluate
 from cellcontrast.train.recipes import check_params, resolve_params
 
@@ -110,18 +113,64 @@ def fit(
         raise InputError('params must map model names to parameters, e.g. {"lr": {"n_hvg": 1000}}')
     check_params(params)
     atlas = prepare_atlas(adata, label_key=labels_key, layer=layer, source="the AnnData")
+    fitted = fit_chains(atlas, [(base, component)], seed=seed, params=params, val_fraction=val_fraction,
+                        labels_key=labels_key, layer=layer)
+    return next(iter(fitted.chains.values()))
+
+
+@dataclass
+class FittedChains:
+    """Chains trained on one split of one reference: ``chains`` by name (``"lr"``,
+    ``"lr+mlp"``), the split's row indices and the classes, most frequent first."""
+
+    chains: dict[str, Chain]
+    train: np.ndarray
+    val: np.ndarray
+    classes: list[str]
+
+
+def chain_name(base: str, component: str) -> str:
+    return base if component in (None, "none") else f"{base}+{component}"
+
+
+def fit_chains(atlas: anndata.AnnData, chains: list[tuple[str, str]], *, seed: int = 0, params: dict | None = None,
+               val_fraction: float = 0.1, labels_key: str = LABEL, layer: str | None = None,
+               progress=None, log=None) -> FittedChains:
+    """Train several chains on one prepared reference (``prepare_atlas``): one split for all,
+    each base trained once and shared by the chains on it (as the grid does), unless a
+    component needs it refitted (``needs_component_base``; LR then fits only its scaling,
+    the component's head being fresh). ``progress(name)`` is called as
+    each chain is done; ``log(stage, step, metrics)`` sees the training curves. ``labels_key``
+    and ``layer`` are only recorded in the configs."""
+    params = params or {}
+    check_params(params)
+    for base, component in chains:
+        _check_choice(base, component, val_fraction)
     train, val, classes = stratified_validation(atlas.obs[LABEL], val_fraction, seed)
     codes = pd.Categorical(atlas.obs[LABEL].astype(str), categories=classes).codes.astype(np.int64)
     X = {"train": atlas.X[train], "val": atlas.X[val]}
     y = {"train": codes[train], "val": codes[val]}
-    module = fit_chain(X["train"], y["train"], X["val"], y["val"], len(classes), base, component, params, seed)
-    metrics, _ = evaluate(module, {"val": X["val"]}, {"val": y["val"]}, len(classes))
-    torch.set_grad_enabled(True)
-    resolved = {base: resolve_params(base, params.get(base))}
-    if component != "none":
-        resolved[component] = resolve_params(component, params.get(component))
-    config = {"genes": atlas.var_names.tolist(), "class_names": classes, "base": base, "component": component,
-              "params": resolved, "metrics": metrics,
-              "fit": {"labels_key": labels_key, "layer": layer, "seed": seed, "val_fraction": val_fraction,
-                      "n_train": int(train.size), "n_val": int(val.size)}}
-    return Chain(module, chain_config(module, config))
+    bases, fitted = {}, {}
+    for base, component in chains:
+        model, own_head = bases.get(base), component == "none"
+        if model is None or (component != "none" and needs_component_base(model, params.get(base))) \
+                or (own_head and not getattr(model, "head_fitted", True)):
+            model = bases[base] = fit_base(X["train"], y["train"], X["val"], y["val"], len(classes), base,
+                                           params.get(base), seed, log, for_component=not own_head,
+                                           fit_head=own_head)
+        module = build_chain(model) if component == "none" else build_chain(model, *fit_component(
+            model, X["train"], y["train"], X["val"], y["val"], len(classes), component, params.get(component), seed, log))
+        metrics, _ = evaluate(module, {"val": X["val"]}, {"val": y["val"]}, len(classes))
+        torch.set_grad_enabled(True)
+        resolved = {base: resolve_params(base, params.get(base))}
+        if component != "none":
+            resolved[component] = resolve_params(component, params.get(component))
+        config = {"genes": atlas.var_names.tolist(), "class_names": classes, "base": base, "component": component,
+                  "params": resolved, "metrics": metrics,
+                  "fit": {"labels_key": labels_key, "layer": layer, "seed": seed, "val_fraction": val_fraction,
+                          "n_train": int(train.size), "n_val": int(val.size)}}
+        name = chain_name(base, component)
+        fitted[name] = Chain(module, chain_config(module, config))
+        if progress is not None:
+            progress(name)
+    return FittedChains(fitted, train, val, classes)

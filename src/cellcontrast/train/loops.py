@@ -177,12 +177,16 @@ def n_epochs(recipe: dict, n_train: int) -> int:
     written for tens of thousands of cells (ACTINN: 50 epochs) otherwise takes only ~1,000
     steps on the 2,400 training cells of Data Scarce and stops far from convergence. The
     extension is capped at ``MAX_EPOCH_FACTOR`` x ``epochs`` so that an explicitly small
-    budget (smoke runs, tests) stays small."""
+    budget (smoke runs, tests) stays small. ``max_steps`` caps it the other way, for large
+    references: 25 epochs of scDAE's classifier are ~1,000 steps on Default's 10k cells but
+    ~8,000 (about 13 minutes here) on 81k atlas cells."""
     epochs = int(recipe["epochs"])
-    min_steps = int(recipe.get("min_steps") or 0)
+    min_steps, max_steps = int(recipe.get("min_steps") or 0), int(recipe.get("max_steps") or 0)
+    steps_per_epoch = max(1, n_train // int(recipe["batch_size"]))
     if min_steps and n_train:
-        steps_per_epoch = max(1, n_train // int(recipe["batch_size"]))
         epochs = max(epochs, min(-(-min_steps // steps_per_epoch), MAX_EPOCH_FACTOR * epochs))
+    if max_steps and n_train:
+        epochs = min(epochs, max(1, -(-max_steps // steps_per_epoch)))
     return epochs
 
 
@@ -207,31 +211,14 @@ def fit_linear_lbfgs(net: EncoderHead, train: FeatureSource, train_y, val: Featu
     is summed over row blocks, so a training matrix too large to cache works too. Returns the
     best score; ``net`` is left holding the best weights, in eval mode, and ``net.l2`` the l2.
     """
-    head = net.head.linear if hasattr(net.head, "linear") else net.head
-    weight, bias = head.weight, head.bias
+    weight, bias = _linear(net)
     y = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
-    n = max(len(train), 1)
     with torch.no_grad():  # start from zero: the path's first (strongest) fit is then cheap
         weight.zero_()
         bias.zero_()
     best_score, best_state, best_l2, stale = None, None, None, 0
     for step, l2 in enumerate(sorted({float(v) for v in p["l2_path"]}, reverse=True)):
-        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=int(p["max_iter"]), history_size=20,
-                                      tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
-
-        def closure(l2=l2, optimizer=optimizer):
-            optimizer.zero_grad(set_to_none=True)
-            total, start = torch.zeros(()), 0
-            for block in train.batches():  # the full batch, a block of rows at a time
-                loss = F.cross_entropy(net(block), y[start:start + len(block)], reduction="sum") / n
-                loss.backward()
-                total, start = total + loss.detach(), start + len(block)
-            penalty = 0.5 * l2 * weight.pow(2).sum()
-            penalty.backward()
-            return total + penalty.detach()
-
-        net.train()
-        train_loss = float(optimizer.step(closure))
+        train_loss = _lbfgs(net, train, y, l2, int(p["max_iter"]))
         scores = val_scores(np.asarray(val_y), apply_module(net, val), n_classes)
         if log is not None:
             log(stage, step, {"loss": train_loss, "l2": l2, **scores})
@@ -246,3 +233,47 @@ def fit_linear_lbfgs(net: EncoderHead, train: FeatureSource, train_y, val: Featu
     net.l2 = best_l2
     net.eval()
     return best_score
+
+
+def refit_linear_lbfgs(net: EncoderHead, train: FeatureSource, train_y, val: FeatureSource, val_y, n_classes: int,
+                       l2: float, kept_l2: float, kept_score: tuple, p: dict, log: Log | None = None) -> float:
+    """One L-BFGS fit at ``l2`` warm-started from ``net``'s weights (a fit on a sample of
+    ``train``); kept only if its validation score is no worse than ``kept_score``. Returns
+    the l2 of the weights ``net`` is left holding."""
+    kept = state_copy(net)
+    train_loss = _lbfgs(net, train, torch.as_tensor(np.asarray(train_y), dtype=torch.long), l2, int(p["max_iter"]))
+    scores = val_scores(np.asarray(val_y), apply_module(net, val), n_classes)
+    if log is not None:
+        log("lr_refit", 0, {"loss": train_loss, "l2": l2, **scores})
+    if (scores["val_macro_f1"], scores["val_accuracy"], -scores["val_loss"]) < kept_score:
+        net.load_state_dict(kept)
+        l2 = kept_l2
+    net.eval()
+    return l2
+
+
+def _linear(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    head = net.head.linear if hasattr(net.head, "linear") else net.head
+    return head.weight, head.bias
+
+
+def _lbfgs(net: EncoderHead, train: FeatureSource, y: torch.Tensor, l2: float, max_iter: int) -> float:
+    """Minimise mean cross-entropy + l2 * sum(W^2) / 2 from the current weights; the loss."""
+    weight, bias = _linear(net)
+    n = max(len(train), 1)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
+                                  tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        total, start = torch.zeros(()), 0
+        for block in train.batches():  # the full batch, a block of rows at a time
+            loss = F.cross_entropy(net(block), y[start:start + len(block)], reduction="sum") / n
+            loss.backward()
+            total, start = total + loss.detach(), start + len(block)
+        penalty = 0.5 * l2 * weight.pow(2).sum()
+        penalty.backward()
+        return total + penalty.detach()
+
+    net.train()
+    return float(optimizer.step(closure))
