@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	# torch is pinned to the CPU wheel; a looser spec would pull a CUDA build.
 	$(BIN)/pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
 	$(BIN)/pip install -q -e ".[train,pipeline,dev,majority]" "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -c "import torch, cellcontrast, mlflow, optuna, onnxruntime, dvc, igraph, pynndescent"
+	$(BIN)/python -c "import torch, cellcontrast, mlflow, optuna, onnxruntime, dvc, igraph, pynndescent, distributed"
 	touch $(STAMP)
 
 install: $(STAMP)

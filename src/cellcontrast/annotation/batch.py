@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from cellcontrast.core.errors import InputError
 from cellcontrast.core.files import atomic_path
 
 SUMMARY = "summary.csv"
-SUMMARY_COLUMNS = ["query", "out", "n_cells", "genes_found", "genes_total", "accuracy", "seconds", "error"]
+SUMMARY_COLUMNS = ["query", "out", "n_cells", "genes_found", "genes_total", "accuracy", "seconds", "worker_pid",
+                   "worker_peak_rss_mib", "error"]
 
 
 def expand_queries(queries: str | os.PathLike | list) -> list[Path]:
@@ -52,6 +54,9 @@ def _annotate_one(model: str, query: str, out: str, options: dict) -> dict:
     except InputError as err:
         row["error"] = str(err)
     row["seconds"] = round(time.perf_counter() - started, 3)
+    # the worker's peak so far (Linux: KiB), the memory a machine of the cluster must hold
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    row.update(worker_pid=os.getpid(), worker_peak_rss_mib=round(peak_kib / 1024, 1))
     return row
 
 
@@ -80,7 +85,7 @@ def annotate_files(model: str | os.PathLike, queries, out_dir: str | os.PathLike
     -------
     pandas.DataFrame
         The summary: one row per input (``n_cells``, ``genes_found``, ``accuracy``,
-        ``seconds``, ``error``).
+        ``seconds``, the worker's pid and peak RSS, ``error``).
 
     Raises
     ------
