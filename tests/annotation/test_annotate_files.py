@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anndata as ad
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -11,6 +12,7 @@ pytest.importorskip("onnxruntime")
 from cellcontrast.annotation import annotate_file  # noqa: E402
 from cellcontrast.annotation.batch import annotate_files  # noqa: E402
 from cellcontrast.cli.entry import main  # noqa: E402
+from cellcontrast.core.errors import InputError  # noqa: E402
 from tiny_onnx import CLASSES, MODEL_GENES, build_model, make_counts, reference_proba, write_query  # noqa: E402
 
 
@@ -72,7 +74,7 @@ def test_a_bad_shard_is_reported_and_the_others_are_written(model_path, shards, 
 @pytest.mark.parametrize("argv, message", [
     (["{folder}/*.h5ad", "--out", "{tmp}/a.h5ad"], "need --out-dir"),
     (["{folder}/*.h5ad", "--out-dir", "{tmp}/o", "--csv", "{tmp}/a.csv"], "--csv and --plots take one query"),
-    (["{folder}/s0.h5ad", "--out", "{tmp}/a.h5ad", "--workers", "2"], "need --out-dir"),
+    (["{folder}/s0.h5ad", "--out", "{tmp}/a.h5ad", "--workers", "0"], "at least 1"),
     (["{folder}/none*.h5ad", "--out-dir", "{tmp}/o"], "no query file matches"),
     (["{folder}/s0.h5ad", "--out-dir", "{tmp}/o", "--workers", "0"], "at least 1"),
 ])
@@ -83,3 +85,28 @@ def test_bad_batch_options_are_one_line(model_path, shards, tmp_path, capsys, ar
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "a.h5ad").exists() and not (tmp_path / "o" / "summary.csv").exists()
+
+
+def test_one_query_shared_among_workers_gives_the_same_output(model_path, tmp_path):
+    """`--workers 2` with one query: its rows split into ranges, the parts joined in order."""
+    from cellcontrast.annotation.row_ranges import row_ranges
+
+    assert row_ranges(10, 4) == [(0, 2), (2, 5), (5, 8), (8, 10)] and row_ranges(2, 8) == [(0, 1), (1, 2)]
+    x = make_counts(203, len(MODEL_GENES), seed=5)
+    query = write_query(tmp_path / "big.h5ad", x, MODEL_GENES, compression="gzip")
+    kw = {"batch_size": 16, "probabilities": True, "log": lambda m: None}
+    annotate_file(model_path, query, tmp_path / "one.h5ad", **kw)
+    assert main(["annotate", str(model_path), str(query), "--out", str(tmp_path / "two.h5ad"), "--workers", "2",
+                 "--batch-size", "16", "--probabilities"]) == 0
+    one, two = ad.read_h5ad(tmp_path / "one.h5ad"), ad.read_h5ad(tmp_path / "two.h5ad")
+    pd.testing.assert_frame_equal(one.obs, two.obs)
+    np.testing.assert_array_equal(one.obsm["cellcontrast_probabilities"], two.obsm["cellcontrast_probabilities"])
+
+
+def test_a_bad_row_range_fails_the_whole_query_and_writes_nothing(model_path, tmp_path):
+    x = make_counts(120, len(MODEL_GENES), seed=6).astype(np.float32)
+    x[110, 3] = 0.5  # not a count, in the last range only
+    query = write_query(tmp_path / "bad.h5ad", x, MODEL_GENES)
+    with pytest.raises(InputError, match="not"):
+        annotate_file(model_path, query, tmp_path / "out.h5ad", workers=2, batch_size=16, log=lambda m: None)
+    assert not (tmp_path / "out.h5ad").exists()

@@ -185,6 +185,13 @@ def predict_matrix(model: Annotator, matrix, col_map: np.ndarray, batch_size: in
     return _Predicted(top_idx, top_p, probs_all, col_map, int((col_map >= 0).sum()), energy_all)
 
 
+def joined_predictions(parts: list[_Predicted], col_map: np.ndarray) -> _Predicted:
+    """The predictions of consecutive row ranges, as one (`row_ranges`)."""
+    def cat(name):
+        return None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])
+    return _Predicted(cat("top_idx"), cat("top_p"), cat("probabilities"), col_map, parts[0].found, cat("energy"))
+
+
 @dataclass
 class _Options:
     """The options an annotation ran with, recorded in ``uns``."""
@@ -205,7 +212,7 @@ def _options(annotator: Annotator, layer, min_confidence, case_insensitive, gene
 
 
 def _predict_file(annotator: Annotator, query_path: Path, options: _Options, *, threads: int, label_key, say,
-                  inspect, **stream):
+                  inspect, workers: int = 1, scheduler: str | None = None, **stream):
     """Open the query, check it, and annotate its cells: (obs, predictions, streamed, clusters)."""
     try:
         query_file = h5py.File(query_path, "r")
@@ -216,6 +223,14 @@ def _predict_file(annotator: Annotator, query_path: Path, options: _Options, *, 
     with query_file as f, pool:
         matrix, obs = read_query(f, query_path, options.layer, pool, label_key, options.gene_key)
         obs = unique_index(obs, say)
+        if workers > 1 or scheduler:  # the rows shared among worker processes
+            from functools import partial
+
+            from cellcontrast.annotation.row_ranges import predict_in_parts
+
+            stream["predict"] = partial(predict_in_parts, query=query_path, layer=options.layer, scheduler=scheduler,
+                                        gene_key=options.gene_key, workers=workers,
+                                        threads=threads or max(1, cores() // workers))
         pred, predicted, n_clusters = _annotate_matrix(
             annotator, matrix, obs.index, options, say=say, **stream,
             inspect=None if inspect is None else (lambda pred, probs: inspect(_joined(obs, pred), probs)))
@@ -243,12 +258,13 @@ def _metadata(model: Annotator, predicted: _Predicted, query: str, options: _Opt
 
 
 def _annotate_matrix(annotator: Annotator, matrix, obs_names: pd.Index, options: _Options, *, min_overlap: float,
-                     batch_size: int, probabilities: bool, progress, say, prefix: str = PREFIX, inspect=None):
+                     batch_size: int, probabilities: bool, progress, say, prefix: str = PREFIX, inspect=None,
+                     predict=predict_matrix):
     """Predictions (and majority voting) for every cell of ``matrix``: (frame, predicted, n_clusters)."""
     if options.majority_voting:
         check_can_cluster(matrix.n_obs, len(annotator.classes))
     col_map = _columns(matrix, annotator, min_overlap=min_overlap, case_insensitive=options.case_insensitive, say=say)
-    predicted = predict_matrix(annotator, matrix, col_map, batch_size,
+    predicted = predict(annotator, matrix, col_map, batch_size,
                                probabilities=probabilities or options.majority_voting or inspect is not None,
                                energy=options.energy_threshold is not None, progress=progress)
     pred = _frame(obs_names, annotator, predicted, options.min_confidence, options.energy_threshold, prefix=prefix)
@@ -282,6 +298,7 @@ def annotate_file(
     case_insensitive: bool = False, probabilities: bool = False, flag_unseen: bool = False,
     majority_voting: bool = False, min_agreement: float = 0.0, threads: int = 0,
     label_key: str | None = None, progress: bool | None = None, log=None, inspect=None,
+    workers: int = 1, scheduler: str | None = None,
 ) -> pd.DataFrame:
     """Annotate the cells of an ``.h5ad`` file into a new ``.h5ad`` (and CSV), streaming.
 
@@ -315,6 +332,9 @@ def annotate_file(
         stderr is a terminal); called with each message.
     inspect
         Called with obs and every cell's probabilities before anything is written (``--plots``).
+    workers, scheduler
+        Share the query's rows among this many processes of a local Dask cluster, or send them
+        to a running scheduler (`cellcontrast.annotation.row_ranges`); the same output.
 
     Returns
     -------
@@ -336,7 +356,8 @@ def annotate_file(
                        min_agreement)
     obs, pred, predicted, n_clusters = _predict_file(
         annotator, query_path, options, threads=threads, label_key=label_key, say=say, inspect=inspect,
-        min_overlap=min_overlap, batch_size=batch_size, probabilities=probabilities, progress=progress)
+        min_overlap=min_overlap, batch_size=batch_size, probabilities=probabilities, progress=progress,
+        workers=workers, scheduler=scheduler)
     out_obs = _joined(obs, pred)
     uns = _metadata(annotator, predicted, query_path.name, options, n_clusters)
     summary = summary_frame(pred)

@@ -173,8 +173,8 @@ def annotate(args: argparse.Namespace) -> None:
         return
     if len(args.query) > 1 or any(ch in args.query[0] for ch in "*?["):
         raise InputError("several queries (or a glob) need --out-dir, not --out")
-    if args.workers != 1 or args.scheduler:
-        raise InputError("--workers and --scheduler share several queries among processes; they need --out-dir")
+    if args.workers < 1:
+        raise InputError(f"--workers must be at least 1, not {args.workers}")
     inspect = None
     if args.plots:
         from cellcontrast.experiments.annotation_plots import write_plots
@@ -182,7 +182,8 @@ def annotate(args: argparse.Namespace) -> None:
         def inspect(obs, probabilities):  # drawn before the outputs are written: a failure writes nothing
             for path in write_plots(args.plots, obs, probabilities, label_key=args.label_key):
                 print(f"wrote {path}")
-    annotate_file(args.model, args.query[0], args.out, csv=args.csv, threads=args.threads, inspect=inspect, **options)
+    annotate_file(args.model, args.query[0], args.out, csv=args.csv, threads=args.threads, inspect=inspect,
+                  workers=args.workers, scheduler=args.scheduler, **options)
 
 
 def _annotate_many(args: argparse.Namespace, options: dict) -> None:

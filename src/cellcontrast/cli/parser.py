@@ -165,9 +165,10 @@ def _annotate(sub) -> None:
     out.add_argument("--out-dir", default=None, metavar="DIR",
                      help="one annotated <name>.h5ad per query in DIR, and DIR/summary.csv")
     p.add_argument("--workers", type=int, default=1,
-                   help="with --out-dir: queries annotated at once, each in a process of a local Dask cluster")
+                   help="processes of a local Dask cluster: with --out-dir, queries annotated at once; with --out, "
+                        "the query's rows shared among them")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="with --out-dir: send the queries to a running Dask scheduler (tcp://HOST:8786)")
+                   help="send the queries (or the query's rows) to a running Dask scheduler (tcp://HOST:8786)")
     p.add_argument("--csv", default=None, help="also write predictions as CSV")
     p.add_argument("--layer", default=None, help="read counts from this layer, or 'raw' for .raw")
     p.add_argument("--batch-size", type=int, default=8192)
