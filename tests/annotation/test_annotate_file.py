@@ -115,7 +115,7 @@ def test_byte_capped_chunks_give_same_result(model_path, query, tmp_path, monkey
     path, counts = query
     ref = annotate_file(model_path, path, tmp_path / "ref.h5ad", log=lambda *_: None)
     monkeypatch.setattr("cellcontrast.annotation.query.READ_BYTES", 400)  # a few cells per read
-    monkeypatch.setattr("cellcontrast.annotation.api.INFERENCE_ROWS", 3)
+    monkeypatch.setattr("cellcontrast.annotation.prediction.INFERENCE_ROWS", 3)
     capped = annotate_file(model_path, path, tmp_path / "capped.h5ad", log=lambda *_: None)
     pd.testing.assert_frame_equal(ref, capped)
     dense = write_query(tmp_path / "dense.h5ad", counts, MODEL_GENES, sparse=False)

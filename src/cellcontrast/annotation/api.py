@@ -32,10 +32,8 @@ This package must not import torch (nor mlflow or sklearn): it runs on the light
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +42,11 @@ import anndata
 import h5py
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from cellcontrast.annotation.genes import found_mask, model_columns
 from cellcontrast.annotation.majority import check_can_cluster, majority_columns
 from cellcontrast.annotation.model import Annotator, load_model
+from cellcontrast.annotation.prediction import Predicted, predict_matrix
 from cellcontrast.annotation.query import MemoryMatrix, check_not_empty, check_paths, read_query
 from cellcontrast.annotation.results import (
     PREFIX,
@@ -60,29 +58,9 @@ from cellcontrast.annotation.results import (
     uns_safe,
     write_outputs,
 )
-from cellcontrast.annotation.stream import (
-    INFERENCE_ROWS,
-    cores,
-    read_ahead,
-    read_chunks,
-    to_model_columns,
-    top3,
-)
+from cellcontrast.annotation.stream import cores
 from cellcontrast.core.errors import InputError, first_line
 from cellcontrast.core.version import __version__
-
-
-@dataclass
-class _Predicted:
-    """The streamed predictions of every cell: top-3 classes and probabilities (and all)."""
-
-    top_idx: np.ndarray
-    top_p: np.ndarray
-    probabilities: np.ndarray | None
-    col_map: np.ndarray
-    found: int
-    energy: np.ndarray | None = None
-
 
 # The top probability below which 5% of the chain's validation cells fall (train/evaluation.py):
 # what ``min_confidence="auto"`` uses.
@@ -101,12 +79,6 @@ def _check_options(batch_size: int, min_confidence: float | str, min_overlap: fl
         raise InputError(f"--min-overlap {min_overlap} must lie between 0 and 1")
     if not 0.0 <= min_agreement <= 1.0:
         raise InputError(f"--min-agreement {min_agreement} must lie between 0 and 1")
-
-
-def _progress_bar(progress: bool | None):
-    """A function opening a tqdm bar on stderr (None: shown when stderr is a terminal)."""
-    disable = (not sys.stderr.isatty()) if progress is None else (not progress)
-    return lambda total, desc: tqdm(total=total, unit="cells", desc=desc, file=sys.stderr, disable=disable)
 
 
 def _columns(matrix, annotator: Annotator, *, min_overlap: float, case_insensitive: bool, say) -> np.ndarray:
@@ -141,7 +113,7 @@ def _energy_threshold(annotator: Annotator, flag_unseen: bool) -> float | None:
     return float(value)
 
 
-def _frame(obs_names: pd.Index, annotator: Annotator, predicted: _Predicted, min_confidence: float,
+def _frame(obs_names: pd.Index, annotator: Annotator, predicted: Predicted, min_confidence: float,
            energy_threshold: float | None, prefix: str = PREFIX) -> pd.DataFrame:
     return predictions_frame(obs_names, annotator.classes, predicted.top_idx, predicted.top_p, min_confidence,
                              prefix=prefix, energy=predicted.energy, energy_threshold=energy_threshold)
@@ -153,43 +125,6 @@ def _unassigned_note(pred: pd.DataFrame, min_confidence: float, flag_unseen: boo
     unfamiliar = f", or unfamiliar: {int(pred[f'{PREFIX}unfamiliar'].sum())} cells" if flag_unseen else ""
     n_unassigned = int((pred[f"{PREFIX}label"] == UNASSIGNED).sum())
     return f"; {n_unassigned} Unassigned (confidence < {min_confidence:g}{unfamiliar})"
-
-
-def predict_matrix(model: Annotator, matrix, col_map: np.ndarray, batch_size: int, *,
-                   probabilities: bool = False, energy: bool = False, progress: bool | None = None) -> _Predicted:
-    """Stream every row of ``matrix`` (`open_query` or `MemoryMatrix`) through the model."""
-    n, n_model, n_classes = matrix.n_obs, len(model.genes), len(model.classes)
-    top_idx = np.zeros((n, min(3, n_classes)), dtype=np.int32)
-    top_p = np.zeros(top_idx.shape, dtype=np.float32)
-    probs_all = np.zeros((n, n_classes), dtype=np.float32) if probabilities else None
-    energy_all = np.zeros(n, dtype=np.float32) if energy else None
-    chunks = read_ahead(read_chunks(matrix, batch_size))
-    with _progress_bar(progress)(n, "annotate") as bar, \
-            contextlib.closing(chunks):  # stops the reader before the file closes, even on error
-        for start, chunk in chunks:
-            mapped = to_model_columns(chunk, col_map, n_model, start, matrix.where, matrix.hint)
-            # onnxruntime gets at most INFERENCE_ROWS rows at a time: its activations
-            # (several [rows, width] tensors) stay small while reads stay large.
-            for lo in range(0, mapped.n_rows, INFERENCE_ROWS):
-                hi = min(lo + INFERENCE_ROWS, mapped.n_rows)
-                a, b = start + lo, start + hi
-                probs, cell_energy = model.predict(mapped.rows(lo, hi), energy=energy)
-                if probs.shape != (b - a, n_classes):
-                    raise InputError(f"the model returned shape {probs.shape} for {b - a} cells; re-export it")
-                top_idx[a:b], top_p[a:b] = top3(probs)
-                if probs_all is not None:
-                    probs_all[a:b] = probs
-                if energy_all is not None:
-                    energy_all[a:b] = cell_energy
-                bar.update(b - a)
-    return _Predicted(top_idx, top_p, probs_all, col_map, int((col_map >= 0).sum()), energy_all)
-
-
-def joined_predictions(parts: list[_Predicted], col_map: np.ndarray) -> _Predicted:
-    """The predictions of consecutive row ranges, as one (`row_ranges`)."""
-    def cat(name):
-        return None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])
-    return _Predicted(cat("top_idx"), cat("top_p"), cat("probabilities"), col_map, parts[0].found, cat("energy"))
 
 
 @dataclass
@@ -237,7 +172,7 @@ def _predict_file(annotator: Annotator, query_path: Path, options: _Options, *, 
     return obs, pred, predicted, n_clusters
 
 
-def _metadata(model: Annotator, predicted: _Predicted, query: str, options: _Options,
+def _metadata(model: Annotator, predicted: Predicted, query: str, options: _Options,
               n_clusters: int | None = None) -> dict:
     """What ``uns['cellcontrast']`` records: the model, the gene overlap, the options."""
     n_model = len(model.genes)
@@ -333,8 +268,8 @@ def annotate_file(
     inspect
         Called with obs and every cell's probabilities before anything is written (``--plots``).
     workers, scheduler
-        Share the query's rows among this many processes of a local Dask cluster, or send them
-        to a running scheduler (`cellcontrast.annotation.row_ranges`); the same output.
+        Share the query's rows among processes of a local Dask cluster, or of a running one
+        (`cellcontrast.annotation.row_ranges`); the same output.
 
     Returns
     -------
@@ -358,13 +293,12 @@ def annotate_file(
         annotator, query_path, options, threads=threads, label_key=label_key, say=say, inspect=inspect,
         min_overlap=min_overlap, batch_size=batch_size, probabilities=probabilities, progress=progress,
         workers=workers, scheduler=scheduler)
-    out_obs = _joined(obs, pred)
     uns = _metadata(annotator, predicted, query_path.name, options, n_clusters)
     summary = summary_frame(pred)
     summary.attrs.update({"n_cells": len(obs), "genes_found": predicted.found, "genes_total": len(annotator.genes)})
     if label_key is not None and (acc := accuracy(obs, label_key, pred, annotator.classes, say)) is not None:
         summary.attrs["accuracy"] = acc
-    write_outputs(out_path, csv_path, out_obs, uns, predicted.probabilities, pred)
+    write_outputs(out_path, csv_path, _joined(obs, pred), uns, predicted.probabilities, pred)
     say(f"annotated {len(obs)} cells into {out_path}" + (f" and {csv_path}" if csv_path else "")
         + _unassigned_note(pred, options.min_confidence, flag_unseen)
         + (f"; majority voting over {n_clusters} clusters" if n_clusters else ""))

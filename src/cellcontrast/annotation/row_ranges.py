@@ -14,6 +14,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from cellcontrast.annotation.prediction import joined_predictions, predict_matrix
+
 # Ranges per worker: a worker that finishes early takes the next range.
 RANGES_PER_WORKER = 2
 
@@ -50,7 +52,6 @@ def row_ranges(n_obs: int, parts: int) -> list[tuple[int, int]]:
 def predict_range(model: str, query: str, layer: str | None, gene_key: str | None, col_map: np.ndarray,
                   lo: int, hi: int, batch_size: int, probabilities: bool, energy: bool, threads: int):
     """In a worker: the predictions of rows [lo, hi) of the query file."""
-    from cellcontrast.annotation.api import predict_matrix
     from cellcontrast.annotation.model import load_model
     from cellcontrast.annotation.query import open_query
 
@@ -70,7 +71,6 @@ def predict_in_parts(annotator, matrix, col_map: np.ndarray, batch_size: int, *,
 
     from tqdm.auto import tqdm
 
-    from cellcontrast.annotation.api import joined_predictions
     from cellcontrast.core.engine import task_executor
 
     ranges = row_ranges(matrix.n_obs, workers * RANGES_PER_WORKER)
