@@ -212,7 +212,8 @@ def measure(name: str, cmd: list[str], env: dict | None = None) -> dict:
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
-    row = {"name": name, "wall_s": wall, "rss_mib": usage.ru_maxrss / 1024, "rc": proc.returncode}
+    row = {"name": name, "wall_s": wall, "rss_mib": usage.ru_maxrss / 1024, "rc": proc.returncode,
+           "cpu_s": round(usage.ru_utime + usage.ru_stime, 2)}  # the child's and its reaped children's
     if proc.returncode != 0:
         row["error"] = (stderr.strip().splitlines() or ["?"])[-1][:200]
         return row

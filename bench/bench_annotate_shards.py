@@ -11,7 +11,10 @@ cells/s and each worker's peak RSS, on a compute-bound chain (scDAE + MLP-CL, 2,
    bench_annotate.py does) and copies it to ``--shards`` files: same content, own files.
 3. For each worker count, runs the command a user runs with ``--threads 1`` (one onnxruntime
    thread per worker; one worker runs in the command's own process, no Dask) and prints one
-   JSON line: wall time, cells/s, speed-up over one worker, the peak RSS of each worker.
+   JSON line: wall time, CPU time (cores busy = CPU / wall), cells/s, speed-up over the first
+   run, the peak RSS of each worker. A single worker still inflates the gzip chunks on a thread
+   beside the model, so unpinned it already keeps more than one core busy; ``--pin`` (default)
+   first runs it confined to one core (``taskset -c 0``), the baseline of one worker, one core.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--cells", type=int, default=250_000)
     p.add_argument("--workers", default="1,2")
+    p.add_argument("--no-pin", dest="pin", action="store_false", help="skip the one-core run of one worker")
     args = p.parse_args(argv)
     work = Path(args.work_dir).resolve()
     (work / "shards").mkdir(parents=True, exist_ok=True)
@@ -61,12 +65,16 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copyfile(first, work / "shards" / f"shard{i}.h5ad")
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     base = None
-    for workers in [int(w) for w in args.workers.split(",")]:
-        out = work / f"out_{workers}"
+    runs = [(int(w), False) for w in args.workers.split(",")]
+    if args.pin and shutil.which("taskset"):
+        runs.insert(0, (1, True))
+    for workers, pinned in runs:
+        out = work / f"out_{workers}{'_pinned' if pinned else ''}"
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-m", "cellcontrast.cli.entry", "annotate", str(model), str(work / "shards" / "*.h5ad"),
                "--out-dir", str(out), "--workers", str(workers), "--threads", "1"]
-        row = measure(f"{workers} worker(s)", cmd, env=env)
+        name = f"{workers} worker(s)" + (", one core (taskset -c 0)" if pinned else "")
+        row = measure(name, (["taskset", "-c", "0"] if pinned else []) + cmd, env=env)
         if row["rc"] == 0:
             import csv
 
@@ -78,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 peaks[r["worker_pid"]] = max(peaks.get(r["worker_pid"], 0.0), float(r["worker_peak_rss_mib"]))
             base = base or row["wall_s"]
             row.update(cells=cells, cells_per_s=round(cells / row["wall_s"]), speedup=round(base / row["wall_s"], 2),
+                       cores_busy=round(row["cpu_s"] / row["wall_s"], 2),
                        worker_peak_rss_mib=sorted(peaks.values()))
         print(json.dumps(row), flush=True)
     return 0
