@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cellcontrast.annotation.stream import cores
 from cellcontrast.core.errors import InputError
 from cellcontrast.core.files import atomic_path
 
@@ -101,7 +102,7 @@ def annotate_files(model: str | os.PathLike, queries, out_dir: str | os.PathLike
         raise InputError(f"--out-dir {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     if not threads:
-        threads = max(1, (os.cpu_count() or 1) // max(1, workers)) if not scheduler else 1
+        threads = max(1, cores() // max(1, workers)) if not scheduler else 1
     jobs = [(str(model), str(p), str(out / f"{p.stem}.h5ad"), {**options, "threads": threads}) for p in paths]
     rows = []
     for row in _run(jobs, workers, scheduler):

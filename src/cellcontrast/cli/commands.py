@@ -164,6 +164,8 @@ def annotate(args: argparse.Namespace) -> None:
     from cellcontrast.annotation.stream import fix_mmap_threshold
 
     fix_mmap_threshold()
+    if args.workers < 1:
+        raise InputError(f"--workers must be at least 1, not {args.workers}")
     options = dict(layer=args.layer, batch_size=args.batch_size, min_confidence=args.min_confidence,
                    min_overlap=args.min_overlap, case_insensitive=args.case_insensitive,
                    probabilities=args.probabilities, flag_unseen=args.flag_unseen, gene_key=args.gene_key,
@@ -173,8 +175,6 @@ def annotate(args: argparse.Namespace) -> None:
         return
     if len(args.query) > 1 or any(ch in args.query[0] for ch in "*?["):
         raise InputError("several queries (or a glob) need --out-dir, not --out")
-    if args.workers < 1:
-        raise InputError(f"--workers must be at least 1, not {args.workers}")
     inspect = None
     if args.plots:
         from cellcontrast.experiments.annotation_plots import write_plots
@@ -192,8 +192,6 @@ def _annotate_many(args: argparse.Namespace, options: dict) -> None:
     if args.csv or args.plots:
         raise InputError("--csv and --plots take one query with --out; with --out-dir each query gets its "
                          ".h5ad and the summary lists them")
-    if args.workers < 1:
-        raise InputError(f"--workers must be at least 1, not {args.workers}")
     annotate_files(args.model, args.query, args.out_dir, workers=args.workers, scheduler=args.scheduler,
                    threads=args.threads, **options)
 
