@@ -1,6 +1,7 @@
 # Two commands set up and run everything on a fresh machine:
 #   make run    create .venv, install, run the whole pipeline (dvc repro) on the simulated atlas
-#   make test   the test suite, in the same .venv
+#   make test   the test suite, in the same .venv (it builds the documentation site too)
+#   make docs   the documentation site into site/ (make docs-serve: on 127.0.0.1:8000)
 # PROFILE=quick selects params-quick.yaml for a smoke run.
 
 SHELL := /bin/bash
@@ -14,7 +15,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # dvc stages and MLproject entry points call `cellcontrast`: the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run quick test install lint bench-venv clean
+.PHONY: run quick test install lint bench-venv clean docs docs-serve
 
 $(STAMP): pyproject.toml
 	@# A full disk otherwise shows up as a pip OSError or a truncated torch file, far from its cause.
@@ -23,8 +24,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch is pinned to the CPU wheel; a looser spec would pull a CUDA build.
 	$(BIN)/pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-	$(BIN)/pip install -q -e ".[train,pipeline,dev,majority]" "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -c "import torch, cellcontrast, mlflow, optuna, onnxruntime, dvc, igraph, pynndescent, distributed"
+	$(BIN)/pip install -q -e ".[train,pipeline,dev,majority,docs]" "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import torch, cellcontrast, mlflow, optuna, onnxruntime, dvc, igraph, pynndescent, distributed, mkdocs, mkdocstrings"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -58,7 +59,20 @@ quick: $(STAMP)
 test: $(STAMP)
 	@# The layer contracts of pyproject.toml: a wrong import arrow fails here.
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -p no:cacheprovider
+	@# The site, built once (the tutorials execute); tests/docs checks what was built.
+	$(MAKE) --no-print-directory docs
+	CELLCONTRAST_SITE_DIR=$(CURDIR)/site $(BIN)/python -m pytest -p no:cacheprovider
+
+# The documentation site (mkdocs.yml): --strict fails on a broken link or reference, and any
+# other warning fails too. docs-serve rebuilds on change, on 127.0.0.1 only.
+export NO_MKDOCS_2_WARNING := 1
+docs: $(STAMP)
+	set -o pipefail; $(BIN)/mkdocs build --strict --site-dir site 2>&1 | tee .docs-build.log
+	@# mkdocs's warnings start the line; a kernel's "[IPKernelApp] WARNING" (local TCP) is not one
+	@! grep -n '^WARNING' .docs-build.log
+
+docs-serve: $(STAMP)
+	CELLCONTRAST_DOCS_CACHE=true $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
 
 # Peers (CellTypist 1.7.1 cannot train with scikit-learn >= 1.8) live in their own venv.
 BENCH_VENV := .venv-bench
@@ -74,4 +88,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
 clean:
-	rm -rf data models reports quick mlruns mlflow.db optuna.db
+	rm -rf data models reports quick mlruns mlflow.db optuna.db site .docs-build.log
