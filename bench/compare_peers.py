@@ -24,7 +24,8 @@ plus the simulated atlas ``data/atlas.h5ad`` (name ``atlas``) when it exists. Fo
    in, like the peers) and the per-class F1 (its macro F1 is checked against results.csv).
 4. OUT/peers.csv (long: dataset, setting, seed, method, metrics, times), OUT/peers_per_class.csv
    and OUT/peers.md: per dataset and setting the peers, the cellcontrast chain chosen per seed
-   on that seed's VALIDATION (``cellcontrast.experiments.selection``; test never chooses, and
+   on that seed's VALIDATION by the one-SE rule (``--selection best``: the best validation macro F1;
+   ``cellcontrast.experiments.selection``; test never chooses, and
    no seed chooses on another seed's validation, whose cells may be in its test) and all chains; a
    summary "best peer vs chosen chain"; per-class F1 of the rarest types in the natural setting;
    per fold (held-out batch) macro F1 and top-1 in the heldout setting.
@@ -56,7 +57,8 @@ BASES = ["lr", "actinn", "scdae"]
 COMPONENTS = ["none", "mlp", "mls"]
 BASE_NAMES = {"lr": "LR", "actinn": "ACTINN", "scdae": "scDAE"}
 COMPONENT_NAMES = {"none": "", "mlp": " + MLP-CL", "mls": " + MLS-CL"}
-METRICS = ["val_top1", "val_top3", "val_macro_f1", "test_top1", "test_top3", "test_macro_f1"]
+# val_macro_f1_se: the bootstrap standard error of a chain's validation macro F1 (the one-SE rule)
+METRICS = ["val_top1", "val_top3", "val_macro_f1", "val_macro_f1_se", "test_top1", "test_top3", "test_macro_f1"]
 CSV_COLUMNS = ["dataset", "setting", "seed", "kind", "method", *METRICS, "train_seconds", "predict_seconds", "run_id"]
 # With --unseen-types: how well each method flags the test cells of types it never trained on
 # (peers: their top probability; chains also the energy and distance scores).
@@ -64,6 +66,10 @@ OPEN_SET = list(OPEN_SET_COLUMNS)
 # Added after CSV_COLUMNS only when a held-out-batch setting was run: the fold's held-out batch.
 HOLDOUT = "holdout"
 CHOSEN = "chosen"  # the rows of the chain chosen per seed on its validation
+# The rule that chooses (--selection): the one-standard-error rule, as `cellcontrast fit` does, or
+# the best validation macro F1 (the rule of the tables before it).
+SELECTION = {"one-se": True, "best": False}
+selection_one_se = True
 N_RARE = 5
 
 
@@ -349,7 +355,7 @@ def chain_rows(name: str, ds_out: Path, settings, seeds, threads: int) -> tuple[
 
     from cellcontrast.data.split_data import load_split_data
     from cellcontrast.nn.chain import load_chain, predict_proba
-    from cellcontrast.train.metrics import per_class_f1
+    from cellcontrast.train.metrics import macro_f1_standard_error, per_class_f1
 
     torch.set_num_threads(threads)
     table = pd.read_csv(results, dtype={HOLDOUT: str})
@@ -384,6 +390,9 @@ def chain_rows(name: str, ds_out: Path, settings, seeds, threads: int) -> tuple[
                 rows.append(row)
                 continue
             chain, _ = load_chain(model_dir)
+            if pd.isna(row.get("val_macro_f1_se")):  # runs from before training logged it
+                val_pred = predict_proba(chain, data.X["val"]).argmax(axis=1)
+                row["val_macro_f1_se"] = macro_f1_standard_error(data.y["val"], val_pred, len(data.classes))
             t0 = time.perf_counter()
             proba = predict_proba(chain, data.X["test"])
             row["predict_seconds"] = time.perf_counter() - t0
@@ -414,13 +423,14 @@ def fmt(values: pd.Series, digits: int = 3, sd: bool = True) -> str:
 
 
 def with_chosen(group: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
-    """``group`` plus one CHOSEN row per seed: the chain with that seed's highest validation
-    macro F1 (``cellcontrast.experiments.selection``: a seed's own validation, never another
-    seed's, whose cells may be in this seed's test set). Returns (rows, label of the choice)."""
+    """``group`` plus one CHOSEN row per seed: the chain chosen on that seed's validation by
+    the one-SE rule (``--selection best``: the highest validation macro F1) with
+    ``cellcontrast.experiments.selection`` (a seed's own validation, never another seed's, whose
+    cells may be in this seed's test set). Returns (rows, label of the choice)."""
     group = group[group["kind"] != CHOSEN]
     chains = group[group["kind"] == "cellcontrast"]
     simplest_first = [chain_method(b, c) for b in BASES for c in COMPONENTS]  # ties: LR before the others
-    picked = choose_per_seed(chains, prefer=simplest_first) if not chains.empty else chains
+    picked = choose_per_seed(chains, prefer=simplest_first, one_se=selection_one_se) if not chains.empty else chains
     if picked.empty:
         return group, None
     counts = picked["method"].value_counts()
@@ -678,7 +688,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="MLflow store for the benchmark runs, e.g. sqlite:///reports/peers/mlflow.db; its "
                         "artifacts then go under OUT/{dataset}/mlartifacts (default: MLFLOW_TRACKING_URI or "
                         "the project's sqlite:///mlflow.db with ./mlruns)")
+    p.add_argument("--selection", choices=sorted(SELECTION), default="one-se",
+                   help="how the reported chain is chosen on each seed's validation: one-se (the simplest chain "
+                        "within one standard error of the best, as `cellcontrast fit` chooses) or best")
     args = p.parse_args(argv)
+    global selection_one_se
+    selection_one_se = SELECTION[args.selection]
     if args.seeds < 1:
         p.error("--seeds must be at least 1")
     unknown = [m for m in args.methods.split(",") if m not in PEERS]

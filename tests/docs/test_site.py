@@ -98,6 +98,9 @@ def test_tutorials_are_rendered_with_their_outputs(site):
     assert "chosen: lr" in reference and "Model card" in reference
     heldout = page_text(site / "tutorials" / "heldout_donors" / "index.html")
     assert "held-out individual L4" in heldout and "types the reference lacks" in heldout
+    for name in ("python_api", "reference_to_annotator", "heldout_donors"):  # no warning published
+        html = re.sub(r"<style\b.*?</style>", "", (site / "tutorials" / name / "index.html").read_text(), flags=re.S)
+        assert 'data-mime-type="application/vnd.jupyter.stderr"' not in html, name
 
 
 def test_obs_columns_page_is_what_annotation_writes(site, tmp_path):

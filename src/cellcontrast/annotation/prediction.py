@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain bars: tqdm.auto warns in notebooks without ipywidgets
 
 from cellcontrast.annotation.model import Annotator
 from cellcontrast.annotation.stream import (

@@ -69,7 +69,7 @@ def predict_in_parts(annotator, matrix, col_map: np.ndarray, batch_size: int, *,
     import sys
     from concurrent.futures import as_completed
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from cellcontrast.core.engine import task_executor
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import anndata
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from cellcontrast.core.errors import InputError
 from cellcontrast.core.names import CHAINS_SIMPLEST_FIRST, LABEL
