@@ -598,8 +598,10 @@ def write_report(long: pd.DataFrame, per_class: pd.DataFrame, out: Path, args, n
              "Every method is trained on the split's TRAIN cells and scored on its TEST cells; metrics are "
              "mean ± sd over seeds (each seed a new downsample, split and model initialisation). Peers run "
              "with fixed defaults (no tuning, nothing selected on validation). The cellcontrast row *chosen per "
-             "seed* is, in each seed, the chain with that seed's highest VALIDATION macro F1 among the 9 "
-             "(tuning ran on a split holding no seed's test cell); no test cell takes part in any choice. "
+             "seed* is, in each seed, chosen on that seed's VALIDATION cells among the 9 "
+             + ("by the one-standard-error rule (the simplest chain, LR first, within one bootstrap SE of the "
+                "best validation macro F1) " if selection_one_se else "by the highest validation macro F1 ")
+             + "(tuning ran on a split holding no seed's test cell); no test cell takes part in any choice. "
              "The summary's best peer is the peer with the highest mean TEST "
              "macro F1, an optimistic choice in the peers' favour. Times: wall seconds, one thread per "
              "process; train includes preprocessing and, for a cellcontrast chain with a component, the base "
