@@ -366,3 +366,33 @@ def test_large_references_search_the_l2_path_on_a_sample_then_refit_every_cell(s
     best = max(path, key=lambda m: (m["val_macro_f1"], m["val_accuracy"], -m["val_loss"]))
     assert refit["l2"] == pytest.approx(best["l2"] * len(rows) / len(yt))
     assert model.train_params["chosen_l2"] in (refit["l2"], best["l2"])
+
+
+def test_lr_auto_genes_keeps_hvgs_or_every_gene_by_validation(splits):
+    """n_hvg "auto" fits on auto_hvg HVGs and on every gene and keeps the better on validation:
+    the same model as the better forced choice; a reference with no more genes than auto_hvg
+    has one choice; under a component it takes the HVGs."""
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    params = {"standardize": True, "l2_path": [1e-2], "auto_hvg": 20}
+    forced = {g: fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {**params, "n_hvg": g}, seed=0) for g in (20, "all")}
+    scores = {g: classification_metrics(yv, predict_proba(build_chain(m), xv), N_CLASSES)["macro_f1"]
+              for g, m in forced.items()}
+    auto = fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {**params, "n_hvg": "auto"}, seed=0)
+    expected = "all" if scores["all"] > scores[20] else 20
+    assert auto.train_params["n_hvg"] == expected
+    assert auto.preprocess.n_selected == (xt.shape[1] if expected == "all" else 20)
+    np.testing.assert_allclose(predict_proba(build_chain(auto), xv),
+                               predict_proba(build_chain(forced[expected]), xv), atol=1e-6)
+    few = fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {**params, "n_hvg": "auto", "auto_hvg": 500}, seed=0)
+    assert few.preprocess.n_selected == xt.shape[1]
+    under = fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {**params, "n_hvg": "auto"}, seed=0, for_component=True)
+    assert under.preprocess.n_selected == 20
+
+
+@pytest.mark.parametrize("bad", [0, -5, "many", 2.5, True])
+def test_n_hvg_must_be_a_gene_count_all_or_auto(bad, splits):
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    with pytest.raises(ValueError, match="n_hvg"):
+        fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {"n_hvg": bad}, seed=0)
+    with pytest.raises(ValueError, match="n_hvg"):  # auto is LR's
+        fit_base(xt, yt, xv, yv, N_CLASSES, "scdae", {"n_hvg": "auto"}, seed=0)

@@ -12,3 +12,5 @@ LABEL = "cell_type"
 
 # ``n_hvg: all``: no gene selection (what CellTypist does); a number keeps the most dispersed genes.
 ALL_GENES = "all"
+# LR's ``n_hvg: auto``: its ``auto_hvg`` most dispersed genes and every gene, the better on validation.
+AUTO_GENES = "auto"

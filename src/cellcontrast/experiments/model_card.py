@@ -57,8 +57,9 @@ def _figure(path: Path, classes: list[str], y: np.ndarray, proba: np.ndarray) ->
 
 
 def _genes_used(chain) -> str:
-    n_hvg = (chain.config.get("params") or {}).get(chain.config.get("base"), {}).get("n_hvg")
-    return "all" if n_hvg in (None, "all") else str(min(int(n_hvg), len(chain.genes)))
+    """What the base's preprocessing kept (n_hvg "auto" chose it on validation)."""
+    n = int(chain.module.preprocess.n_selected)
+    return "all" if n == len(chain.genes) else str(n)
 
 
 def _markdown(result, y: np.ndarray, proba: np.ndarray, png: Path) -> str:

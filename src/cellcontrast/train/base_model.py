@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cellcontrast.core.names import ALL_GENES, AUTO_GENES
 from cellcontrast.nn.bases import BASE_MODELS, BaseModel, ScDAE
 from cellcontrast.nn.preprocessing import ActinnPreprocess, LRPreprocess, ScdaePreprocess
 from cellcontrast.train.loops import (
@@ -43,8 +44,9 @@ def fit_base(train_counts, train_y: np.ndarray, val_counts, val_y: np.ndarray, n
     p = resolve_params(base, params)
     train_y, val_y = np.asarray(train_y, dtype=int), np.asarray(val_y, dtype=int)
     if base == "lr":
-        if for_component and p["standardize"] == "auto":
-            p = {**p, "standardize": True}
+        if for_component:  # the components' recipes were set on z-scored HVGs
+            p = {**p, "standardize": True if p["standardize"] == "auto" else p["standardize"],
+                 "n_hvg": lr_gene_choices(p, train_counts.shape[1])[0]}
         if not fit_head:
             return _lr_preprocessing_only(train_counts, n_classes, p)
         return _fit_lr(train_counts, train_y, val_counts, val_y, n_classes, p, seed, log)
@@ -72,43 +74,64 @@ def fit_base(train_counts, train_y: np.ndarray, val_counts, val_y: np.ndarray, n
 def _fit_lr(train_counts, train_y, val_counts, val_y, n_classes: int, p: dict, seed: int,
             log: Log | None) -> BaseModel:
     """Logistic regression; with ``standardize`` "auto", one model on z-scored and one on plain
-    log1p genes (same seed), the better on val macro F1 (then accuracy) kept. The second
-    variant logs under stage ``lr_unscaled``, so the pruner (which watches ``lr``) judges a
-    tuning trial by the paper's variant. Above ``path_max_cells`` training cells (L-BFGS),
-    the search runs on a stratified sample and the kept fit is refitted on every cell."""
-    variants = [True, False] if p["standardize"] == "auto" else [bool(p["standardize"])]
+    log1p genes (same seed), and with ``n_hvg`` "auto" each on ``auto_hvg`` HVGs and on every
+    gene: the better on val macro F1 (then accuracy) kept, the first on a tie. The other
+    variants log under their own stages (``lr_unscaled``, ``lr_allgenes``, ...), so the pruner
+    (which watches ``lr``) judges a tuning trial by the paper's variant. Above
+    ``path_max_cells`` training cells (L-BFGS), the search runs on a stratified sample and the
+    kept fit is refitted on every cell."""
+    scalings = [True, False] if p["standardize"] == "auto" else [bool(p["standardize"])]
+    gene_choices = lr_gene_choices(p, train_counts.shape[1])
+    variants = [(genes, flag) for genes in gene_choices for flag in scalings]
     lbfgs = p["solver"] == "lbfgs"
     rows = path_sample(train_y, p.get("path_max_cells"), seed) if lbfgs else None
     search = p if rows is None else {**p, "max_iter": p["path_max_iter"]}
     search_counts, search_y = (train_counts, train_y) if rows is None else (train_counts[rows], train_y[rows])
     best_model, best_score = None, None
-    for i, standardize in enumerate(variants):
+    for i, (n_hvg, standardize) in enumerate(variants):
         torch.manual_seed(seed)
-        preprocess = LRPreprocess.fit(train_counts, n_hvg=p["n_hvg"], clip=p["clip"], standardize=standardize)
+        preprocess = LRPreprocess.fit(train_counts, n_hvg=n_hvg, clip=p["clip"], standardize=standardize)
         model = BASE_MODELS["lr"](preprocess, n_classes)
         model.preprocess.eval()
         fit = fit_linear_lbfgs if lbfgs else train_classifier
         net = EncoderHead(model.encoder, model.head)
         score = fit(net, FeatureSource(search_counts, preprocess), search_y, FeatureSource(val_counts, preprocess),
-                    val_y, n_classes, search, seed, log, stage="lr" if i == 0 else "lr_unscaled")
+                    val_y, n_classes, search, seed, log, stage=_lr_stage(i, n_hvg, standardize, gene_choices[0]))
         if best_score is None or score > best_score:
-            best_model, best_score, best_l2 = model, score, getattr(net, "l2", p["l2"])
+            best_model, best_score, best_l2, best_genes = model, score, getattr(net, "l2", p["l2"]), n_hvg
     if rows is not None:  # the same total penalty on every training cell
         net = EncoderHead(best_model.encoder, best_model.head)
         best_l2 = refit_linear_lbfgs(net, FeatureSource(train_counts, best_model.preprocess), train_y,
                                      FeatureSource(val_counts, best_model.preprocess), val_y, n_classes,
                                      best_l2 * len(rows) / len(train_y), best_l2, best_score, p, log)
     # chosen_l2: the penalty of the kept fit (L-BFGS: picked on val along l2_path).
-    best_model.train_params = {**p, "standardize": best_model.preprocess.standardize, "chosen_l2": best_l2}
+    best_model.train_params = {**p, "standardize": best_model.preprocess.standardize, "chosen_l2": best_l2,
+                               "n_hvg": best_genes}
     best_model.eval()
     return best_model
 
 
+def lr_gene_choices(p: dict, n_genes: int) -> list:
+    """The gene selections LR tries: with ``n_hvg`` "auto", its ``auto_hvg`` most dispersed
+    genes and every gene (only every gene when the reference has no more); else the one asked."""
+    if p["n_hvg"] != AUTO_GENES:
+        return [p["n_hvg"]]
+    return [int(p["auto_hvg"]), ALL_GENES] if n_genes > int(p["auto_hvg"]) else [ALL_GENES]
+
+
+def _lr_stage(i: int, n_hvg, standardize: bool, first_genes) -> str:
+    if i == 0:
+        return "lr"
+    return ("lr" if standardize else "lr_unscaled") + ("" if n_hvg == first_genes else "_allgenes")
+
+
 def _lr_preprocessing_only(train_counts, n_classes: int, p: dict) -> BaseModel:
+    """Under a component: its recipes were set on z-scored HVGs, so "auto" takes the HVGs."""
     standardize = p["standardize"] in (True, "auto")
-    preprocess = LRPreprocess.fit(train_counts, n_hvg=p["n_hvg"], clip=p["clip"], standardize=standardize)
+    n_hvg = lr_gene_choices(p, train_counts.shape[1])[0]
+    preprocess = LRPreprocess.fit(train_counts, n_hvg=n_hvg, clip=p["clip"], standardize=standardize)
     model = BASE_MODELS["lr"](preprocess, n_classes)
-    model.train_params = {**p, "standardize": standardize, "chosen_l2": None}
+    model.train_params = {**p, "standardize": standardize, "chosen_l2": None, "n_hvg": n_hvg}
     model.head_fitted = False
     return model.eval()
 
