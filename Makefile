@@ -59,9 +59,9 @@ quick: $(STAMP)
 test: $(STAMP)
 	@# The layer contracts of pyproject.toml: a wrong import arrow fails here.
 	$(BIN)/lint-imports --no-cache
-	@# The site, built once (the tutorials execute); tests/docs checks what was built.
-	$(MAKE) --no-print-directory docs
-	CELLCONTRAST_SITE_DIR=$(CURDIR)/site $(BIN)/python -m pytest -p no:cacheprovider
+	@# A worker per core (pytest-xdist). tests/docs builds the site once with --strict (the
+	@# tutorials execute), in one worker while the others run the rest, and checks what it built.
+	$(BIN)/python -m pytest -p no:cacheprovider -n auto --dist loadgroup
 
 # The documentation site (mkdocs.yml): --strict fails on a broken link or reference, and any
 # other warning fails too. docs-serve rebuilds on change, on 127.0.0.1 only.

@@ -2,8 +2,10 @@
 its API page documents every public name, its tutorials carry their outputs, its column table
 is what annotation writes, and its pages open in a headless browser.
 
-`make test` builds the site once (`make docs`) and points CELLCONTRAST_SITE_DIR at it; run alone,
-this module builds it into a temporary folder (a few minutes: the tutorials execute).
+The site is built once, into a temporary folder, by the first test that needs it (about a
+minute: the tutorials execute); under `make test` (pytest-xdist) every test of this module runs
+in one worker, so the build overlaps with the other worker's tests. CELLCONTRAST_SITE_DIR
+points at a site already built (`make docs`) instead.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import pytest
 from conftest import marker_counts
 
 REPO = Path(__file__).resolve().parents[2]
+
+# One worker builds the site and runs every test on it (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("site")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -55,6 +56,20 @@ def _plugins(pid: int) -> list:
     return [NannyWatch(), WorkerWatch()]
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse at once an address where nothing listens: Dask's Client would retry a refused
+    connection for its whole timeout (30 s) before saying so."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme not in ("tcp", "tls") or not parts.hostname or not parts.port:
+        return  # another transport (inproc, ucx, ws): left to Dask
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=timeout).close()
+    except OSError as err:
+        raise InputError(f"cannot reach the Dask scheduler at {address}: {err}") from err
+
+
 @contextlib.contextmanager
 def task_executor(workers: int, scheduler: str | None = None) -> Iterator[Executor]:
     """A `concurrent.futures` executor whose tasks run on Dask workers (see the module)."""
@@ -65,6 +80,7 @@ def task_executor(workers: int, scheduler: str | None = None) -> Iterator[Execut
                          "pip install distributed") from err
     cluster = None
     if scheduler:
+        _check_reachable(scheduler)
         try:
             client = Client(scheduler, timeout="30s")
         except (OSError, TimeoutError) as err:
