@@ -37,18 +37,22 @@ def test_a_failed_second_rename_takes_the_first_back(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.csv"]
 
 
-# The child annotates with a rename that pauses after moving its first file, so that the test
-# can send a signal exactly between the two renames of the pair.
+# The child annotates with a rename that pauses after moving its first file until the test has
+# sent its signal (the test then writes `<marker>.sent`), so that the signal lands exactly
+# between the two renames of the pair however busy the machine is.
 CHILD = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
     real_replace, marker = os.replace, Path(sys.argv[1])
+    sent = marker.with_name(marker.name + ".sent")
 
     def paused_replace(src, dst):
         real_replace(src, dst)
         if not marker.exists():
             marker.write_text(str(dst))
-            time.sleep(3)
+            deadline = time.time() + 60
+            while not sent.exists() and time.time() < deadline:
+                time.sleep(0.02)
 
     os.replace = paused_replace
     from cellcontrast.cli import main
@@ -72,6 +76,7 @@ def test_annotate_writes_its_pair_together_when_killed_between_renames(sig, tmp_
         time.sleep(0.02)
     assert marker.exists(), proc.stderr.read()
     proc.send_signal(sig)  # one of the pair is in place, the other not yet
+    marker.with_name(marker.name + ".sent").write_text("")
     proc.wait(timeout=30)
     assert proc.returncode != 0  # the signal still ended the process, after the second rename
     assert out.exists() and csv.exists()

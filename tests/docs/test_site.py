@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.xdist_group("site")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # module scope rebuilt it when xdist interleaved other modules
 def site(tmp_path_factory) -> Path:
     given = os.environ.get("CELLCONTRAST_SITE_DIR")
     if given:
