@@ -353,3 +353,24 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed(tmp_path
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     assert states[orphan.number] == TrialState.FAIL
     assert states[young.number] == TrialState.RUNNING
+
+
+def test_a_base_with_nothing_to_search_runs_no_study(split_dir, work):
+    """LR's space is empty by default (its fit chooses genes, scaling and L2 on validation):
+    tuning a setting writes its fixed values and creates no study; a section in the tune
+    space (``lr: {n_hvg: [...]}``) searches it again."""
+    import optuna
+
+    from cellcontrast.experiments.setting_tuning import _tune_base
+
+    tmp_path, storage = work
+    job = {"base": "lr", "components": ["none"], "split_dir": str(split_dir), "out": str(tmp_path / "lr.json"),
+           "search_space": {}, "model_params": {}, "threads": 1,
+           "tune": {"base_trials": 2, "n_trials": 2, "storage": storage, "seed": 0, "experiment": "tune-test"}}
+    assert _tune_base(job)["params"] == {"lr": {}}
+    assert json.loads((tmp_path / "lr.json").read_text()) == {"lr": {}}
+    assert optuna.get_all_study_names(storage) == []
+    job["search_space"] = {"lr": {"n_hvg": [20, 40], "epochs": 3}}
+    job["tune"]["base_trials"] = 1
+    assert _tune_base(job)["params"]["lr"]["n_hvg"] in (20, 40)
+    assert len(optuna.get_all_study_names(storage)) == 1

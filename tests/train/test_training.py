@@ -396,3 +396,21 @@ def test_n_hvg_must_be_a_gene_count_all_or_auto(bad, splits):
         fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {"n_hvg": bad}, seed=0)
     with pytest.raises(ValueError, match="n_hvg"):  # auto is LR's
         fit_base(xt, yt, xv, yv, N_CLASSES, "scdae", {"n_hvg": "auto"}, seed=0)
+
+
+def test_lr_auto_genes_above_auto_max_cells_chooses_on_a_sample(splits):
+    """Above auto_max_cells training cells the (genes, scaling) variant is chosen on a
+    stratified sample (stages choice_*), then only the chosen one is fitted on every cell:
+    the same model as forcing that choice."""
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    params = {"n_hvg": "auto", "auto_hvg": 20, "auto_max_cells": 100, "l2_path": [1e-2, 1e-3]}
+    logged = []
+    auto = fit_base(xt, yt, xv, yv, N_CLASSES, "lr", params, seed=0,
+                    log=lambda stage, step, values: logged.append(stage))
+    stages = set(logged)
+    assert {"choice_lr", "choice_lr_unscaled", "choice_lr_allgenes", "choice_lr_unscaled_allgenes"} <= stages
+    assert stages - {s for s in stages if s.startswith("choice_")} == {"lr"}  # one variant fitted after
+    chosen = {"n_hvg": auto.train_params["n_hvg"], "standardize": auto.train_params["standardize"]}
+    forced = fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {**params, **chosen}, seed=0)
+    np.testing.assert_allclose(predict_proba(build_chain(auto), xv),
+                               predict_proba(build_chain(forced), xv), atol=1e-6)

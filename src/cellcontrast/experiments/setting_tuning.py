@@ -18,7 +18,7 @@ from cellcontrast.core.fingerprint import fingerprint
 from cellcontrast.core.params import load_params
 from cellcontrast.experiments import tracking
 from cellcontrast.experiments.grid import grid_config, merged_params
-from cellcontrast.experiments.search_space import search_space_of
+from cellcontrast.experiments.search_space import resolve_search_space, search_space_of, searches
 from cellcontrast.experiments.tuning import tune
 from cellcontrast.train import recipes
 
@@ -52,6 +52,10 @@ def _tune_base(job: dict) -> dict:
     for component in job["components"]:
         n_trials = tcfg["base_trials"] if component == "none" else tcfg["n_trials"]
         if n_trials < 1:
+            continue
+        fixed = resolve_search_space(job["base"], component, space)
+        if component == "none" and not searches(fixed):  # LR by default: its fit chooses on validation
+            best[job["base"]] = {key: spec[1] for key, spec in fixed.items()}
             continue
         study = tuning_study_name(job["base"], component, split_info, space, job["model_params"], best,
                                   n_trials, tcfg["seed"])

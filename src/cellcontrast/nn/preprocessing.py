@@ -200,6 +200,33 @@ class LRPreprocess(GeneSelecting):
             module.std.copy_(torch.as_tensor(sd, dtype=torch.float32))
         return module
 
+    def sparse_features(self, counts) -> tuple[sp.csr_matrix, np.ndarray]:
+        """This module's output on ``counts`` as ``offset + S`` without the dense matrix.
+
+        A zero count maps to the same value on every cell: log1p(0) = 0, hence
+        ``clip(-mean / sd)`` for its gene (``offset``, float64 ``[n_selected]``). So the output
+        is that row plus ``S``, a float32 CSR with the pattern of the selected genes' nonzero
+        counts holding the difference. Exact, clip included; computed in float64 where
+        ``forward`` is float32, so the two agree to float32 rounding. LR on every gene of a
+        large reference trains on it (``train.loops.SparseAffineSource``): 30,000 genes x
+        100,000 cells at 5% detected are 1.2 GB here against 12 GB dense.
+        """
+        normalized = _normalized_csr(counts, self.target_sum)
+        normalized.sum_duplicates()
+        if self.n_selected != self.n_genes:
+            normalized = normalized[:, self.selected_genes()]
+        logged = _log1p_csr(normalized)
+        if self.standardize:
+            mean, sd = self.mean.double().numpy(), self.std.double().numpy()
+            offset = np.clip(-mean / sd, -self.clip, self.clip)
+            cols = logged.indices
+            values = np.clip((logged.data - mean[cols]) / sd[cols], -self.clip, self.clip) - offset[cols]
+        else:
+            offset = np.zeros(self.n_selected)
+            values = np.clip(logged.data, -self.clip, self.clip)
+        matrix = sp.csr_matrix((values.astype(np.float32), logged.indices, logged.indptr), shape=logged.shape)
+        return matrix, offset
+
     def get_config(self) -> dict:
         return {"n_genes": self.n_genes, "n_selected": self.n_selected,
                 "target_sum": self.target_sum, "clip": self.clip, "standardize": self.standardize}

@@ -21,6 +21,7 @@ from cellcontrast.train.loops import (
     Log,
     apply_module,
     fit_linear_lbfgs,
+    linear_features,
     n_epochs,
     refit_linear_lbfgs,
     shuffled_batches,
@@ -79,36 +80,60 @@ def _fit_lr(train_counts, train_y, val_counts, val_y, n_classes: int, p: dict, s
     variants log under their own stages (``lr_unscaled``, ``lr_allgenes``, ...), so the pruner
     (which watches ``lr``) judges a tuning trial by the paper's variant. Above
     ``path_max_cells`` training cells (L-BFGS), the search runs on a stratified sample and the
-    kept fit is refitted on every cell."""
+    kept fit is refitted on every cell. With "auto" genes above ``auto_max_cells`` training
+    cells, the variant (genes and scaling) is first chosen on a stratified sample of that many
+    (stages ``choice_lr...``), and only the chosen one is fitted on the rest."""
     scalings = [True, False] if p["standardize"] == "auto" else [bool(p["standardize"])]
     gene_choices = lr_gene_choices(p, train_counts.shape[1])
     variants = [(genes, flag) for genes in gene_choices for flag in scalings]
     lbfgs = p["solver"] == "lbfgs"
+    if lbfgs and len(gene_choices) > 1:
+        rows = path_sample(train_y, p.get("auto_max_cells"), seed)
+        if rows is not None:
+            search = {**p, "max_iter": p["path_max_iter"]}
+            chosen = _best_lr_variant(variants, train_counts, train_y, rows, val_counts, val_y, n_classes,
+                                      search, seed, log, stage_prefix="choice_")
+            variants = [variants[chosen[0]]]
     rows = path_sample(train_y, p.get("path_max_cells"), seed) if lbfgs else None
     search = p if rows is None else {**p, "max_iter": p["path_max_iter"]}
-    search_counts, search_y = (train_counts, train_y) if rows is None else (train_counts[rows], train_y[rows])
-    best_model, best_score = None, None
+    index, best_model, best_score, best_l2 = _best_lr_variant(variants, train_counts, train_y, rows, val_counts,
+                                                              val_y, n_classes, search, seed, log,
+                                                              first_genes=gene_choices[0])
+    if rows is not None:  # the same total penalty on every training cell
+        net = EncoderHead(best_model.encoder, best_model.head)
+        best_l2 = refit_linear_lbfgs(net, linear_features(train_counts, best_model.preprocess), train_y,
+                                     linear_features(val_counts, best_model.preprocess), val_y, n_classes,
+                                     best_l2 * len(rows) / len(train_y), best_l2, best_score, p, log)
+    # chosen_l2: the penalty of the kept fit (L-BFGS: picked on val along l2_path).
+    best_model.train_params = {**p, "standardize": best_model.preprocess.standardize, "chosen_l2": best_l2,
+                               "n_hvg": variants[index][0]}
+    best_model.eval()
+    return best_model
+
+
+def _best_lr_variant(variants: list, train_counts, train_y, rows, val_counts, val_y, n_classes: int, p: dict,
+                     seed: int, log: Log | None, stage_prefix: str = "", first_genes=None) -> tuple:
+    """Fit each (genes, scaling) variant on the training ``rows`` (None: all) and return the
+    best on validation: (its index, model, score, l2). Preprocessing is fitted on every
+    training cell either way."""
+    lbfgs = p["solver"] == "lbfgs"
+    fit = fit_linear_lbfgs if lbfgs else train_classifier
+    features = linear_features if lbfgs else FeatureSource
+    counts, y = (train_counts, train_y) if rows is None else (train_counts[rows], np.asarray(train_y)[rows])
+    first_genes = variants[0][0] if first_genes is None else first_genes
+    best = None
     for i, (n_hvg, standardize) in enumerate(variants):
         torch.manual_seed(seed)
         preprocess = LRPreprocess.fit(train_counts, n_hvg=n_hvg, clip=p["clip"], standardize=standardize)
         model = BASE_MODELS["lr"](preprocess, n_classes)
         model.preprocess.eval()
-        fit = fit_linear_lbfgs if lbfgs else train_classifier
         net = EncoderHead(model.encoder, model.head)
-        score = fit(net, FeatureSource(search_counts, preprocess), search_y, FeatureSource(val_counts, preprocess),
-                    val_y, n_classes, search, seed, log, stage=_lr_stage(i, n_hvg, standardize, gene_choices[0]))
-        if best_score is None or score > best_score:
-            best_model, best_score, best_l2, best_genes = model, score, getattr(net, "l2", p["l2"]), n_hvg
-    if rows is not None:  # the same total penalty on every training cell
-        net = EncoderHead(best_model.encoder, best_model.head)
-        best_l2 = refit_linear_lbfgs(net, FeatureSource(train_counts, best_model.preprocess), train_y,
-                                     FeatureSource(val_counts, best_model.preprocess), val_y, n_classes,
-                                     best_l2 * len(rows) / len(train_y), best_l2, best_score, p, log)
-    # chosen_l2: the penalty of the kept fit (L-BFGS: picked on val along l2_path).
-    best_model.train_params = {**p, "standardize": best_model.preprocess.standardize, "chosen_l2": best_l2,
-                               "n_hvg": best_genes}
-    best_model.eval()
-    return best_model
+        stage = stage_prefix + _lr_stage(i, n_hvg, standardize, first_genes)
+        score = fit(net, features(counts, preprocess), y, features(val_counts, preprocess), val_y, n_classes, p,
+                    seed, log, stage=stage)
+        if best is None or score > best[2]:
+            best = (i, model, score, getattr(net, "l2", p["l2"]))
+    return best
 
 
 def lr_gene_choices(p: dict, n_genes: int) -> list:

@@ -77,6 +77,76 @@ class FeatureSource:
             yield from self._computed_batches()
 
 
+    def logit_blocks(self, net: nn.Module) -> Iterator[torch.Tensor]:
+        """``net`` over the rows, a block at a time (L-BFGS sums its loss over them)."""
+        for block in self.batches():
+            yield net(block)
+
+
+class _SparseTimesWeightT(torch.autograd.Function):
+    """``matrix @ weight.T`` for a scipy CSR ``matrix`` (constant) and a torch ``weight``
+    ``[K, d]``; the gradient is ``grad.T @ matrix``. scipy's products run in C on the CSR
+    directly: at 5% detected genes, 4,000 cells x 20,000 genes x 25 classes, the forward and
+    backward pass took 63 ms against 143 ms for torch's dense product on 2 cores, and torch's
+    own sparse product 363 ms."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, matrix) -> torch.Tensor:
+        ctx.matrix = matrix
+        return torch.from_numpy(np.asarray(matrix @ weight.detach().numpy().T, dtype=np.float32))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return torch.from_numpy(np.asarray(ctx.matrix.T @ grad.numpy(), dtype=np.float32)).T, None
+
+
+class SparseAffineSource:
+    """The features of a linear model held as ``offset + S`` (``LRPreprocess.sparse_features``):
+    the logits ``S @ W.T + (offset @ W.T + b)`` never need the dense matrix. For LR on every
+    gene: memory and time follow the detected values rather than cells x genes."""
+
+    def __init__(self, counts, preprocess: nn.Module):
+        self.matrix, offset = preprocess.sparse_features(counts)
+        self.offset = torch.as_tensor(offset, dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return self.matrix.shape[0]
+
+    @property
+    def density(self) -> float:
+        return self.matrix.nnz / max(1, self.matrix.shape[0] * self.matrix.shape[1])
+
+    def logit_blocks(self, net: nn.Module) -> Iterator[torch.Tensor]:
+        weight, bias = _linear(net)
+        yield _SparseTimesWeightT.apply(weight, self.matrix) + (weight @ self.offset + bias)
+
+
+# Below this share of detected values (of the selected genes) LR's L-BFGS trains on the sparse
+# form; above it the dense product is faster. Measured here (2 cores, 20,000 genes, 25
+# classes): sparse 63 ms against dense 143 ms at 5%, 421 against 179 ms at 30%, even near 11%.
+# A dense matrix over the cache limit is recomputed on every pass, so it goes sparse too.
+SPARSE_MAX_DENSITY = 0.1
+
+
+def linear_features(counts, preprocess: nn.Module) -> FeatureSource | SparseAffineSource:
+    """The training features of a linear model on ``preprocess(counts)``: sparse when the
+    selected genes are sparse enough (``SPARSE_MAX_DENSITY``) or too many to cache dense."""
+    if not hasattr(preprocess, "sparse_features"):
+        return FeatureSource(counts, preprocess)
+    source = SparseAffineSource(counts, preprocess)
+    n, d = source.matrix.shape
+    if source.density <= SPARSE_MAX_DENSITY or n * d * 4 > CACHE_LIMIT_BYTES:
+        return source
+    return FeatureSource(counts, preprocess)
+
+
+@torch.no_grad()
+def linear_logits(net: nn.Module, source: FeatureSource | SparseAffineSource) -> torch.Tensor:
+    """Every row's logits (eval mode): what validation scores a linear fit by."""
+    net.eval()
+    return torch.cat(list(source.logit_blocks(net)))
+
+
 @torch.no_grad()
 def apply_module(module: nn.Module, source: FeatureSource) -> torch.Tensor:
     """``module`` over every row of ``source`` in eval mode, as one tensor."""
@@ -201,8 +271,9 @@ class EncoderHead(nn.Module):
         return self.head(self.encoder(x))
 
 
-def fit_linear_lbfgs(net: EncoderHead, train: FeatureSource, train_y, val: FeatureSource, val_y,
-                      n_classes: int, p: dict, seed: int, log: Log | None = None, stage: str = "lr") -> tuple:
+def fit_linear_lbfgs(net: EncoderHead, train: FeatureSource | SparseAffineSource, train_y,
+                     val: FeatureSource | SparseAffineSource, val_y,
+                     n_classes: int, p: dict, seed: int, log: Log | None = None, stage: str = "lr") -> tuple:
     """Full-batch L-BFGS of a linear head on mean cross-entropy + l2 * sum(W^2) / 2, along
     ``l2_path`` (strongest first, each fit warm-started from the previous one); keeps the l2
     with the best (val macro F1, val accuracy, -val loss), exact ties to the stronger penalty.
@@ -219,7 +290,7 @@ def fit_linear_lbfgs(net: EncoderHead, train: FeatureSource, train_y, val: Featu
     best_score, best_state, best_l2, stale = None, None, None, 0
     for step, l2 in enumerate(sorted({float(v) for v in p["l2_path"]}, reverse=True)):
         train_loss = _lbfgs(net, train, y, l2, int(p["max_iter"]))
-        scores = val_scores(np.asarray(val_y), apply_module(net, val), n_classes)
+        scores = val_scores(np.asarray(val_y), linear_logits(net, val), n_classes)
         if log is not None:
             log(stage, step, {"loss": train_loss, "l2": l2, **scores})
         score = _rank(scores)
@@ -235,14 +306,15 @@ def fit_linear_lbfgs(net: EncoderHead, train: FeatureSource, train_y, val: Featu
     return best_score
 
 
-def refit_linear_lbfgs(net: EncoderHead, train: FeatureSource, train_y, val: FeatureSource, val_y, n_classes: int,
+def refit_linear_lbfgs(net: EncoderHead, train: FeatureSource | SparseAffineSource, train_y,
+                       val: FeatureSource | SparseAffineSource, val_y, n_classes: int,
                        l2: float, kept_l2: float, kept_score: tuple, p: dict, log: Log | None = None) -> float:
     """One L-BFGS fit at ``l2`` warm-started from ``net``'s weights (a fit on a sample of
     ``train``); kept only if its validation score is no worse than ``kept_score``. Returns
     the l2 of the weights ``net`` is left holding."""
     kept = state_copy(net)
     train_loss = _lbfgs(net, train, torch.as_tensor(np.asarray(train_y), dtype=torch.long), l2, int(p["max_iter"]))
-    scores = val_scores(np.asarray(val_y), apply_module(net, val), n_classes)
+    scores = val_scores(np.asarray(val_y), linear_logits(net, val), n_classes)
     if log is not None:
         log("lr_refit", 0, {"loss": train_loss, "l2": l2, **scores})
     if _rank(scores) < kept_score:
@@ -262,7 +334,8 @@ def _linear(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return head.weight, head.bias
 
 
-def _lbfgs(net: EncoderHead, train: FeatureSource, y: torch.Tensor, l2: float, max_iter: int) -> float:
+def _lbfgs(net: EncoderHead, train: FeatureSource | SparseAffineSource, y: torch.Tensor, l2: float,
+           max_iter: int) -> float:
     """Minimise mean cross-entropy + l2 * sum(W^2) / 2 from the current weights; the loss."""
     weight, bias = _linear(net)
     n = max(len(train), 1)
@@ -272,10 +345,10 @@ def _lbfgs(net: EncoderHead, train: FeatureSource, y: torch.Tensor, l2: float, m
     def closure():
         optimizer.zero_grad(set_to_none=True)
         total, start = torch.zeros(()), 0
-        for block in train.batches():  # the full batch, a block of rows at a time
-            loss = F.cross_entropy(net(block), y[start:start + len(block)], reduction="sum") / n
+        for logits in train.logit_blocks(net):  # the full batch, a block of rows at a time
+            loss = F.cross_entropy(logits, y[start:start + len(logits)], reduction="sum") / n
             loss.backward()
-            total, start = total + loss.detach(), start + len(block)
+            total, start = total + loss.detach(), start + len(logits)
         penalty = 0.5 * l2 * weight.pow(2).sum()
         penalty.backward()
         return total + penalty.detach()
