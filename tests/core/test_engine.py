@@ -1,6 +1,7 @@
 """The execution engine: tasks on dask.distributed, a local cluster or a running one."""
 
 import os
+import time
 from concurrent.futures import as_completed
 from pathlib import Path
 
@@ -44,3 +45,24 @@ def test_tasks_go_to_a_running_scheduler_and_a_wrong_address_is_one_line():
     with pytest.raises(InputError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
         with task_executor(1, scheduler="tcp://127.0.0.1:9"):
             pass
+
+
+def _affinity() -> tuple[int, list[list[int]]]:
+    """This process's id and the cores each of its threads may run on (after a pause, so that
+    tasks submitted together spread over the workers)."""
+    time.sleep(0.3)
+    return os.getpid(), [sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two cores")
+def test_pinned_local_workers_each_hold_a_core_of_their_own():
+    with task_executor(2, pin=True) as pool:
+        found = dict(f.result() for f in [pool.submit(_affinity) for _ in range(6)])
+    assert len(found) == 2  # both workers answered
+    cores = [threads[0] for threads in found.values()]
+    assert all(len(c) == 1 for c in cores) and cores[0] != cores[1]
+    assert all(t == cores[i] for i, threads in enumerate(found.values()) for t in threads)  # every thread
+    with task_executor(1) as pool:  # not asked: the worker may run anywhere
+        _, threads = pool.submit(_affinity).result()
+    assert all(t == sorted(os.sched_getaffinity(0)) for t in threads)

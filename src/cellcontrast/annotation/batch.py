@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cellcontrast.annotation.stream import cores
+from cellcontrast.annotation.stream import cores, fix_mmap_threshold_in_worker
 from cellcontrast.core.errors import InputError
 from cellcontrast.core.files import atomic_path
 
@@ -47,6 +47,7 @@ def _annotate_one(model: str, query: str, out: str, options: dict) -> dict:
     """One input (in a worker process): its summary row, the error instead of raising."""
     from cellcontrast.annotation.api import annotate_file
 
+    fix_mmap_threshold_in_worker()
     started = time.perf_counter()
     row = {"query": query, "out": out}
     try:
@@ -128,7 +129,7 @@ def _run(jobs: list[tuple], workers: int, scheduler: str | None):
 
     from cellcontrast.core.engine import task_executor
 
-    with task_executor(workers, scheduler) as pool:
+    with task_executor(workers, scheduler, pin=True) as pool:
         futures = [pool.submit(_annotate_one, *job) for job in jobs]
         for future in as_completed(futures):
             yield future.result()

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 
 from cellcontrast.annotation.prediction import joined_predictions, predict_matrix
+from cellcontrast.annotation.stream import fix_mmap_threshold_in_worker
 
 # Ranges per worker: a worker that finishes early takes the next range.
 RANGES_PER_WORKER = 2
@@ -55,6 +56,7 @@ def predict_range(model: str, query: str, layer: str | None, gene_key: str | Non
     from cellcontrast.annotation.model import load_model
     from cellcontrast.annotation.query import open_query
 
+    fix_mmap_threshold_in_worker()
     annotator = load_model(model, threads=threads)
     with h5py.File(query, "r") as f, ThreadPoolExecutor(max_workers=threads) as pool:
         matrix = open_query(f, layer, pool, gene_key)
@@ -75,7 +77,7 @@ def predict_in_parts(annotator, matrix, col_map: np.ndarray, batch_size: int, *,
 
     ranges = row_ranges(matrix.n_obs, workers * RANGES_PER_WORKER)
     disable = (not sys.stderr.isatty()) if progress is None else not progress
-    with task_executor(workers, scheduler) as pool, tqdm(total=matrix.n_obs, unit="cells", desc="annotate",
+    with task_executor(workers, scheduler, pin=True) as pool, tqdm(total=matrix.n_obs, unit="cells", desc="annotate",
                                                           file=sys.stderr, disable=disable) as bar:
         futures = {pool.submit(predict_range, str(annotator.path), str(query), layer, gene_key, col_map, lo, hi,
                                batch_size, probabilities, energy, threads): i for i, (lo, hi) in enumerate(ranges)}
