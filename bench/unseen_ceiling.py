@@ -8,7 +8,9 @@ validation cells). On each, LR is fitted with its default recipe (every choice o
 validation) and scored on the test cells:
 
 - *without the unseen types* (what an annotator can do): the AUROC, unseen against seen test
-  cells, of 1 - top probability and of the energy;
+  cells, of every novelty score of ``train/open_set.py`` (1 - top probability, energy, kNN,
+  centroid, expression), and for each the share of unseen and of seen test cells above the
+  score's 95th and 99th percentile on validation;
 - *with them* (the oracle, which has seen labelled cells of the "unseen" types): the AUROC of
   the probability it gives the unseen types together, and their per-type test F1.
 
@@ -29,7 +31,7 @@ from cellcontrast.data.split_data import load_split_data
 from cellcontrast.nn.chain import predict_logits
 from cellcontrast.train.base_model import fit_base
 from cellcontrast.train.chain import build_chain
-from cellcontrast.train.open_set import auroc, energy
+from cellcontrast.train.open_set import SCORES, NoveltyScorer, auroc
 
 
 def _fit_lr(data, seed: int):
@@ -51,14 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     seed = int(open_data.info["seed"])
 
     chain = _fit_lr(open_data, seed)
-    temperature = float(chain.temperature)
-    seen_logits = predict_logits(chain, open_data.X["test"]).astype(np.float64)
-    unseen_logits = predict_logits(chain, open_data.X["unseen"]).astype(np.float64)
-
-    def top_prob(logits):
-        z = logits / temperature
-        z = np.exp(z - z.max(axis=1, keepdims=True))
-        return (z / z.sum(axis=1, keepdims=True)).max(axis=1)
+    scorer = NoveltyScorer(chain, open_data.X["train"], open_data.y["train"], seed)
+    val, seen, unseen_scores = (scorer.scores(open_data.X[part]) for part in ("val", "test", "unseen"))
+    without = {}
+    for name in SCORES:
+        without[f"auroc_{name}"] = round(auroc(seen[name], unseen_scores[name]), 4)
+        for q in (0.95, 0.99):
+            threshold = np.quantile(val[name], q)
+            without[f"{name}_q{round(q * 100)}_unseen_seen"] = [
+                round(float((unseen_scores[name] > threshold).mean()), 3),
+                round(float((seen[name] > threshold).mean()), 3)]
 
     oracle = _fit_lr(full, seed)
     probs = np.exp(predict_logits(oracle, full.X["test"]).astype(np.float64) / float(oracle.temperature))
@@ -69,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     pred = probs.argmax(axis=1)
     row = {
         "unseen_types": unseen, "seen_test_cells": int((~is_unseen).sum()), "unseen_test_cells": int(is_unseen.sum()),
-        "auroc_max_prob_without": auroc(1 - top_prob(seen_logits), 1 - top_prob(unseen_logits)),
-        "auroc_energy_without": auroc(energy(seen_logits, temperature), energy(unseen_logits, temperature)),
+        "without": without,
         "auroc_oracle": auroc(score[~is_unseen], score[is_unseen]),
         "oracle_f1_of_unseen_types": dict(zip(unseen, np.round(f1_score(full.y["test"], pred, labels=cols,
                                                                         average=None), 3).tolist(), strict=True)),
