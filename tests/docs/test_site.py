@@ -115,9 +115,10 @@ def test_obs_columns_page_is_what_annotation_writes(site, tmp_path):
     genes = [f"g{i}" for i in range(x.shape[1])]
     reference = ad.AnnData(X=x, obs=pd.DataFrame({"cell_type": [f"t{v}" for v in y]}), var=pd.DataFrame(index=genes))
     path = cc.fit(reference, "cell_type", params={"lr": {"l2_path": [1e-2]}}).export(tmp_path / "m.onnx")
-    query = reference.copy()
+    query, other = reference.copy(), reference.copy()
     cc.annotate(query, path, flag_unseen=True, majority_voting=True, probabilities=True)
-    written = {c for c in query.obs if c.startswith("cellcontrast_")}
+    cc.annotate(other, path, flag_unseen="expression")  # the other novelty score's column
+    written = {c for frame in (query.obs, other.obs) for c in frame if c.startswith("cellcontrast_")}
     table = re.findall(r"<td><code>(cellcontrast_[a-z0-9_]+)</code></td>",
                        (site / "reference" / "obs-columns" / "index.html").read_text())
     assert set(table) == written

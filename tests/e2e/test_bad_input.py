@@ -494,7 +494,7 @@ def _annotate_bad(tmp: Path, model: Path) -> dict:
         "batch size 0": lambda: (model, good(), ["--batch-size", "0"], "--batch-size"),
         "min-confidence above 1": lambda: (model, good(), ["--min-confidence", "2"], "--min-confidence"),
         "flag-unseen without an energy output": lambda: (model, good(), ["--flag-unseen"],
-                                                          "--flag-unseen needs a model exported with its energy"),
+                                                          "--flag-unseen energy needs a model exported with its energy"),
         "model empty file": lambda: (_text(tmp / "empty.onnx", ""), good(), [], "not a readable ONNX model"),
         "model is a folder": lambda: (tmp.joinpath("m.onnx").mkdir() or tmp / "m.onnx", good(), [], "not a file"),
         "model is a pickle": lambda: (_malicious_pickle(tmp / "m.pt", tmp / "PWNED"), good(), [],

@@ -203,11 +203,76 @@ def test_flag_unseen_marks_cells_above_the_validation_energy_threshold(trained_d
     unfamiliar = query.obs["cellcontrast_energy"].to_numpy() > threshold
     assert np.array_equal(query.obs["cellcontrast_unfamiliar"].to_numpy(), unfamiliar)
     assert np.array_equal((query.obs["cellcontrast_label"] == "Unassigned").to_numpy(), unfamiliar)
-    assert query.uns["cellcontrast"]["energy_threshold"] == pytest.approx(threshold)
+    assert query.uns["cellcontrast"]["unseen_threshold"] == pytest.approx(threshold)
+    assert query.uns["cellcontrast"]["flag_unseen"] == "energy"
     plain = export_chain_to_onnx(TinyChain(len(trained_data["genes"]), n_classes).eval(),
                                  {**config, "metrics": {}}, tmp_path / "plain.onnx")
-    with pytest.raises(cc.InputError, match="--flag-unseen needs a model exported with its energy output"):
+    with pytest.raises(cc.InputError, match="--flag-unseen energy needs a model exported with its energy output"):
         cc.annotate(query, plain, flag_unseen=True)
+    with pytest.raises(cc.InputError, match="--flag-unseen expression needs a model exported with its expression"):
+        cc.annotate(query, path, flag_unseen="expression")  # this chain carries no expression score
+    with pytest.raises(cc.InputError, match="must be one of energy, expression"):
+        cc.annotate(query, path, flag_unseen="distance")
+
+
+def _deviance_reference(x: np.ndarray, mu: np.ndarray, phi: np.ndarray) -> np.ndarray:
+    """The expression score written out in numpy: the largest NB deviance where x > mu."""
+    size = 1.0 / phi
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(x > 0, x * np.log(x / mu), 0.0)
+    deviance = 2.0 * (ratio - (x + size) * np.log((1.0 + phi * x) / (1.0 + phi * mu)))
+    return np.where(x > mu, deviance, 0.0).max(axis=1)
+
+
+def test_flag_unseen_expression_scores_the_unexplained_gene_and_exports(trained_data, tmp_path):
+    """The expression score: fitted on training cells, saved and reloaded with the chain,
+    exported as the `expression` output equal to torch and to the numpy formula; a cell given
+    a burst of a gene its predicted class barely expresses scores far above validation and
+    comes out Unassigned with flag_unseen="expression", at 1% of validation flagged."""
+    import anndata as ad
+
+    import cellcontrast as cc
+    from cellcontrast.nn.chain import load_chain, predict_logits, save_chain
+    from cellcontrast.train.chain import fit_chain
+    from cellcontrast.train.evaluation import evaluate
+    from cellcontrast.train.open_set import attach_unexplained_expression, unexplained_expression
+
+    (xt, yt), (xv, yv), (xq, _) = trained_data["train"], trained_data["val"], trained_data["query"]
+    n_classes, genes = len(trained_data["classes"]), trained_data["genes"]
+    chain = fit_chain(xt, yt, xv, yv, n_classes, "lr", "none", {"lr": {"l2_path": [1e-2]}}, seed=0)
+    attach_unexplained_expression(chain, xt, yt)
+    metrics, _ = evaluate(chain, {"val": xv}, {"val": yv}, n_classes)
+    novelty = chain.novelty
+    assert 0 < novelty.n_kept <= len(genes) and (novelty.profile > 0).all()
+    kept = novelty.gene_index.numpy()
+    dense = xq.toarray().astype(np.float64)
+    classes = predict_logits(chain, xq).argmax(axis=1)
+    mu = dense.sum(axis=1, keepdims=True) * novelty.profile.double().numpy()[classes]
+    want = _deviance_reference(dense[:, kept], mu, novelty.dispersion.double().numpy())
+    np.testing.assert_allclose(unexplained_expression(chain, xq), want, rtol=1e-4, atol=1e-3)
+
+    loaded, config = load_chain(save_chain(chain, {"genes": genes, "class_names": trained_data["classes"],
+                                                   "metrics": metrics}, tmp_path / "chain"))
+    assert loaded.novelty is not None
+    np.testing.assert_allclose(unexplained_expression(loaded, xq), want, rtol=1e-4, atol=1e-3)
+    path = export_chain_to_onnx(loaded, {**config, "classes": trained_data["classes"]}, tmp_path / "m.onnx")
+    (got,) = _session(path).run(["expression"], {"counts": xq.toarray()})
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+    val = ad.AnnData(X=xv, var=pd.DataFrame(index=genes))
+    cc.annotate(val, path, min_confidence=0.0, flag_unseen="expression")
+    assert val.obs["cellcontrast_unfamiliar"].mean() == pytest.approx(0.01, abs=0.01)
+    # the least expressed kept gene of each cell's class, raised to a tenth of its counts
+    burst = dense.copy()
+    low = novelty.profile.numpy()[classes].argmin(axis=1)
+    burst[np.arange(len(burst)), kept[low]] += np.rint(0.1 * dense.sum(axis=1))
+    query = ad.AnnData(X=np.vstack([dense, burst]).astype(np.float32), var=pd.DataFrame(index=genes))
+    cc.annotate(query, path, min_confidence=0.0, flag_unseen="expression")
+    unfamiliar = query.obs["cellcontrast_unfamiliar"].to_numpy()
+    assert unfamiliar[len(dense):].mean() > 0.9 > 0.1 > unfamiliar[:len(dense)].mean()
+    assert np.array_equal((query.obs["cellcontrast_label"] == "Unassigned").to_numpy(), unfamiliar)
+    assert query.uns["cellcontrast"]["flag_unseen"] == "expression"
+    assert "cellcontrast_expression" in query.obs and "cellcontrast_energy" not in query.obs
 
 
 @pytest.mark.parametrize("base", ["lr", "scdae"])

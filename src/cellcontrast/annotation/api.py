@@ -16,7 +16,8 @@ Output of `annotate_file` (a NEW file; the query is opened read-only and never m
 * ``X``: none, and ``var`` is empty: the file's shape is ``(n_cells, 0)``. The query's matrix
   is not copied (it can be tens of GB); join the predictions back with
   ``query.obs = query.obs.join(out.obs.filter(like="cellcontrast_"))``;
-* with ``flag_unseen``: ``cellcontrast_energy`` and ``cellcontrast_unfamiliar``; with
+* with ``flag_unseen``: the score (``cellcontrast_energy`` or ``cellcontrast_expression``) and
+  ``cellcontrast_unfamiliar``; with
   ``majority_voting``: ``cellcontrast_over_clustering``, ``cellcontrast_majority_voting`` and
   ``cellcontrast_majority_agreement`` (`cellcontrast.annotation.majority`);
 * ``obsm['cellcontrast_probabilities']`` (``[n_cells, n_classes]`` float32, opt-in, columns in
@@ -65,8 +66,11 @@ from cellcontrast.core.version import __version__
 # The top probability below which 5% of the chain's validation cells fall (train/evaluation.py):
 # what ``min_confidence="auto"`` uses.
 VALIDATION_THRESHOLD = "val_confidence_q05"
-# The energy above which 5% of the chain's validation cells lie: what ``flag_unseen`` uses.
-VALIDATION_ENERGY_THRESHOLD = "val_energy_q95"
+# Each novelty score's validation threshold (train/evaluation.py): what ``flag_unseen`` uses.
+# The energy flags 5% of validation; the expression score, sharper on the types a reference
+# lacks, 1% (atlas Default seed 0, 3 unseen types: 89% of them above it, 0.5% of the others).
+NOVELTY_THRESHOLDS = {"energy": "val_energy_q95", "expression": "val_expression_q99"}
+FLAG_UNSEEN_SCORES = tuple(NOVELTY_THRESHOLDS)
 
 
 def _check_options(batch_size: int, min_confidence: float | str, min_overlap: float,
@@ -102,27 +106,50 @@ def _threshold(annotator: Annotator, min_confidence: float | str) -> float:
     return float(value)
 
 
-def _energy_threshold(annotator: Annotator, flag_unseen: bool) -> float | None:
-    """With ``flag_unseen``: the validation energy threshold the model carries."""
-    if not flag_unseen:
+def novelty_score(flag_unseen: bool | str | None) -> str | None:
+    """The score ``flag_unseen`` names: False/None: none; True: ``energy``; or the name itself.
+
+    ``energy`` (column ``cellcontrast_energy``): ``-T logsumexp(logits / T)``, cells above the
+    value that 5% of the chain's validation cells exceed are unfamiliar. ``expression`` (column
+    ``cellcontrast_expression``; annotators from `cellcontrast fit`): the largest deviance of a
+    gene the cell expresses above its predicted type's training profile, 1% of validation
+    above the threshold; sharper on types the reference lacks within its own donors, weaker on
+    a new donor (docs: unseen types)."""
+    if flag_unseen is None or flag_unseen is False:
         return None
-    value = (annotator.metadata.get("metrics") or {}).get(VALIDATION_ENERGY_THRESHOLD)
-    if annotator.energy_name is None or value is None:
-        raise InputError("--flag-unseen needs a model exported with its energy output and validation "
-                         "threshold (trained and exported by this version or later)")
+    if flag_unseen is True:
+        return "energy"
+    if flag_unseen not in FLAG_UNSEEN_SCORES:
+        raise InputError(f"--flag-unseen {flag_unseen!r}: the score must be one of {', '.join(FLAG_UNSEEN_SCORES)}")
+    return str(flag_unseen)
+
+
+def _novelty_threshold(annotator: Annotator, score: str | None) -> float | None:
+    """With a ``flag_unseen`` score: its validation threshold, which the model carries."""
+    if score is None:
+        return None
+    value = (annotator.metadata.get("metrics") or {}).get(NOVELTY_THRESHOLDS[score])
+    if score not in annotator.novelty_scores or value is None:
+        how = ("trained and exported by this version or later" if score == "energy"
+               else "from `cellcontrast fit` or cc.fit of this version or later")
+        raise InputError(f"--flag-unseen {score} needs a model exported with its {score} output and validation "
+                         f"threshold ({how})")
     return float(value)
 
 
-def _frame(obs_names: pd.Index, annotator: Annotator, predicted: Predicted, min_confidence: float,
-           energy_threshold: float | None, prefix: str = PREFIX) -> pd.DataFrame:
-    return predictions_frame(obs_names, annotator.classes, predicted.top_idx, predicted.top_p, min_confidence,
-                             prefix=prefix, energy=predicted.energy, energy_threshold=energy_threshold)
+def _frame(obs_names: pd.Index, annotator: Annotator, predicted: Predicted, options: _Options,
+           prefix: str = PREFIX) -> pd.DataFrame:
+    return predictions_frame(obs_names, annotator.classes, predicted.top_idx, predicted.top_p, options.min_confidence,
+                             prefix=prefix, novelty=predicted.novelty, novelty_threshold=options.novelty_threshold,
+                             novelty_name=options.novelty or "energy")
 
 
-def _unassigned_note(pred: pd.DataFrame, min_confidence: float, flag_unseen: bool) -> str:
+def _unassigned_note(pred: pd.DataFrame, options: _Options) -> str:
+    min_confidence, flag_unseen = options.min_confidence, options.novelty is not None
     if not (min_confidence > 0 or flag_unseen):
         return ""
-    unfamiliar = f", or unfamiliar: {int(pred[f'{PREFIX}unfamiliar'].sum())} cells" if flag_unseen else ""
+    unfamiliar = (f", or unfamiliar by {options.novelty}: {int(pred[f'{PREFIX}unfamiliar'].sum())} cells"
+                  if flag_unseen else "")
     n_unassigned = int((pred[f"{PREFIX}label"] == UNASSIGNED).sum())
     return f"; {n_unassigned} Unassigned (confidence < {min_confidence:g}{unfamiliar})"
 
@@ -135,15 +162,17 @@ class _Options:
     min_confidence: float
     case_insensitive: bool
     gene_key: str | None
-    energy_threshold: float | None
+    novelty: str | None
+    novelty_threshold: float | None
     majority_voting: bool
     min_agreement: float
 
 
 def _options(annotator: Annotator, layer, min_confidence, case_insensitive, gene_key, flag_unseen, majority_voting,
              min_agreement) -> _Options:
-    return _Options(layer, _threshold(annotator, min_confidence), case_insensitive, gene_key,
-                    _energy_threshold(annotator, flag_unseen), majority_voting, min_agreement)
+    score = novelty_score(flag_unseen)
+    return _Options(layer, _threshold(annotator, min_confidence), case_insensitive, gene_key, score,
+                    _novelty_threshold(annotator, score), majority_voting, min_agreement)
 
 
 def _predict_file(annotator: Annotator, query_path: Path, options: _Options, *, threads: int, label_key, say,
@@ -185,8 +214,8 @@ def _metadata(model: Annotator, predicted: Predicted, query: str, options: _Opti
         "gene_overlap": float(predicted.found / n_model), "genes_missing": missing, "query": query,
         "layer": options.layer or "X", "gene_key": options.gene_key or "",
         "min_confidence": float(options.min_confidence), "case_insensitive": bool(options.case_insensitive),
-        "cellcontrast_version": __version__, "flag_unseen": options.energy_threshold is not None,
-        "energy_threshold": float("nan") if options.energy_threshold is None else float(options.energy_threshold),
+        "cellcontrast_version": __version__, "flag_unseen": options.novelty or "",
+        "unseen_threshold": float("nan") if options.novelty_threshold is None else float(options.novelty_threshold),
         "majority_voting": options.majority_voting, "min_agreement": float(options.min_agreement),
         "n_clusters": -1 if n_clusters is None else int(n_clusters),
     })
@@ -201,8 +230,8 @@ def _annotate_matrix(annotator: Annotator, matrix, obs_names: pd.Index, options:
     col_map = _columns(matrix, annotator, min_overlap=min_overlap, case_insensitive=options.case_insensitive, say=say)
     predicted = predict(annotator, matrix, col_map, batch_size,
                                probabilities=probabilities or options.majority_voting or inspect is not None,
-                               energy=options.energy_threshold is not None, progress=progress)
-    pred = _frame(obs_names, annotator, predicted, options.min_confidence, options.energy_threshold, prefix=prefix)
+                               novelty=options.novelty, progress=progress)
+    pred = _frame(obs_names, annotator, predicted, options, prefix=prefix)
     n_clusters = None
     if options.majority_voting:
         say(f"majority voting: clustering {matrix.n_obs} cells")
@@ -230,7 +259,7 @@ def annotate_file(
     *,
     csv: str | os.PathLike | None = None, layer: str | None = None, gene_key: str | None = None,
     batch_size: int = 8192, min_confidence: float | str = 0.0, min_overlap: float = 0.5,
-    case_insensitive: bool = False, probabilities: bool = False, flag_unseen: bool = False,
+    case_insensitive: bool = False, probabilities: bool = False, flag_unseen: bool | str = False,
     majority_voting: bool = False, min_agreement: float = 0.0, threads: int = 0,
     label_key: str | None = None, progress: bool | None = None, log=None, inspect=None,
     workers: int = 1, scheduler: str | None = None,
@@ -256,8 +285,8 @@ def annotate_file(
     probabilities
         Store every class's probability in ``obsm['cellcontrast_probabilities']``.
     flag_unseen
-        Also call ``Unassigned`` the cells less familiar than 95% of the chain's validation cells
-        by the energy score (columns ``cellcontrast_energy``, ``cellcontrast_unfamiliar``).
+        Also call ``Unassigned`` the cells less familiar than the chain's validation cells by a
+        novelty score: ``True``/``"energy"`` (95%) or ``"expression"`` (99%; `novelty_score`).
     majority_voting, min_agreement
         Over-cluster the query, give each cluster its majority label (``*_over_clustering``,
         ``*_majority_voting``, ``*_majority_agreement``); below ``min_agreement``:
@@ -300,7 +329,7 @@ def annotate_file(
         summary.attrs["accuracy"] = acc
     write_outputs(out_path, csv_path, _joined(obs, pred), uns, predicted.probabilities, pred)
     say(f"annotated {len(obs)} cells into {out_path}" + (f" and {csv_path}" if csv_path else "")
-        + _unassigned_note(pred, options.min_confidence, flag_unseen)
+        + _unassigned_note(pred, options)
         + (f"; majority voting over {n_clusters} clusters" if n_clusters else ""))
     return summary
 
@@ -311,7 +340,7 @@ def annotate(
     *,
     layer: str | None = None, gene_key: str | None = None, min_confidence: float | str = 0.5,
     key_added: str = "cellcontrast", copy: bool = False, batch_size: int = 8192, min_overlap: float = 0.5,
-    case_insensitive: bool = False, probabilities: bool = False, flag_unseen: bool = False,
+    case_insensitive: bool = False, probabilities: bool = False, flag_unseen: bool | str = False,
     majority_voting: bool = False, min_agreement: float = 0.0, threads: int = 0, progress: bool | None = None,
 ) -> anndata.AnnData | None:
     """Annotate an AnnData (in memory or backed) with an exported annotator.

@@ -36,6 +36,12 @@ class Annotator:
     input_name: str
     output_name: str
     energy_name: str | None = None
+    expression_name: str | None = None
+
+    @property
+    def novelty_scores(self) -> list[str]:
+        """The novelty outputs the model has: ``energy``, ``expression`` (newer exports)."""
+        return [name for name in (self.energy_name, self.expression_name) if name]
 
     @classmethod
     def load(cls, path: str | os.PathLike, threads: int = 0) -> Annotator:
@@ -60,13 +66,13 @@ class Annotator:
         counts = np.ascontiguousarray(counts, dtype=np.float32)
         return self.session.run([self.output_name], {self.input_name: counts})[0]
 
-    def predict(self, counts: np.ndarray, energy: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities and, with ``energy`` (for a model that has it), each cell's energy."""
-        if not (energy and self.energy_name):
+    def predict(self, counts: np.ndarray, novelty: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and, with ``novelty`` (one of `novelty_scores`), each cell's score."""
+        if novelty is None or novelty not in self.novelty_scores:
             return self.predict_proba(counts), None
         counts = np.ascontiguousarray(counts, dtype=np.float32)
-        probs, cell_energy = self.session.run([self.output_name, self.energy_name], {self.input_name: counts})
-        return probs, cell_energy
+        probs, score = self.session.run([self.output_name, novelty], {self.input_name: counts})
+        return probs, score
 
 
 def load_model(path: str | os.PathLike, threads: int = 0) -> Annotator:
@@ -139,4 +145,6 @@ def load_model(path: str | os.PathLike, threads: int = 0) -> Annotator:
     if len(set(meta["genes"])) != len(meta["genes"]):
         raise InputError(f"{path} lists duplicated genes in its metadata; {hint}")
     energy_name = "energy" if "energy" in outputs else None  # exported by this version or later
-    return Annotator(path, session, meta["genes"], meta["classes"], meta, input_name, output_name, energy_name)
+    expression_name = "expression" if "expression" in outputs else None
+    return Annotator(path, session, meta["genes"], meta["classes"], meta, input_name, output_name, energy_name,
+                     expression_name)

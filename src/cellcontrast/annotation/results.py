@@ -17,19 +17,21 @@ PROBABILITIES_KEY = "cellcontrast_probabilities"
 
 def predictions_frame(
     obs_names: pd.Index, classes: list[str], top_idx: np.ndarray, top_p: np.ndarray, min_confidence: float,
-    prefix: str = PREFIX, energy: np.ndarray | None = None, energy_threshold: float | None = None,
+    prefix: str = PREFIX, novelty: np.ndarray | None = None, novelty_threshold: float | None = None,
+    novelty_name: str = "energy",
 ) -> pd.DataFrame:
     """The per-cell columns: ``{prefix}label`` (``Unassigned`` below ``min_confidence``),
     ``confidence``, ``raw_label`` (the argmax), ``top1..3`` and ``top1..3_prob``; with
-    ``energy_threshold``, ``energy`` and ``unfamiliar`` (energy above it: ``Unassigned`` too)."""
+    ``novelty_threshold``, the score (column ``novelty_name``: ``energy`` or ``expression``) and
+    ``unfamiliar`` (score above the threshold: ``Unassigned`` too)."""
     PREFIX = prefix  # noqa: N806 - the column prefix, as in the module constant
     names = np.asarray(classes + [""], dtype=object)
     n = len(obs_names)
     conf = top_p[:, 0].astype(np.float32)
     raw = names[top_idx[:, 0]]
     keep = conf >= min_confidence
-    if energy_threshold is not None:
-        unfamiliar = np.asarray(energy) > energy_threshold
+    if novelty_threshold is not None:
+        unfamiliar = np.asarray(novelty) > novelty_threshold
         keep &= ~unfamiliar
     label = np.where(keep, raw, UNASSIGNED)
     cats = list(dict.fromkeys([*classes, UNASSIGNED]))
@@ -47,8 +49,8 @@ def predictions_frame(
         frame[f"{PREFIX}top{j + 1}_prob"] = (
             top_p[:, j].astype(np.float32) if j < top_p.shape[1] else np.zeros(n, dtype=np.float32)
         )
-    if energy_threshold is not None:
-        frame[f"{PREFIX}energy"] = np.asarray(energy, dtype=np.float32)
+    if novelty_threshold is not None:
+        frame[f"{PREFIX}{novelty_name}"] = np.asarray(novelty, dtype=np.float32)
         frame[f"{PREFIX}unfamiliar"] = unfamiliar
     return pd.DataFrame(frame, index=obs_names)
 

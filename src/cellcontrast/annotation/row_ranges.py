@@ -51,7 +51,7 @@ def row_ranges(n_obs: int, parts: int) -> list[tuple[int, int]]:
 
 
 def predict_range(model: str, query: str, layer: str | None, gene_key: str | None, col_map: np.ndarray,
-                  lo: int, hi: int, batch_size: int, probabilities: bool, energy: bool, threads: int):
+                  lo: int, hi: int, batch_size: int, probabilities: bool, novelty: str | None, threads: int):
     """In a worker: the predictions of rows [lo, hi) of the query file."""
     from cellcontrast.annotation.model import load_model
     from cellcontrast.annotation.query import open_query
@@ -61,12 +61,12 @@ def predict_range(model: str, query: str, layer: str | None, gene_key: str | Non
     with h5py.File(query, "r") as f, ThreadPoolExecutor(max_workers=threads) as pool:
         matrix = open_query(f, layer, pool, gene_key)
         return predict_matrix(annotator, RowRange(matrix, lo, hi), col_map, batch_size,
-                              probabilities=probabilities, energy=energy, progress=False)
+                              probabilities=probabilities, novelty=novelty, progress=False)
 
 
 def predict_in_parts(annotator, matrix, col_map: np.ndarray, batch_size: int, *, query: Path, layer: str | None,
                      gene_key: str | None, workers: int, scheduler: str | None, threads: int,
-                     probabilities: bool = False, energy: bool = False, progress=None):
+                     probabilities: bool = False, novelty: str | None = None, progress=None):
     """`predict_matrix` over the query's rows, shared among workers; the same result."""
     import sys
     from concurrent.futures import as_completed
@@ -80,7 +80,7 @@ def predict_in_parts(annotator, matrix, col_map: np.ndarray, batch_size: int, *,
     with task_executor(workers, scheduler, pin=True) as pool, tqdm(total=matrix.n_obs, unit="cells", desc="annotate",
                                                           file=sys.stderr, disable=disable) as bar:
         futures = {pool.submit(predict_range, str(annotator.path), str(query), layer, gene_key, col_map, lo, hi,
-                               batch_size, probabilities, energy, threads): i for i, (lo, hi) in enumerate(ranges)}
+                               batch_size, probabilities, novelty, threads): i for i, (lo, hi) in enumerate(ranges)}
         parts = [None] * len(ranges)
         for future in as_completed(futures):
             parts[futures[future]] = future.result()

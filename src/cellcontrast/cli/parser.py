@@ -188,9 +188,12 @@ def _annotate(sub) -> None:
                    help="write PNG plots into DIR: UMAP by label and confidence, counts per label; with "
                         "--label-key, the contingency against the given labels and accuracy per label")
     p.add_argument("--probabilities", action="store_true", help="store per-class probabilities in obsm")
-    p.add_argument("--flag-unseen", action="store_true",
-                   help="also call Unassigned the cells less familiar (by the energy score) than 95%% of the "
-                        "chain's validation cells: cells of types the reference may lack")
+    p.add_argument("--flag-unseen", nargs="?", const="energy", default=None, choices=["energy", "expression"],
+                   metavar="SCORE",
+                   help="also call Unassigned the cells of types the reference may lack, by a novelty score: "
+                        "energy (the default; above 95%% of the chain's validation cells) or expression (a gene "
+                        "far above the predicted class's profile, above 99%%; sharper within the reference's "
+                        "donors, weaker across new donors; annotators from `cellcontrast fit`)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
     p.add_argument("--label-key", default=None, help="obs column with true labels, to print accuracy")
 

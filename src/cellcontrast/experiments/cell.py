@@ -27,7 +27,7 @@ from cellcontrast.train.chain import build_chain
 from cellcontrast.train.component import fit_component
 from cellcontrast.train.evaluation import evaluate
 from cellcontrast.train.metrics import confusion, per_class_f1
-from cellcontrast.train.open_set import open_set_metrics
+from cellcontrast.train.open_set import attach_unexplained_expression, open_set_metrics
 from cellcontrast.train.recipes import check_params, resolve_params
 
 # Metrics of a finished run that a skipped grid cell reports again.
@@ -144,6 +144,8 @@ def _train_run(cell: _Cell, component: str, resolved: dict, run_tags: dict) -> d
                            "split.n_train": info["n_cells"]["train"], "split.dir": str(cell.split_dir),
                            "model_seed": cell.seed})
         chain = _fit(cell, component, run.info.run_id)
+        if "unseen" in data.X:  # its threshold from validation, then scored on the unseen cells below
+            attach_unexplained_expression(chain, data.X["train"], data.y["train"])
         metrics, proba = evaluate(chain, {p: data.X[p] for p in ("val", "test")}, data.y, len(data.classes))
         if "unseen" in data.X:  # test cells of types removed from training: can the chain tell?
             found = open_set_metrics(chain, data.X["train"], data.y["train"], data.X["val"], data.X["test"],

@@ -15,16 +15,18 @@ from cellcontrast.experiments.results import (
 )
 
 SCORE_NAMES = {"max_prob": "1 − top probability", "energy": "energy", "knn": "kNN distance",
-               "centroid": "centroid distance"}
+               "centroid": "centroid distance", "expression": "expression"}
 # The open-set metrics a chain logs (train/open_set.py) -> table heading; peers have the first
 # three only. compare_peers.py reads this too.
 OPEN_SET_COLUMNS = {
     "test_unseen_auroc_max_prob": f"AUROC {SCORE_NAMES['max_prob']}",
     "test_unseen_unassigned": "unseen Unassigned @0.5",
     "test_seen_unassigned": "seen Unassigned @0.5",
-    **{f"test_unseen_auroc_{s}": f"AUROC {SCORE_NAMES[s]}" for s in ("energy", "knn", "centroid")},
+    **{f"test_unseen_auroc_{s}": f"AUROC {SCORE_NAMES[s]}" for s in ("energy", "knn", "centroid", "expression")},
     "test_unseen_unassigned_flag_unseen": "unseen Unassigned @0.5 --flag-unseen",
     "test_seen_unassigned_flag_unseen": "seen Unassigned @0.5 --flag-unseen",
+    "test_unseen_unassigned_flag_expression": "unseen Unassigned @0.5 --flag-unseen expression",
+    "test_seen_unassigned_flag_expression": "seen Unassigned @0.5 --flag-unseen expression",
     "test_unseen_flagged_knn": "unseen flagged (kNN, 5% of val)",
     "test_seen_flagged_knn": "seen flagged (kNN)",
     "test_unseen_flagged_centroid": "unseen flagged (centroid, 5% of val)",
@@ -58,7 +60,8 @@ def unseen_markdown(frame: pd.DataFrame) -> str:
     sections = ["# Unseen types: test cells of types removed from training, mean over seeds",
                 "AUROC: unseen against seen test cells by each novelty score. Unassigned @0.5: the "
                 "annotator's default `--min-confidence`; with `--flag-unseen`, also the cells above the energy "
-                "that flags 5% of validation. Flagged (kNN): above the threshold that flags 5% of the "
+                "that flags 5% of validation; with `--flag-unseen expression`, above the expression score "
+                "that flags 1% of validation. Flagged (kNN): above the threshold that flags 5% of the "
                 "validation cells (all of known types)."]
     for setting, sub in frame.groupby("setting", sort=False):
         table = sub.drop(columns="setting").rename(columns=COLUMNS)

@@ -3,8 +3,10 @@
 The file holds the whole chain `preprocess -> encoder -> component -> head -> softmax` as one
 graph with input ``counts`` (float32 ``[batch, n_genes]``, raw counts in the model's gene
 order, dynamic batch axis) and output ``probabilities`` (``[batch, n_classes]``), plus
-``energy`` (``[batch]``, ``-T logsumexp(logits / T)``) and ``embedding`` when the chain exposes
-them (a head, a temperature, an ``embed(counts)`` method). Every tensor is
+``energy`` (``[batch]``, ``-T logsumexp(logits / T)``), ``expression`` (``[batch]``, the
+largest deviance of an over-expressed gene against the predicted class: ``nn.novelty``) and
+``embedding`` when the chain exposes them (a head, a temperature, an ``embed(counts)`` method,
+a ``novelty`` module). Every tensor is
 embedded in the file: there is never an external-data side file. ``metadata_props`` carry
 what `cellcontrast annotate` needs without torch: the gene list, the class names, the
 preprocessing, the source run id and its metrics (see `METADATA_KEYS`).
@@ -42,6 +44,10 @@ PROBABILITIES = "probabilities"
 ENERGY = "energy"
 
 
+# the largest NB deviance of a gene above the predicted class's profile (nn/novelty.py)
+EXPRESSION = "expression"
+
+
 EMBEDDING = "embedding"
 
 
@@ -52,8 +58,9 @@ METADATA_KEYS = (
 )
 
 
-def _wrap(chain, with_embedding: bool, with_energy: bool):
-    """A module whose forward returns probabilities, then the energy and the embedding if asked."""
+def _wrap(chain, with_embedding: bool, with_energy: bool, with_expression: bool = False):
+    """A module whose forward returns probabilities, then the energy, the expression score and
+    the embedding, each if asked (the expression score only with the energy)."""
 
     class _Export(torch.nn.Module):
         def __init__(self, inner):
@@ -65,8 +72,11 @@ def _wrap(chain, with_embedding: bool, with_energy: bool):
                 return self.inner(counts)
             embedding = self.inner.embed(counts)
             if with_energy:  # one pass through the head for the probabilities and the energy
-                scaled = self.inner.head(embedding) / self.inner.temperature
+                logits = self.inner.head(embedding)
+                scaled = logits / self.inner.temperature
                 outputs = [torch.softmax(scaled, dim=-1), -self.inner.temperature * torch.logsumexp(scaled, dim=-1)]
+                if with_expression:
+                    outputs.append(self.inner.unexplained_expression(counts, logits))
             elif hasattr(self.inner, "classify"):  # one pass through the encoder for both outputs
                 outputs = [self.inner.classify(embedding)]
             else:
@@ -232,13 +242,16 @@ def export_chain_to_onnx(chain, config: dict, out_path: str | os.PathLike, opset
     has_embed = callable(getattr(chain, "embed", None))
     has_energy = has_embed and isinstance(getattr(chain, "head", None), torch.nn.Module) \
         and torch.is_tensor(getattr(chain, "temperature", None))
-    candidates = [(e, g) for e, g in ((True, True), (True, False), (False, True), (False, False))
-                  if (has_embed or not e) and (has_energy or not g)]
+    has_expression = has_energy and getattr(chain, "novelty", None) is not None
+    candidates = [(e, g, x) for e, g, x in ((True, True, True), (True, True, False), (True, False, False),
+                                            (False, True, True), (False, True, False), (False, False, False))
+                  if (has_embed or not e) and (has_energy or not g) and (has_expression or not x)]
     proto = module = output_names = None
     last_error: Exception | None = None
-    for with_embedding, with_energy in candidates:
-        output_names = [PROBABILITIES] + ([ENERGY] if with_energy else []) + ([EMBEDDING] if with_embedding else [])
-        module = _wrap(chain, with_embedding, with_energy)
+    for with_embedding, with_energy, with_expression in candidates:
+        output_names = [PROBABILITIES] + ([ENERGY] if with_energy else []) \
+            + ([EXPRESSION] if with_expression else []) + ([EMBEDDING] if with_embedding else [])
+        module = _wrap(chain, with_embedding, with_energy, with_expression)
         try:
             proto = _torch_to_proto(module, example, output_names, opset)
             _verify(proto, module, output_names, n_genes)

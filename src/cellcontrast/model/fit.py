@@ -20,6 +20,7 @@ from cellcontrast.train.base_model import fit_base, needs_component_base
 from cellcontrast.train.chain import build_chain
 from cellcontrast.train.component import fit_component
 from cellcontrast.train.evaluation import evaluate
+from cellcontrast.train.open_set import attach_unexplained_expression
 from cellcontrast.train.recipes import check_params, resolve_params
 
 # A type needs a training and a validation cell.
@@ -160,6 +161,7 @@ def fit_chains(atlas: anndata.AnnData, chains: list[tuple[str, str]], *, seed: i
                                            fit_head=own_head)
         module = build_chain(model) if component == "none" else build_chain(model, *fit_component(
             model, X["train"], y["train"], X["val"], y["val"], len(classes), component, params.get(component), seed, log))
+        attach_unexplained_expression(module, X["train"], y["train"])  # for `annotate --flag-unseen expression`
         metrics, _ = evaluate(module, {"val": X["val"]}, {"val": y["val"]}, len(classes))
         torch.set_grad_enabled(True)
         resolved = {base: resolve_params(base, params.get(base))}

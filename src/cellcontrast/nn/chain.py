@@ -27,6 +27,7 @@ from cellcontrast.core.files import atomic_path
 from cellcontrast.nn import bases as _models
 from cellcontrast.nn import components as _components
 from cellcontrast.nn import preprocessing as _preprocessing
+from cellcontrast.nn.novelty import UnexplainedExpression
 
 CHAIN_WEIGHTS = "chain.pt"
 CHAIN_CONFIG = "config.json"
@@ -38,7 +39,7 @@ _BUILDABLE: dict[str, type[nn.Module]] = {
         _preprocessing.LRPreprocess, _preprocessing.ActinnPreprocess, _preprocessing.ScdaePreprocess,
         _models.IdentityEncoder, _models.ActinnEncoder, _models.DenoisingEncoder,
         _models.LinearHead, _models.ScdaeHead,
-        _components.MLPComponent, _components.MLSComponent,
+        _components.MLPComponent, _components.MLSComponent, UnexplainedExpression,
     )
 }
 
@@ -56,6 +57,12 @@ class ChainModule(nn.Module):
         self.head = head
         # Temperature scaling of the logits, fitted on validation (calibration.py); 1 = none.
         self.register_buffer("temperature", torch.ones(()))
+        # The ``expression`` novelty score (nn/novelty.py), fitted on training cells; optional.
+        self.novelty: UnexplainedExpression | None = None
+
+    def unexplained_expression(self, counts: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The ``expression`` novelty of each cell given the head's logits (its predicted class)."""
+        return self.novelty(counts, logits.argmax(dim=-1))
 
     def embed(self, counts: torch.Tensor) -> torch.Tensor:
         """The embedding fed to the head: h(g(x)), or g(x) without a component."""
@@ -105,6 +112,8 @@ def chain_config(chain: ChainModule, config: dict | None = None) -> dict:
         "component": module_spec(chain.component) if chain.has_component else None,
         "head": module_spec(chain.head),
     }
+    if chain.novelty is not None:
+        out["modules"]["novelty"] = module_spec(chain.novelty)
     out["n_genes"] = chain.n_genes
     out["n_classes"] = chain.n_classes
     out.setdefault("base", _base_name(chain.preprocess))
@@ -142,6 +151,8 @@ def load_chain(model_dir: str | os.PathLike) -> tuple[ChainModule, dict]:
         build_module(specs["component"]) if specs.get("component") else None,
         build_module(specs["head"]),
     )
+    if specs.get("novelty"):  # chains saved before it existed have none
+        chain.novelty = build_module(specs["novelty"])
     try:
         state = torch.load(model_dir / CHAIN_WEIGHTS, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

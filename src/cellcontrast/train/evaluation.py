@@ -13,7 +13,7 @@ from cellcontrast.train.calibration import (
     fit_temperature,
 )
 from cellcontrast.train.metrics import classification_metrics, macro_f1_standard_error
-from cellcontrast.train.open_set import energy
+from cellcontrast.train.open_set import energy, unexplained_expression
 
 
 def calibrate(chain: ChainModule, X: dict, y: dict[str, np.ndarray]) -> dict:
@@ -48,4 +48,6 @@ def evaluate(chain: ChainModule, X: dict, y: dict[str, np.ndarray], n_classes: i
         # the annotator's `--flag-unseen`: the energy above which 5% of validation cells lie
         val_energy = energy(predict_logits(chain, X["val"]), float(chain.temperature))
         metrics["val_energy_q95"] = float(np.quantile(val_energy, 0.95))
+        if getattr(chain, "novelty", None) is not None:  # `--flag-unseen expression`: 1% of validation above it
+            metrics["val_expression_q99"] = float(np.quantile(unexplained_expression(chain, X["val"]), 0.99))
     return metrics, proba
