@@ -356,19 +356,19 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed(tmp_path
 
 
 def test_a_base_with_nothing_to_search_runs_no_study(split_dir, work):
-    """LR's space is empty by default (its fit chooses genes, scaling and L2 on validation):
-    tuning a setting writes its fixed values and creates no study; a section in the tune
-    space (``lr: {n_hvg: [...]}``) searches it again."""
+    """A base whose space is all fixed values (``lr: {n_hvg: 40}`` under ``tune:``) would
+    repeat one fit: tuning a setting writes those values and creates no study; a searched
+    entry brings the study back."""
     import optuna
 
     from cellcontrast.experiments.setting_tuning import _tune_base
 
     tmp_path, storage = work
     job = {"base": "lr", "components": ["none"], "split_dir": str(split_dir), "out": str(tmp_path / "lr.json"),
-           "search_space": {}, "model_params": {}, "threads": 1,
+           "search_space": {"lr": {"n_hvg": 40}}, "model_params": {}, "threads": 1,
            "tune": {"base_trials": 2, "n_trials": 2, "storage": storage, "seed": 0, "experiment": "tune-test"}}
-    assert _tune_base(job)["params"] == {"lr": {}}
-    assert json.loads((tmp_path / "lr.json").read_text()) == {"lr": {}}
+    assert _tune_base(job)["params"] == {"lr": {"n_hvg": 40}}
+    assert json.loads((tmp_path / "lr.json").read_text()) == {"lr": {"n_hvg": 40}}
     assert optuna.get_all_study_names(storage) == []
     job["search_space"] = {"lr": {"n_hvg": [20, 40], "epochs": 3}}
     job["tune"]["base_trials"] = 1

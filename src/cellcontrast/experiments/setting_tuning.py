@@ -54,7 +54,7 @@ def _tune_base(job: dict) -> dict:
         if n_trials < 1:
             continue
         fixed = resolve_search_space(job["base"], component, space)
-        if component == "none" and not searches(fixed):  # LR by default: its fit chooses on validation
+        if component == "none" and not searches(fixed):  # all fixed: a study would repeat one fit
             best[job["base"]] = {key: spec[1] for key, spec in fixed.items()}
             continue
         study = tuning_study_name(job["base"], component, split_info, space, job["model_params"], best,
