@@ -15,7 +15,7 @@ small: two knobs each, around the published values):
   LR's own default, ``n_hvg: auto`` (2,000 HVGs or every gene, on validation: what
   `cellcontrast fit` uses), is not among them: without this study (LR on auto's choice,
   every gene of the 2,000-gene atlas) `make run`'s Data Scarce LR fell from 0.887 to 0.863
-  top-1 and its grid took 32 minutes instead of 14; a space whose values are all fixed
+  top-1; a space whose values are all fixed
   skips the study; ``actinn``: lr (log-uniform
   1e-5..1e-3, around ACTINN's 1e-4) and l2 (log-uniform 5e-4..5e-2, around its 0.005);
   ``scdae``: dropout (uniform 0..0.7; the original drops 70%) and the classifier lr
