@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(measure("(a') read chunks, anndata backed", [*me, "--worker", "read-anndata"], env))
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
-            cmd = [sys.executable, "-m", "cellcontrast.cli.entry", "annotate", args.model, str(query),
+            cmd = [sys.executable, "-m", "cellcontrast", "annotate", args.model, str(query),
                    "--out", f"{tmp}/annotated.h5ad", "--batch-size", str(args.batch_size),
                    "--threads", str(args.threads)]
             if args.layer:

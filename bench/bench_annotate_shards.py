@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     for workers, pinned in runs:
         out = work / f"out_{workers}{'_pinned' if pinned else ''}"
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "cellcontrast.cli.entry", "annotate", str(model), str(work / "shards" / "*.h5ad"),
+        cmd = [sys.executable, "-m", "cellcontrast", "annotate", str(model), str(work / "shards" / "*.h5ad"),
                "--out-dir", str(out), "--workers", str(workers), "--threads", "1"]
         name = f"{workers} worker(s)" + (", one core (taskset -c 0)" if pinned else "")
         row = measure(name, (["taskset", "-c", "0"] if pinned else []) + cmd, env=env)

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    cmd = [sys.executable, "-m", "cellcontrast.cli.entry", "fit", "--reference", args.reference, "--label-key",
+    cmd = [sys.executable, "-m", "cellcontrast", "fit", "--reference", args.reference, "--label-key",
            args.label_key, "--out", str(out / "annotator.onnx"), *(["--chains", args.chains] if args.chains else [])]
     print("$ " + " ".join(cmd[2:]), flush=True)
     row = measure("fit", cmd, env=env)

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     folder = Path(args.query_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    cli = [sys.executable, "-m", "cellcontrast.cli.entry", "annotate", args.model]
+    cli = [sys.executable, "-m", "cellcontrast", "annotate", args.model]
     rows = []
     sizes = [int(n) for n in args.cells.split(",")]
     for n in [] if args.skip_ours else sizes:

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     storage = f"sqlite:///{out}/optuna.db"
     tracking = f"sqlite:///{out}/mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "cellcontrast.cli.entry", "tune", "--split-dir", str(split), "--base", "lr",
+    cmd = [sys.executable, "-m", "cellcontrast", "tune", "--split-dir", str(split), "--base", "lr",
            "--component", "mlp", "--n-trials", str(args.trials), "--storage", storage,
            "--study-name", "load", "--params", str(params), "--out", str(out / "best.json")]
 

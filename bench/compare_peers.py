@@ -232,7 +232,7 @@ def cellcontrast_stage(name: str, atlas: Path, ds_out: Path, args, settings, see
     held-out-batch settings' batches, fold i holding out the i-th.
     """
     results = ds_out / "results.csv"
-    cli = [sys.executable, "-m", "cellcontrast.cli.entry"]
+    cli = [sys.executable, "-m", "cellcontrast"]
     batch = ["--batch-key", args.batch_key] if args.batch_key and folds else []
     unseen = ["--unseen-types", str(args.unseen_types)] if args.unseen_types else []
     if args.skip_cellcontrast:

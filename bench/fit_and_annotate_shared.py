@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir).resolve()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out_dir / 'mlflow.db'}",
            "MLFLOW_DISABLE_TELEMETRY": "true"}
-    cli = [sys.executable, "-m", "cellcontrast.cli.entry"]
+    cli = [sys.executable, "-m", "cellcontrast"]
     rows = []
     for name in args.datasets.split(","):
         folder = out_dir / name

@@ -32,7 +32,7 @@ from cellcontrast.core.names import LABEL
 
 def _cellcontrast(work: Path, *args: str) -> None:
     """A command in ``work`` (its MLflow store, mlflow.db, stays there)."""
-    subprocess.run([sys.executable, "-m", "cellcontrast.cli.entry", *args], check=True, stdout=subprocess.DEVNULL,
+    subprocess.run([sys.executable, "-m", "cellcontrast", *args], check=True, stdout=subprocess.DEVNULL,
                    cwd=work)
 
 

@@ -88,7 +88,7 @@ def test_annotate_killed_midway_leaves_no_output_and_the_query_untouched(big_que
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "annotated.h5ad"
-    cmd = [sys.executable, "-m", "cellcontrast.cli.entry", "annotate", str(model), str(query), "--out", str(out),
+    cmd = [sys.executable, "-m", "cellcontrast", "annotate", str(model), str(query), "--out", str(out),
            "--csv", str(out_dir / "annotated.csv"), "--batch-size", "64"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
                             start_new_session=True)
@@ -158,7 +158,7 @@ def test_grid_killed_after_first_cell_resumes_without_redoing_it(tiny_split, tmp
     (tmp_path / "params.yaml").write_text(GRID_PARAMS)
     db = tmp_path / "mlflow.db"
     env = _env(MLFLOW_TRACKING_URI=f"sqlite:///{db}")
-    cmd = [sys.executable, "-m", "cellcontrast.cli.entry", "grid", "--params", "params.yaml"]
+    cmd = [sys.executable, "-m", "cellcontrast", "grid", "--params", "params.yaml"]
 
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
