@@ -30,6 +30,18 @@ def test_a_local_cluster_runs_the_tasks_in_other_processes():
         assert pool.submit(os.getpid).result() != os.getpid()
 
 
+def test_two_local_clusters_at_once_start_without_a_port_warning():
+    """Two benchmarks side by side each start a cluster: the second's HTTP server takes another
+    port on 127.0.0.1 and says nothing (a dashboard warning would mean nothing to a user)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with task_executor(1) as first, task_executor(1) as second:
+            assert first.submit(_square, 3).result() == second.submit(_square, 3).result() == 9
+    assert not [w for w in caught if "already in use" in str(w.message)]
+
+
 def test_a_task_whose_worker_dies_is_retried(tmp_path):
     with task_executor(1) as pool:
         pid = pool.submit(_dies_once, str(tmp_path / "marker")).result(timeout=120)

@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import Executor
 
@@ -119,7 +120,10 @@ def task_executor(workers: int, scheduler: str | None = None, *, pin: bool = Fal
 
         # No dashboard, so no use for the workers' statistical profiler, which walks every
         # thread's stack each 10 ms holding the GIL (its workers inherit this config).
-        with dask.config.set({"distributed.worker.profile.enabled": False}):
+        # The scheduler's HTTP server (health routes, no dashboard) binds 127.0.0.1 and moves
+        # to a free port when 8787 is taken: nothing to warn a user about.
+        with dask.config.set({"distributed.worker.profile.enabled": False}), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
             cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True, host="127.0.0.1",
                                    dashboard_address=None, memory_limit=0, silence_logs=logging.ERROR)
         client = Client(cluster)
