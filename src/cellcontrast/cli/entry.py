@@ -6,6 +6,7 @@ option is refused the same way (see `parser.OneLineParser`).
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     # Their UserWarnings too: a refused input must read as one line (anndata warns about the
     # duplicate gene names we then refuse; torch about the pickle we then refuse).
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(anndata|torch|h5py|mlflow|optuna|scanpy)\b")
+    # MLflow's INFO lines (creating the store's tables, a new experiment) are not the user's
+    # business; read when mlflow is first imported, which the commands do lazily.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         COMMANDS[args.command](args)
     except InputError as err:
