@@ -229,38 +229,6 @@ def test_search_space_overrides():
             resolve_search_space("lr", "mlp", bad)
 
 
-def test_lr_gene_counts_offer_every_gene_only_on_wider_references():
-    default = resolve_search_space("lr", "none")["n_hvg"]
-    assert default == ("categorical", [500, 1000, 2000])
-    # The 2,000-gene atlas: "all" would repeat 2,000, and make run's draws stay as they were.
-    assert resolve_search_space("lr", "none", n_genes=2000)["n_hvg"] == default
-    assert resolve_search_space("lr", "none", n_genes=15000)["n_hvg"] == ("categorical", [500, 1000, 2000, "all"])
-    # A gene-count space the user wrote is taken as written; other LR keys leave the default's rule.
-    assert resolve_search_space("lr", "none", {"lr": {"n_hvg": [300, 600]}}, n_genes=15000)["n_hvg"] == (
-        "categorical", [300, 600])
-    assert resolve_search_space("lr", "none", {"lr": {"l2": [1e-4, 1e-1]}}, n_genes=15000)["n_hvg"][1][-1] == "all"
-    assert "n_hvg" not in resolve_search_space("lr", "mlp", n_genes=15000)
-
-
-def test_a_study_on_a_wide_split_draws_every_gene(tmp_path, work):
-    """The split's gene count reaches the space: on a split wider than 2,000 genes LR's study
-    can draw "all", and the winning parameters keep it."""
-    from cellcontrast.data.simulate import simulate_atlas
-    from cellcontrast.data.splits import split_atlas_to_dir
-
-    _, storage = work
-    simulate_atlas(n_cells=600, n_types=4, n_genes=2100, seed=0).write_h5ad(tmp_path / "wide.h5ad")
-    split = tmp_path / "wide" / "seed0"
-    split_atlas_to_dir(tmp_path / "wide.h5ad", "default", 0, split,
-                       settings={"settings": {"default": {"k": 4, "cap": 60}}})
-    best = tune(split, "lr", "none", 1, storage=storage, search_space={"lr": {"epochs": 2}},
-                progress=False)
-    study = optuna.load_study(study_name=next(iter(optuna.get_all_study_names(storage))), storage=storage)
-    distribution = study.trials[0].distributions["n_hvg"]
-    assert list(distribution.choices) == [500, 1000, 2000, "all"]
-    assert best["lr"]["n_hvg"] == study.trials[0].params["n_hvg"]
-
-
 # ---------------------------------------------------------------- bad input
 
 

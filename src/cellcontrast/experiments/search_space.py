@@ -10,14 +10,12 @@ small: two knobs each, around the published values):
 - ``mls``: temperature, hidden_dim, lr (same ranges; hidden_dim also offers the recipe's own
   default when that is not in the list, e.g. -1, a linear h_k);
 - component ``none``, i.e. the base model's own key sizes: ``lr`` (logistic regression):
-  n_hvg {500, 1000, 2000}, and ``all`` (every gene) when the split holds more genes than
-  the largest count (a real reference of 15,000-30,000 genes; on the 2,000-gene atlas "all"
-  would repeat 2,000, so `make run`'s draws are unchanged). Its L-BFGS solver picks l2 on
-  validation along ``l2_path`` itself; with ``solver: adam``, add ``lr: {l2: [1.0e-5,
-  1.0e-1]}`` to the tune section. LR's own default, ``n_hvg: auto`` (2,000 HVGs or every
-  gene, on validation: what `cellcontrast fit` uses), is not tuned: without this study (LR
-  on auto's choice, every gene of the 2,000-gene atlas) `make run`'s Data Scarce LR fell
-  from 0.887 to 0.863 top-1; a space whose values are all fixed
+  n_hvg {500, 1000, 2000} (its L-BFGS solver picks l2 on validation along ``l2_path``
+  itself; with ``solver: adam``, add ``lr: {l2: [1.0e-5, 1.0e-1]}`` to the tune section).
+  LR's own default, ``n_hvg: auto`` (2,000 HVGs or every gene, on validation: what
+  `cellcontrast fit` uses), is not among them: without this study (LR on auto's choice,
+  every gene of the 2,000-gene atlas) `make run`'s Data Scarce LR fell from 0.887 to 0.863
+  top-1; a space whose values are all fixed
   skips the study; ``actinn``: lr (log-uniform
   1e-5..1e-3, around ACTINN's 1e-4) and l2 (log-uniform 5e-4..5e-2, around its 0.005);
   ``scdae``: dropout (uniform 0..0.7; the original drops 70%) and the classifier lr
@@ -39,7 +37,6 @@ import math
 import sys
 
 from cellcontrast.core.errors import InputError
-from cellcontrast.core.names import ALL_GENES
 from cellcontrast.train.recipes import DEFAULT_PARAMS
 
 DEFAULT_SEARCH_SPACE: dict[str, dict] = {
@@ -133,12 +130,9 @@ def _is_model_section(key: str, value) -> bool:
     return key in DEFAULT_PARAMS and isinstance(value, dict) and not (set(value) <= _SPEC_KEYS and value)
 
 
-def resolve_search_space(base: str, component: str, search_space: dict | None = None,
-                         n_genes: int | None = None) -> dict[str, tuple]:
+def resolve_search_space(base: str, component: str, search_space: dict | None = None) -> dict[str, tuple]:
     """The parsed search space of the model a study tunes (the component, or the base for
-    component "none"): defaults, then flat keys (components only), then its own section.
-    ``n_genes``: the split's gene count; LR's default gene counts then offer every gene too
-    when it exceeds them (``_with_all_genes``)."""
+    component "none"): defaults, then flat keys (components only), then its own section."""
     model = base if component == "none" else component
     user = dict(search_space or {})
     if not isinstance(search_space or {}, dict):
@@ -165,21 +159,7 @@ def resolve_search_space(base: str, component: str, search_space: dict | None = 
     section = user.get(model)
     if _is_model_section(model, section):
         merged.update(section)
-    if model == "lr" and n_genes is not None and "n_hvg" not in (section if _is_model_section(model, section) else {}):
-        merged["n_hvg"] = _with_all_genes(merged["n_hvg"], n_genes)
     return {key: _parse_spec(model, key, value) for key, value in merged.items()}
-
-
-def _with_all_genes(choices: list, n_genes: int) -> list:
-    """LR's default gene counts, plus every gene when the split has more than the largest:
-    on a 15,000-gene reference, validation then decides between HVGs and all of them
-    (CellTypist's choice). A gene-count space the user wrote is taken as written."""
-    if not isinstance(choices, list):
-        return choices
-    counts = [c for c in choices if isinstance(c, int) and not isinstance(c, bool)]
-    if ALL_GENES in choices or not counts or n_genes <= max(counts):
-        return choices
-    return [*choices, ALL_GENES]
 
 
 def searches(space: dict[str, tuple]) -> bool:

@@ -312,7 +312,6 @@ def run_study(split_dir, base: str, component: str, n_trials: int, storage: str 
     storage_obj = open_storage(storage)  # before the data: a bad URL fails fast
     # A damaged split fails before a study or an MLflow run is created.
     data = load_split_data(split_dir, parts=("train", "val"))
-    space = resolve_search_space(base, component, search_space, n_genes=len(data.genes))
     if threads and threads > 0:
         torch.set_num_threads(int(threads))
     study = _open_study(storage_obj, study_name, seed, {"base": base, "component": component,

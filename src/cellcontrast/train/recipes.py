@@ -53,7 +53,7 @@ DEFAULT_PARAMS: dict[str, dict] = {
     # the features (train.loops.SparseAffineSource) and, above auto_max_cells training cells,
     # the variant (genes and scaling) is chosen on a stratified sample of that many, then only
     # it is fitted on every cell: see the peers page for the cost at 20,000 genes. The grid's
-    # tuning draws n_hvg from {500, 1000, 2000}, plus "all" on wider splits (search_space.py).
+    # tuning still draws n_hvg from {500, 1000, 2000} (search_space.py says why).
     "lr": {"n_hvg": "auto", "auto_hvg": 2000, "clip": 10.0, "lr": 1e-2, "l2": 1e-3, "batch_size": 128,
            "epochs": 40, "patience": 10, "standardize": "auto", "solver": "lbfgs",
            "l2_path": [1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4], "max_iter": 100,
