@@ -75,9 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.split_dir} names no batch key; give --batch-key")
     seed = int(data.info["seed"])
     donors = donors_of(args.split_dir, key)
-    if len(set(donors)) < 2:
-        raise SystemExit(f"{args.split_dir} has {len(set(donors))} training donor(s) in {key!r}; "
-                         "holding one out needs two")
+    if (n_donors := len(set(donors))) < 2:
+        raise SystemExit(f"{args.split_dir} has {n_donors} training donor(s) in {key!r}; holding one out needs two")
     x = sp.vstack([data.X["train"], data.X["val"]]).tocsr()
     y = np.concatenate([data.y["train"], data.y["val"]])
     n_train = data.X["train"].shape[0]
