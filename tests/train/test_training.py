@@ -414,3 +414,19 @@ def test_lr_auto_genes_above_auto_max_cells_chooses_on_a_sample(splits):
     forced = fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {**params, **chosen}, seed=0)
     np.testing.assert_allclose(predict_proba(build_chain(auto), xv),
                                predict_proba(build_chain(forced), xv), atol=1e-6)
+
+
+@pytest.mark.parametrize("base, component", [("actinn", "none"), ("scdae", "none"), ("actinn", "mlp")])
+def test_stochastic_chains_are_identical_for_one_seed_and_differ_across_seeds(base, component, splits):
+    """ACTINN and scDAE train with Adam, dropout, noise and shuffling: the seed fixes all of it,
+    so two fits of one seed are bit-identical (benchmark rows must not move between runs of one
+    revision) and another seed gives other weights."""
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    params = {base: {**BASE_PARAMS[base], "epochs": 5} if base == "actinn" else BASE_PARAMS[base],
+              "mlp": {**COMPONENT_PARAMS, "max_epochs": 3, "head": {"lr": 1e-2, "epochs": 5}}}
+    a, b, c = (fit_chain(xt, yt, xv, yv, N_CLASSES, base, component, params, seed=s) for s in (3, 3, 4))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa if sa[k].is_floating_point() and sa[k].numel() > 1)
