@@ -76,6 +76,19 @@ def test_finished_cells_are_skipped_and_bases_shared(tiny_split, tmp_path, mlflo
     assert mlp_run.data.tags["base_run_id"] == first[0]["run_id"]
 
 
+def test_runs_recorded_by_other_training_code_are_trained_again(tiny_split, tmp_path, mlflow_store, monkeypatch):
+    """Equal parameters and data are not an equal model once the training code changed: a grid
+    resumed after an edit must not report chains (and metrics) the old code trained."""
+    from cellcontrast.experiments import cell
+
+    first = cell.train_cell(tiny_split, "lr", ["none"], FAST_PARAMS, out_root=tmp_path / "m", quiet=True,
+                            skip_finished=True)
+    monkeypatch.setattr(cell, "code_digest", lambda *paths: "other-code")
+    again = cell.train_cell(tiny_split, "lr", ["none"], FAST_PARAMS, out_root=tmp_path / "m", quiet=True,
+                            skip_finished=True)
+    assert again[0]["skipped"] is False and again[0]["run_id"] != first[0]["run_id"]
+
+
 def test_same_seed_same_metrics(tiny_split, tmp_path, mlflow_store):
     from cellcontrast.experiments.cell import train_cell
 

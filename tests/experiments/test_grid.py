@@ -38,6 +38,12 @@ def other_recipe(monkeypatch):
     return {}
 
 
+def other_training_code(monkeypatch):
+    from cellcontrast.experiments import setting_tuning
+    monkeypatch.setattr(setting_tuning, "code_digest", lambda *paths: "other-code")
+    return {}
+
+
 @pytest.mark.parametrize("change", [
     lambda mp: other_atlas(),
     lambda mp: {"split": {**SPLIT, "seed": 1}},
@@ -47,7 +53,8 @@ def other_recipe(monkeypatch):
     lambda mp: {"n_trials": 8},
     lambda mp: {"seed": 1},
     other_recipe,
-], ids=["atlas", "split-seed", "space", "fixed-params", "tuned-base", "trials", "sampler-seed", "recipe"])
+    other_training_code,
+], ids=["atlas", "split-seed", "space", "fixed-params", "tuned-base", "trials", "sampler-seed", "recipe", "code"])
 def test_study_name_changes_with_what_the_trials_measured(monkeypatch, change):
     before = name()
     # a resumed study with the old trials would return their stale best without a new trial

@@ -18,7 +18,7 @@ import mlflow
 import numpy as np
 import torch
 
-from cellcontrast.core.fingerprint import fingerprint
+from cellcontrast.core.fingerprint import TRAINING_CODE, code_digest, fingerprint
 from cellcontrast.data.split_data import SplitData, load_split_data
 from cellcontrast.experiments import plots, tracking
 from cellcontrast.nn.chain import save_chain
@@ -105,7 +105,7 @@ def train_cell(
         if component != "none":
             resolved[component] = resolve_params(component, params.get(component))
         run_tags = {"grid_cell": cell.name(component),
-                    "fingerprint": fingerprint(resolved, data.fingerprint, cell.seed)}
+                    "fingerprint": fingerprint(resolved, data.fingerprint, cell.seed, code_digest(*TRAINING_CODE))}
         row = _finished_row(cell, component, run_tags) if skip_finished else None
         if row is None:
             row = _train_run(cell, component, resolved, run_tags)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from cellcontrast.core.engine import task_executor
 from cellcontrast.core.errors import InputError
 from cellcontrast.core.files import atomic_path
-from cellcontrast.core.fingerprint import fingerprint
+from cellcontrast.core.fingerprint import TRAINING_CODE, code_digest, fingerprint
 from cellcontrast.core.params import load_params
 from cellcontrast.experiments import tracking
 from cellcontrast.experiments.grid import grid_config, merged_params
@@ -33,12 +33,13 @@ def tuning_study_name(base: str, component: str, split_info: dict, space: dict, 
                       tuned: dict, n_trials: int, seed: int) -> str:
     """``{setting}-{base}-{component}-{digest}``: what the trials measured is in the digest (the
     split with its data's hash, search space, fixed params, already-tuned params, the recipe's
-    defaults, trial target and sampler seed). Changing any of them starts a new study instead
+    defaults, trial target, sampler seed and the training code). Changing any of them starts a new study instead
     of resuming one whose trials were scored on another atlas, range or recipe, whose stale
     best would otherwise be returned without a new trial."""
     # recipes.DEFAULT_PARAMS read at call time: a changed recipe is a new study
     recipe = {name: recipes.DEFAULT_PARAMS.get(name) for name in (base, component)}
-    digest = fingerprint(space, model_params, tuned, n_trials, recipe, seed, split_info)
+    code = code_digest(*TRAINING_CODE, "experiments/tuning.py")  # other training code: a new study
+    digest = fingerprint(space, model_params, tuned, n_trials, recipe, seed, split_info, code)
     return f"{split_info['setting']}-{base}-{component}-{digest[:8]}"
 
 
