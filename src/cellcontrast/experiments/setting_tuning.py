@@ -33,9 +33,9 @@ def tuning_study_name(base: str, component: str, split_info: dict, space: dict, 
                       tuned: dict, n_trials: int, seed: int) -> str:
     """``{setting}-{base}-{component}-{digest}``: what the trials measured is in the digest (the
     split with its data's hash, search space, fixed params, already-tuned params, the recipe's
-    defaults, trial target, sampler seed and the training code). Changing any of them starts a new study instead
-    of resuming one whose trials were scored on another atlas, range or recipe, whose stale
-    best would otherwise be returned without a new trial."""
+    defaults, trial target, sampler seed and the training code). Changing any of them starts a
+    new study instead of resuming one whose trials were scored on another atlas, range, recipe
+    or code, whose stale best would otherwise be returned without a new trial."""
     # recipes.DEFAULT_PARAMS read at call time: a changed recipe is a new study
     recipe = {name: recipes.DEFAULT_PARAMS.get(name) for name in (base, component)}
     code = code_digest(*TRAINING_CODE, "experiments/tuning.py")  # other training code: a new study
