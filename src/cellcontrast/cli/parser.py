@@ -89,6 +89,9 @@ def _fit(sub) -> None:
     p.add_argument("--test-fraction", type=float, default=0.0,
                    help="hold out this share of each type as a test part, reported only (default 0: none)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="each type's share for validation (default 0.1)")
+    p.add_argument("--batch-key", default=None,
+                   help="obs column of batches (donor, study): every choice is scored on batches the candidate did "
+                        "not train on (leave-one-batch-out), then the chosen chain is refitted on every cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--params", default=None, help="JSON file of hyperparameters keyed by model name")
     p.add_argument("--experiment", default="cellcontrast-fit", help="MLflow experiment of the parent run")

@@ -3,7 +3,9 @@
 Every cell of the reference is used: a stratified split into training and validation (the
 same for every chain), validation for each chain's checkpoints, L2 and temperature and for the
 choice among chains; a test part is held out only when ``test_fraction`` asks for it, and it
-is only reported, never read by a choice. The chain is chosen by the one-standard-error rule
+is only reported, never read by a choice. With ``batch_key`` every choice is made on batches
+the candidate did not train on instead (`model.grouped`: leave-one-batch-out, then one refit
+on every cell). The chain is chosen by the one-standard-error rule
 (`experiments.selection`): the simplest chain within one bootstrap standard error of the best
 validation macro F1, because validation parts of a few cells a type cannot rank chains by less
 (README, "Choosing the chain"). One MLflow parent run holds a nested run per chain; the chosen
@@ -27,6 +29,14 @@ from cellcontrast.data.atlas import prepare_atlas
 from cellcontrast.experiments.selection import SELECTION_METRIC, choose_per_seed
 from cellcontrast.model.chain import Chain
 from cellcontrast.model.fit import fit_chains, stratified_validation
+from cellcontrast.model.grouped import (
+    batch_folds,
+    fit_folds,
+    out_of_fold_predictions,
+    print_note,
+    refit_on_every_cell,
+    say_fallbacks,
+)
 
 # The linear bar and the deep base, at a cost a laptop affords (bench/bench_fit.py). lr+mlp was
 # a default until measured: never chosen on the four shared references, and on the 90k atlas
@@ -62,6 +72,10 @@ class FittedAnnotator:
     class_counts: pd.Series
     test_metrics: dict | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    # (labels, probabilities) the model card shows: the chain's validation cells, or with grouped
+    # validation every fold's held-out cells; and the per-fold table (grouped validation only)
+    validation: tuple[np.ndarray, np.ndarray] | None = None
+    fold_scores: pd.DataFrame | None = None
 
 
 def _hold_out_test(atlas: anndata.AnnData, test_fraction: float, seed: int):
@@ -100,6 +114,7 @@ def fit_annotator(
     params: dict | None = None,
     val_fraction: float = 0.1,
     test_fraction: float = 0.0,
+    batch_key: str | None = None,
     out: str | Path | None = None,
     experiment: str | None = "cellcontrast-fit",
     register: bool = True,
@@ -121,6 +136,11 @@ def fit_annotator(
         Hyperparameters keyed by model name, as in `cellcontrast.fit`.
     val_fraction, test_fraction
         Each type's share for validation; for a held-out test part (0: none, no cell unused).
+    batch_key
+        An obs column of batches (donors, studies): every choice is then scored on batches the
+        candidate did not train on (leave-one-batch-out, grouped 5-fold above 5 batches), and
+        the chosen chain refitted on every cell (`cellcontrast.model.grouped`). A key with one
+        value falls back to stratified validation, with a note.
     out
         The ``.onnx`` file to write; the model card goes beside it (``.card.md``, ``.card.png``).
     experiment, register
@@ -142,41 +162,73 @@ def fit_annotator(
         raise InputError(f"--out {out} should end in .onnx")
     atlas = prepare_atlas(adata, label_key=labels_key, layer=layer, filters=filters, source="the reference")
     reference, test = _hold_out_test(atlas, test_fraction, seed)
-    tracker = _Tracker(experiment, names, reference, seed, test_fraction)
+    folds = batch_folds(reference.obs, batch_key, val_fraction=val_fraction, seed=seed) if batch_key else None
+    note = say_fallbacks(folds, batch_key) if batch_key else None
+    print_note(note)
+    tracker = _Tracker(experiment, names, reference, seed, test_fraction, batch_key)
+    pairs = [_base_component(name) for name in names]
     with tracker:
-        with tqdm(total=len(names), desc="fit chains", unit="chain", file=sys.stderr,
+        total = len(names) * (len(folds.folds) if folds else 1)
+        with tqdm(total=total, desc="fit chains", unit="chain", file=sys.stderr,
                   disable=not sys.stderr.isatty()) as bar:
-            split = fit_chains(reference, [_base_component(name) for name in names], seed=seed, params=params,
-                               val_fraction=val_fraction, labels_key=labels_key, layer=layer,
-                               progress=lambda name: bar.update())
+            if folds is None:
+                split = fit_chains(reference, pairs, seed=seed, params=params, val_fraction=val_fraction,
+                                   labels_key=labels_key, layer=layer, progress=lambda name: bar.update())
+                scores, fold_scores = _scores(split.chains), None
+            else:
+                grouped = fit_folds(reference, folds, pairs, seed=seed, params=params, val_fraction=val_fraction,
+                                    labels_key=labels_key, layer=layer, progress=lambda name: bar.update())
+                scores, fold_scores = grouped.scores, grouped.fold_scores
         for name in names:
-            tracker.log_chain(name, split.chains[name])
-        scores = _scores(split.chains)
+            tracker.log_chain(name, scores.set_index("chain").loc[name].to_dict(), params)
         chosen = choose_per_seed(scores, prefer=list(CHAINS_SIMPLEST_FIRST), method_key="chain", one_se=True)
         chosen_name = str(chosen["chain"].iloc[0])
-        chain = split.chains[chosen_name]
+        if folds is None:
+            chain = split.chains[chosen_name]
+            validation = _validation_predictions(chain, reference[np.sort(split.val)])
+        else:
+            chain = refit_on_every_cell(reference, grouped, chosen_name, seed=seed, params=params,
+                                        labels_key=labels_key, layer=layer)
+            validation = out_of_fold_predictions(grouped, chosen_name, chain.metrics["temperature"])
         chain.config["fit"]["chains"] = names
-        chain.config["fit"]["chosen_by"] = f"one standard error of the best {SELECTION_METRIC}"
+        chain.config["fit"]["chosen_by"] = _chosen_by(folds)
+        if note:
+            chain.config["fit"]["validation_note"] = note.removeprefix("note: ")
         counts = reference.obs[LABEL].value_counts().reindex(chain.classes)
         result = FittedAnnotator(chain, chosen_name, scores, {"reference": atlas.n_obs, "train": chain.config["fit"]["n_train"],
                                  "val": chain.config["fit"]["n_val"], "test": 0 if test is None else test.n_obs},
-                                 counts, _test_metrics(chain, test))
+                                 counts, _test_metrics(chain, test), validation=validation, fold_scores=fold_scores)
         if out is not None:
             from cellcontrast.experiments.model_card import write_model_card
 
             result.files["onnx"] = chain.export(out)
-            result.files.update(write_model_card(result, reference[np.sort(split.val)], Path(out)))
+            result.files.update(write_model_card(result, Path(out)))
             tracker.log_result(result, register)
     return result
+
+
+def _chosen_by(folds) -> str:
+    if folds is None:
+        return f"one standard error of the best {SELECTION_METRIC}"
+    return (f"one standard error (over {len(folds.folds)} folds of held-out {folds.batch_key}) of the best "
+            f"fold-mean {SELECTION_METRIC}; refitted on every cell")
+
+
+def _validation_predictions(chain: Chain, validation: anndata.AnnData) -> tuple[np.ndarray, np.ndarray]:
+    """The chain's labels and probabilities on its own validation cells."""
+    y = pd.Categorical(validation.obs[LABEL].astype(str), categories=chain.classes).codes
+    return y, chain.predict_proba(validation)
 
 
 class _Tracker:
     """The MLflow parent run of one `fit_annotator` and a nested run per chain (or nothing)."""
 
-    def __init__(self, experiment: str | None, names: list[str], reference, seed: int, test_fraction: float):
+    def __init__(self, experiment: str | None, names: list[str], reference, seed: int, test_fraction: float,
+                 batch_key: str | None):
         self.experiment, self.run = experiment, None
         self.params = {"chains": ",".join(names), "n_cells": reference.n_obs, "n_types": reference.obs[LABEL].nunique(),
-                       "n_genes": reference.n_vars, "seed": seed, "test_fraction": test_fraction}
+                       "n_genes": reference.n_vars, "seed": seed, "test_fraction": test_fraction,
+                       "batch_key": batch_key or ""}
 
     def __enter__(self):
         if self.experiment is not None:
@@ -197,17 +249,22 @@ class _Tracker:
             mlflow.end_run("FINISHED" if kind is None else "FAILED")
         return False
 
-    def log_chain(self, name: str, chain: Chain) -> None:
+    def log_chain(self, name: str, metrics: dict, params: dict | None) -> None:
+        """One nested run: the chain's validation scores (fold means with grouped validation)."""
         if self.run is None:
             return
         import mlflow
 
         from cellcontrast.experiments.tracking import flatten
+        from cellcontrast.train.recipes import resolve_params
 
         base, component = _base_component(name)
+        resolved = {model: resolve_params(model, (params or {}).get(model)) for model in (base, component)
+                    if model != "none"}
         with mlflow.start_run(run_name=name, nested=True, tags={"cellcontrast.kind": "fit-chain", "chain": name}):
-            mlflow.log_params({"base": base, "component": component, **flatten(chain.config.get("params") or {})})
-            mlflow.log_metrics({k: float(v) for k, v in chain.metrics.items() if np.isfinite(v)})
+            mlflow.log_params({"base": base, "component": component, **flatten(resolved)})
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()
+                                if k.startswith("val_") and isinstance(v, (int, float)) and np.isfinite(v)})
 
     def log_result(self, result: FittedAnnotator, register: bool) -> None:
         if self.run is None:

@@ -10,13 +10,6 @@ import numpy as np
 import pandas as pd
 
 from cellcontrast.core.files import atomic_path
-from cellcontrast.core.names import LABEL
-
-
-def _validation_predictions(result, validation):
-    """The chosen chain's labels and probabilities on its own validation cells."""
-    y = pd.Categorical(validation.obs[LABEL].astype(str), categories=result.chain.classes).codes
-    return y, result.chain.predict_proba(validation)
 
 
 def _calibration(y: np.ndarray, proba: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
@@ -62,6 +55,39 @@ def _genes_used(chain) -> str:
     return "all" if n == len(chain.genes) else str(n)
 
 
+def _fold_table(result) -> str:
+    """Grouped validation: each held-out batch's macro F1 for every chain (fold rows)."""
+    folds = result.fold_scores
+    if folds is None or folds.empty:
+        return ""
+    table = folds.pivot_table(index=["held_out", "n_val"], columns="chain", values="val_macro_f1", sort=False)
+    names = list(dict.fromkeys(folds["chain"]))
+    fit = result.chain.config.get("fit", {})
+    rows = [f"| {held} | {n_val} | " + " | ".join(f"{row[name]:.4f}" for name in names) + " |"
+            for (held, n_val), row in table.iterrows()]
+    single = fit.get("single_batch_types") or []
+    single_md = (f"\nTypes found in one {fit.get('batch_key')} only, validated within it: {', '.join(single)}.\n"
+                 if single else "")
+    return f"""
+## Validation by held-out {fit.get('batch_key')}
+
+Each row: every chain trained on the other batches, its choices made on this one (macro F1).
+
+| held out | cells | {' | '.join(names)} |
+|---|---|{'---|' * len(names)}
+{chr(10).join(rows)}
+{single_md}"""
+
+
+def _validation_line(result) -> str:
+    fit = result.chain.config.get("fit", {})
+    if fit.get("validation") == "grouped":
+        return (f"- Validation: grouped by `{fit['batch_key']}`, {len(fit.get('folds', []))} folds; the chosen chain "
+                "refitted on every cell, its temperature and thresholds from the folds' held-out cells")
+    return "- Validation: a stratified random part of the reference" + (
+        f" ({fit['validation_note']})" if fit.get("validation_note") else "")
+
+
 def _markdown(result, y: np.ndarray, proba: np.ndarray, png: Path) -> str:
     from cellcontrast.train.metrics import per_class_f1
 
@@ -82,6 +108,7 @@ def _markdown(result, y: np.ndarray, proba: np.ndarray, png: Path) -> str:
     return f"""# Model card: {png.name.removesuffix('.card.png')}
 
 - Chosen chain: **{result.chosen}** ({fit.get('chosen_by', '')}), among {', '.join(fit.get('chains', []))}
+{_validation_line(result)}
 - Cells: {result.n_cells['reference']} in the reference; {result.n_cells['train']} trained, {result.n_cells['val']} validated{f", {result.n_cells['test']} held out for the test" if result.n_cells['test'] else ''}; seed {fit.get('seed', 0)}
 - Genes: {len(chain.genes)} in the reference, {_genes_used(chain)} used by the base
 - Classes: {len(classes)}; temperature {chain.metrics.get('temperature', float('nan')):.3f};
@@ -91,7 +118,7 @@ def _markdown(result, y: np.ndarray, proba: np.ndarray, png: Path) -> str:
 
 {table}
 
-{test_md}
+{test_md}{_fold_table(result)}
 ## Classes
 
 | class | training + validation cells | validation F1 |
@@ -102,11 +129,12 @@ def _markdown(result, y: np.ndarray, proba: np.ndarray, png: Path) -> str:
 """
 
 
-def write_model_card(result, validation, out: Path) -> dict[str, Path]:
-    """From the chain's validation cells, write ``<out>.card.md`` and ``<out>.card.png`` (atomically); returns their paths."""
+def write_model_card(result, out: Path) -> dict[str, Path]:
+    """From ``result.validation`` (the chain's validation cells, or the folds' held-out cells),
+    write ``<out>.card.md`` and ``<out>.card.png`` (atomically); returns their paths."""
     stem = out.with_suffix("")
     md, png = Path(f"{stem}.card.md"), Path(f"{stem}.card.png")
-    y, proba = _validation_predictions(result, validation)
+    y, proba = result.validation
     _figure(png, result.chain.classes, y, proba)
     with atomic_path(md) as tmp:
         tmp.write_text(_markdown(result, y, proba, png))

@@ -130,24 +130,37 @@ class FittedChains:
     classes: list[str]
 
 
+def base_choices(model) -> dict:
+    """What validation chose inside a base's recipe (LR: its genes, scaling and L2), so that
+    a refit on every cell can reuse the choices (`model.grouped`)."""
+    p = getattr(model, "train_params", None) or {}
+    if getattr(model, "name", None) != "lr":
+        return {}
+    return {"n_hvg": p.get("n_hvg"), "standardize": bool(model.preprocess.standardize),
+            "chosen_l2": p.get("chosen_l2")}
+
+
 def chain_name(base: str, component: str) -> str:
     return base if component in (None, "none") else f"{base}+{component}"
 
 
 def fit_chains(atlas: anndata.AnnData, chains: list[tuple[str, str]], *, seed: int = 0, params: dict | None = None,
                val_fraction: float = 0.1, labels_key: str = LABEL, layer: str | None = None,
-               progress=None, log=None) -> FittedChains:
+               progress=None, log=None, split: tuple[np.ndarray, np.ndarray, list[str]] | None = None
+               ) -> FittedChains:
     """Train several chains on one prepared reference (``prepare_atlas``): one split for all,
     each base trained once and shared by the chains on it (as the grid does), unless a
     component needs it refitted (``needs_component_base``; LR then fits only its scaling,
     the component's head being fresh). ``progress(name)`` is called as
     each chain is done; ``log(stage, step, metrics)`` sees the training curves. ``labels_key``
-    and ``layer`` are only recorded in the configs."""
+    and ``layer`` are only recorded in the configs. ``split``: (train rows, validation rows,
+    classes) given by the caller (grouped validation, `model.grouped`) instead of a stratified
+    draw; the same row may sit in both (a refit that trains on every cell)."""
     params = params or {}
     check_params(params)
     for base, component in chains:
         _check_choice(base, component, val_fraction)
-    train, val, classes = stratified_validation(atlas.obs[LABEL], val_fraction, seed)
+    train, val, classes = stratified_validation(atlas.obs[LABEL], val_fraction, seed) if split is None else split
     codes = pd.Categorical(atlas.obs[LABEL].astype(str), categories=classes).codes.astype(np.int64)
     X = {"train": atlas.X[train], "val": atlas.X[val]}
     y = {"train": codes[train], "val": codes[val]}
@@ -170,7 +183,7 @@ def fit_chains(atlas: anndata.AnnData, chains: list[tuple[str, str]], *, seed: i
         config = {"genes": atlas.var_names.tolist(), "class_names": classes, "base": base, "component": component,
                   "params": resolved, "metrics": metrics,
                   "fit": {"labels_key": labels_key, "layer": layer, "seed": seed, "val_fraction": val_fraction,
-                          "n_train": int(train.size), "n_val": int(val.size)}}
+                          "n_train": int(train.size), "n_val": int(val.size), "choices": base_choices(model)}}
         name = chain_name(base, component)
         fitted[name] = Chain(module, chain_config(module, config))
         if progress is not None:

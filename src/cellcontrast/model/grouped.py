@@ -1,0 +1,248 @@
+"""Grouped validation: every choice scored on batches (donors, studies) the candidate never saw.
+
+A random validation part shares its donors, depths and chemistry with the training cells, so
+every choice made on it (chain, genes, L2, scaling, temperature, thresholds) is tuned for cells
+the model has, in effect, already seen. With a batch key the reference's batches are held out
+in turn (leave-one-batch-out; grouped k-fold above ``MAX_FOLDS`` batches): each fold trains
+every chain on the other batches, and makes each chain's inner choices on the held-out batch.
+The chain is chosen on the folds' mean macro F1 (one standard error over folds), then refitted
+once on every cell with the settings the folds chose; its temperature and thresholds come from
+the folds' out-of-fold predictions, pooled.
+
+A type found in one batch only cannot be validated across batches: in the fold that holds its
+batch out, a stratified ``val_fraction`` of its cells is validated and the rest trains (named
+in a note and in the model card). A key with a single value falls back to stratified validation.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import anndata
+import numpy as np
+import pandas as pd
+import torch
+
+from cellcontrast.core.errors import InputError
+from cellcontrast.core.names import ALL_GENES, LABEL
+from cellcontrast.model.chain import Chain
+from cellcontrast.model.fit import MIN_CELLS_PER_TYPE, FittedChains, chain_name, fit_chains
+from cellcontrast.nn.chain import predict_logits
+from cellcontrast.train.calibration import expected_calibration_error, fit_temperature
+from cellcontrast.train.metrics import classification_metrics
+from cellcontrast.train.open_set import energy, unexplained_expression
+
+# Above this many batches, grouped k-fold with this many folds (each a set of whole batches).
+MAX_FOLDS = 5
+
+
+@dataclass
+class BatchFolds:
+    """The folds of one reference: ``folds`` as (held-out batch names, train rows, validation
+    rows); the types kept (most frequent first); the types validated within their only batch."""
+
+    batch_key: str
+    folds: list[tuple[list[str], np.ndarray, np.ndarray]]
+    classes: list[str]
+    single_batch_types: list[str] = field(default_factory=list)
+
+
+def batch_folds(obs: pd.DataFrame, batch_key: str, *, val_fraction: float = 0.1, seed: int = 0,
+                max_folds: int = MAX_FOLDS) -> BatchFolds | None:
+    """Leave-one-batch-out folds of ``obs`` (grouped k-fold above ``max_folds`` batches), or None
+    when the key has a single value (the caller falls back to stratified validation, with a note).
+
+    Raises `InputError` when ``batch_key`` is not an obs column or has missing values.
+    """
+    if batch_key not in obs.columns:
+        raise InputError(f"--batch-key {batch_key}: no obs column {batch_key!r}; columns are: "
+                         f"{', '.join(map(str, obs.columns))}")
+    if obs[batch_key].isna().any():
+        raise InputError(f"--batch-key {batch_key}: {int(obs[batch_key].isna().sum())} cells have no value; "
+                         "label them or --filter them out")
+    batches = obs[batch_key].astype(str).to_numpy()
+    labels = obs[LABEL].astype(str).to_numpy()
+    names = sorted(set(batches))
+    if len(names) < 2:
+        return None
+    counts = pd.Series(labels).value_counts()
+    classes = [name for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= MIN_CELLS_PER_TYPE]
+    if len(classes) < 2:
+        raise InputError(f"fitting needs at least 2 cell types with {MIN_CELLS_PER_TYPE}+ cells each; "
+                         f"the labels have {len(classes)}")
+    groups = _fold_groups(names, pd.Series(batches).value_counts(), max_folds)
+    kept = np.isin(labels, classes)
+    per_type_batches = pd.crosstab(labels[kept], batches[kept]).gt(0).sum(axis=1)
+    single = [name for name in classes if per_type_batches.get(name, 0) < 2]
+    rng = np.random.default_rng(seed)
+    folds = []
+    for held in groups:
+        held_out = np.isin(batches, held) & kept
+        train_mask = ~np.isin(batches, held) & kept
+        for name in single:  # its only batch is held out: validate a stratified part of it there
+            rows = np.flatnonzero(held_out & (labels == name))
+            if rows.size:
+                n_val = min(rows.size - 1, max(1, int(round(val_fraction * rows.size))))
+                to_train = rng.permutation(rows)[n_val:]
+                held_out[to_train], train_mask[to_train] = False, True
+        folds.append((held, np.flatnonzero(train_mask), np.flatnonzero(held_out)))
+    return BatchFolds(batch_key, folds, classes, single)
+
+
+def _fold_groups(names: list[str], sizes: pd.Series, max_folds: int) -> list[list[str]]:
+    """One batch a fold, or (more batches than ``max_folds``) whole batches spread over
+    ``max_folds`` folds of similar size: the largest batch first into the smallest fold."""
+    if len(names) <= max_folds:
+        return [[name] for name in names]
+    folds: list[list[str]] = [[] for _ in range(max_folds)]
+    totals = np.zeros(max_folds)
+    for name in sorted(names, key=lambda n: (-sizes[n], n)):
+        k = int(np.argmin(totals))
+        folds[k].append(name)
+        totals[k] += sizes[name]
+    return [sorted(fold) for fold in folds]
+
+
+@dataclass
+class GroupedFit:
+    """The per-fold chains' scores, every chain's fold mean, and the out-of-fold material of
+    each chain (validation labels, uncalibrated logits, expression scores), pooled over folds."""
+
+    folds: BatchFolds
+    fold_scores: pd.DataFrame  # one row per (fold, chain): held_out, n_val, val_macro_f1, ...
+    scores: pd.DataFrame  # one row per chain: fold means of the validation metrics, val_macro_f1_se
+    out_of_fold: dict[str, dict[str, np.ndarray]]
+    choices: dict[str, list[dict]]  # each chain's base choices, fold by fold
+
+
+def fit_folds(atlas: anndata.AnnData, folds: BatchFolds, chains: list[tuple[str, str]], *, seed: int = 0,
+              params: dict | None = None, val_fraction: float = 0.1, labels_key: str = LABEL,
+              layer: str | None = None, progress=None) -> GroupedFit:
+    """Train every chain on each fold's training batches, its choices made on the held-out
+    batches; collect what the final chain's choice, temperature and thresholds need."""
+    rows, oof, choices = [], {}, {}
+    for held, train, val in folds.folds:
+        fitted: FittedChains = fit_chains(atlas, chains, seed=seed, params=params, val_fraction=val_fraction,
+                                          labels_key=labels_key, layer=layer, split=(train, val, folds.classes),
+                                          progress=progress)
+        y = pd.Categorical(atlas.obs[LABEL].iloc[val].astype(str), categories=folds.classes).codes
+        for name, chain in fitted.chains.items():
+            metrics = {k: v for k, v in chain.metrics.items() if k.startswith("val_")}
+            rows.append({"held_out": ",".join(held), "n_train": int(train.size), "n_val": int(val.size),
+                         "chain": name, **metrics})
+            part = oof.setdefault(name, {"y": [], "logits": [], "expression": [], "rows": []})
+            part["y"].append(y)
+            part["rows"].append(val)
+            part["logits"].append(predict_logits(chain.module, atlas.X[val]))
+            if chain.module.novelty is not None:
+                part["expression"].append(unexplained_expression(chain.module, atlas.X[val]))
+            choices.setdefault(name, []).append(chain.config["fit"].get("choices") or {})
+    fold_scores = pd.DataFrame(rows)
+    pooled = {name: {k: np.concatenate(v) if v else np.zeros(0) for k, v in part.items()} for name, part in oof.items()}
+    return GroupedFit(folds, fold_scores, _fold_means(fold_scores), pooled, choices)
+
+
+def _fold_means(fold_scores: pd.DataFrame) -> pd.DataFrame:
+    """Each chain's fold-mean validation metrics; ``val_macro_f1_se`` the standard error of the
+    mean over folds (what the one-SE rule compares: batches differ more than cells do)."""
+    metric_cols = [c for c in fold_scores.columns if c.startswith("val_") and not c.endswith("_se")]
+    grouped = fold_scores.groupby("chain", sort=False)
+    out = grouped[metric_cols].mean()
+    n = grouped.size()
+    sd = grouped["val_macro_f1"].std(ddof=1).fillna(0.0)
+    out["val_macro_f1_se"] = sd / np.sqrt(n)
+    out["n_folds"] = n
+    return out.reset_index().assign(seed=0)
+
+
+def refit_params(base: str, params: dict | None, choices: list[dict]) -> dict:
+    """``params`` with the base's inner choices fixed to what the folds chose: LR's genes and
+    scaling by majority (ties to the first fold's), its L2 as the folds' geometric mean (one
+    value, so the refit has nothing left to choose on validation)."""
+    params = {k: dict(v) for k, v in (params or {}).items()}
+    made = [c for c in choices if c]
+    if base != "lr" or not made:
+        return params
+    genes = pd.Series([str(c["n_hvg"]) for c in made]).mode().iloc[0]
+    scaled = pd.Series([bool(c["standardize"]) for c in made]).mode().iloc[0]
+    l2s = [float(c["chosen_l2"]) for c in made if c.get("chosen_l2")]
+    fixed = {"n_hvg": ALL_GENES if genes == ALL_GENES else int(genes), "standardize": bool(scaled)}
+    if l2s:
+        fixed["l2_path"] = [float(np.exp(np.mean(np.log(l2s))))]
+    params["lr"] = {**params.get("lr", {}), **fixed}
+    return params
+
+
+def refit_on_every_cell(atlas: anndata.AnnData, grouped: GroupedFit, name: str, *, seed: int = 0,
+                        params: dict | None = None, labels_key: str = LABEL, layer: str | None = None) -> Chain:
+    """The chosen chain trained once on every kept cell with the folds' choices; its temperature,
+    thresholds and validation metrics from the folds' pooled out-of-fold predictions.
+
+    The refit has no cell left to validate on: LR's choices are fixed (`refit_params`); a deep
+    base or component keeps its recipe's budget, its checkpoint picked on the training cells."""
+    base, _, component = name.partition("+")
+    component = component or "none"
+    every = np.flatnonzero(atlas.obs[LABEL].astype(str).isin(grouped.folds.classes).to_numpy())
+    fixed = refit_params(base, params, grouped.choices[name])
+    fitted = fit_chains(atlas, [(base, component)], seed=seed, params=fixed, labels_key=labels_key, layer=layer,
+                        split=(every, every, grouped.folds.classes))
+    chain = fitted.chains[chain_name(base, component)]
+    metrics = out_of_fold_metrics(grouped, name, len(grouped.folds.classes))
+    chain.module.temperature.fill_(metrics["temperature"])
+    torch.set_grad_enabled(True)
+    table = grouped.fold_scores[grouped.fold_scores["chain"] == name]
+    chain.config["metrics"] = metrics
+    chain.config["fit"].update({
+        "n_train": int(every.size), "n_val": int(sum(v.size for _, _, v in grouped.folds.folds)),
+        "validation": "grouped", "batch_key": grouped.folds.batch_key,
+        "single_batch_types": grouped.folds.single_batch_types,
+        "folds": [{"held_out": r["held_out"], "n_train": int(r["n_train"]), "n_val": int(r["n_val"]),
+                   "val_macro_f1": float(r["val_macro_f1"])} for _, r in table.iterrows()]})
+    return chain
+
+
+def out_of_fold_metrics(grouped: GroupedFit, name: str, n_classes: int) -> dict:
+    """The chain's validation metrics from every fold's held-out cells pooled: one temperature
+    fitted on the pooled uncalibrated logits, the thresholds `annotate` reads
+    (``val_confidence_q05``, ``val_energy_q95``, ``val_expression_q99``) from the same cells,
+    and the choice's figures (fold-mean macro F1 and its standard error over folds)."""
+    part = grouped.out_of_fold[name]
+    logits = part["logits"]
+    temperature = fit_temperature(logits, part["y"])
+    y, proba = out_of_fold_predictions(grouped, name, temperature)
+    metrics = {"temperature": temperature}
+    metrics.update({f"val_pooled_{k}": float(v) for k, v in classification_metrics(y, proba, n_classes).items()})
+    row = grouped.scores.set_index("chain").loc[name]
+    metrics.update({k: float(row[k]) for k in row.index if k.startswith("val_")})
+    metrics["val_ece"] = expected_calibration_error(proba, y)
+    metrics["val_confidence_q05"] = float(np.quantile(proba.max(1), 0.05))
+    metrics["val_energy_q95"] = float(np.quantile(energy(logits, temperature), 0.95))
+    if part["expression"].size:
+        metrics["val_expression_q99"] = float(np.quantile(part["expression"], 0.99))
+    return metrics
+
+
+def out_of_fold_predictions(grouped: GroupedFit, name: str, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, calibrated probabilities) of every fold's held-out cells for chain ``name``."""
+    part = grouped.out_of_fold[name]
+    shifted = part["logits"] / temperature
+    proba = np.exp(shifted - shifted.max(1, keepdims=True))
+    return part["y"], proba / proba.sum(1, keepdims=True)
+
+
+def say_fallbacks(folds: BatchFolds | None, batch_key: str) -> str | None:
+    """The one-line note for a reference grouped validation cannot fully serve (None: none)."""
+    if folds is None:
+        return (f"note: --batch-key {batch_key} has one value; validating on a stratified random part "
+                "of the reference instead")
+    if folds.single_batch_types:
+        shown = ", ".join(folds.single_batch_types[:8]) + (" ..." if len(folds.single_batch_types) > 8 else "")
+        return (f"note: {len(folds.single_batch_types)} types live in one {batch_key} only and are validated "
+                f"within it: {shown}")
+    return None
+
+
+def print_note(note: str | None) -> None:
+    if note:
+        print(note, file=sys.stderr)
