@@ -88,7 +88,7 @@ def _check_options(batch_size: int, min_confidence: float | str, min_overlap: fl
 def _columns(matrix, annotator: Annotator, *, min_overlap: float, case_insensitive: bool, say) -> np.ndarray:
     return model_columns(matrix.var_names, annotator.genes, min_overlap=min_overlap,
                          case_insensitive=case_insensitive, gene_key=matrix.gene_key, say=say,
-                         other_columns=matrix.other_gene_columns())
+                         other_columns=matrix.other_gene_columns(), weights=annotator.gene_weights)
 
 
 def _as_annotator(model, threads: int) -> Annotator:

@@ -88,15 +88,24 @@ def better_gene_key(columns: Mapping[str, Callable[[], Iterable[str]]], model_ge
 
 def model_columns(var_names: pd.Index, model_genes: list[str], *, min_overlap: float,
                   case_insensitive: bool, gene_key: str | None, say,
-                  other_columns: Mapping[str, Callable[[], Iterable[str]]] | None = None) -> np.ndarray:
+                  other_columns: Mapping[str, Callable[[], Iterable[str]]] | None = None,
+                 weights: np.ndarray | None = None) -> np.ndarray:
     """Each query gene's model column (-1: unused); refuses an overlap below ``min_overlap``,
-    naming a ``var`` column of ``other_columns`` that would match (``--gene-key``)."""
+    naming a ``var`` column of ``other_columns`` that would match (``--gene-key``).
+
+    With ``weights`` (each model gene's share of what the model draws from it, `cellcontrast
+    fit` records them) the overlap is the weight of the genes found, not their count: a query
+    lacking a thousand genes the model barely reads is no worse than one lacking none, and one
+    lacking its ten markers is refused.
+    """
     col_map = align_genes(var_names, model_genes, case_insensitive)
     n_model = len(model_genes)
     found = int((col_map >= 0).sum())
     frac = found / n_model
     where = f"var[{gene_key!r}]" if gene_key else "the query's var_names"
-    if frac < min_overlap:
+    weighted = None if weights is None else float(np.asarray(weights)[found_mask(col_map, n_model)].sum())
+    carried = "" if weighted is None else f", carrying {100 * weighted:.1f}% of what the model draws on"
+    if (frac if weighted is None else weighted) < min_overlap:
         key = better_gene_key(other_columns or {}, model_genes, min_overlap)
         if key == "":
             hint = "drop --gene-key: the var_names hold them"
@@ -105,8 +114,8 @@ def model_columns(var_names: pd.Index, model_genes: list[str], *, min_overlap: f
         else:
             hint = "are gene names of the same kind (symbols vs Ensembl IDs)?" + (
                 "" if case_insensitive else " try --case-insensitive")
-        raise InputError(f"only {found} of {n_model} model genes ({100 * frac:.1f}%) found in {where} "
+        raise InputError(f"only {found} of {n_model} model genes ({100 * frac:.1f}%{carried}) found in {where} "
                          f"(need {100 * min_overlap:.0f}%, --min-overlap); {hint}")
-    say(f"found {found} of {n_model} model genes ({100 * frac:.1f}%) in {where}; "
+    say(f"found {found} of {n_model} model genes ({100 * frac:.1f}%{carried}) in {where}; "
         f"{n_model - found} missing genes set to 0")
     return col_map

@@ -39,6 +39,16 @@ class Annotator:
     expression_name: str | None = None
 
     @property
+    def gene_weights(self) -> np.ndarray | None:
+        """Each gene's share of what the model draws from it (sums to 1; `cellcontrast fit`
+        records it), or None for annotators exported without it."""
+        weights = self.metadata.get("gene_weights")
+        if not isinstance(weights, list) or len(weights) != len(self.genes):
+            return None
+        weights = np.asarray(weights, dtype=np.float64)
+        return weights / weights.sum() if weights.sum() > 0 else None
+
+    @property
     def novelty_scores(self) -> list[str]:
         """The novelty outputs the model has: ``energy``, ``expression`` (newer exports)."""
         return [name for name in (self.energy_name, self.expression_name) if name]
@@ -124,7 +134,7 @@ def load_model(path: str | os.PathLike, threads: int = 0) -> Annotator:
         if not isinstance(value, list) or not value:
             raise InputError(f"{path} has an empty {key!r} metadata list; {hint}")
         meta[key] = [str(v) for v in value]
-    for key in ("metrics", "output_names"):
+    for key in ("metrics", "output_names", "gene_weights"):
         if key in raw:
             try:
                 meta[key] = json.loads(raw[key])

@@ -149,10 +149,16 @@ def fit(args: argparse.Namespace) -> None:
 
     started = time.perf_counter()
     params = read_params_file(args.params)
+    genes = None
+    if args.query:  # only its gene names: the file stays on disk
+        query = open_h5ad(args.query, backed=True)
+        genes = query.var_names.copy()
+        query.file.close()
     result = fit_annotator(open_h5ad(args.reference), args.label_key, chains=args.chains, layer=args.layer,
                            filters=parse_filters(args.filter), seed=args.seed, params=params,
                            val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                           batch_key=args.batch_key, out=args.out, experiment=args.experiment, register=not args.no_register)
+                           batch_key=args.batch_key, genes=genes, genes_source=f"--query {args.query}",
+                           out=args.out, experiment=args.experiment, register=not args.no_register)
     val = result.chain.metrics.get("val_macro_f1", float("nan"))
     if result.fold_scores is not None:
         val_text = f"mean over held-out {args.batch_key} macro F1 {val:.4f}"

@@ -92,6 +92,9 @@ def _fit(sub) -> None:
     p.add_argument("--batch-key", default=None,
                    help="obs column of batches (donor, study): every choice is scored on batches the candidate did "
                         "not train on (leave-one-batch-out), then the chosen chain is refitted on every cell")
+    p.add_argument("--query", default=None,
+                   help="a query .h5ad to be annotated: the reference is restricted to the genes it measures "
+                        "(its var_names); genes the reference never detects are always left out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--params", default=None, help="JSON file of hyperparameters keyed by model name")
     p.add_argument("--experiment", default="cellcontrast-fit", help="MLflow experiment of the parent run")

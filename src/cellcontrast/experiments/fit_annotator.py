@@ -15,6 +15,7 @@ chain is exported, logged and registered.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from cellcontrast.data.atlas import prepare_atlas
 from cellcontrast.experiments.selection import SELECTION_METRIC, choose_per_seed
 from cellcontrast.model.chain import Chain
 from cellcontrast.model.fit import fit_chains, stratified_validation
+from cellcontrast.model.gene_panel import gene_panel
 from cellcontrast.model.grouped import (
     batch_folds,
     fit_folds,
@@ -37,6 +39,7 @@ from cellcontrast.model.grouped import (
     refit_on_every_cell,
     say_fallbacks,
 )
+from cellcontrast.train.attribution import gene_weights
 
 # The linear bar and the deep base, at a cost a laptop affords (bench/bench_fit.py). lr+mlp was
 # a default until measured: never chosen on the four shared references, and on the 90k atlas
@@ -115,9 +118,11 @@ def fit_annotator(
     val_fraction: float = 0.1,
     test_fraction: float = 0.0,
     batch_key: str | None = None,
+    genes: Iterable[str] | None = None,
     out: str | Path | None = None,
     experiment: str | None = "cellcontrast-fit",
     register: bool = True,
+    genes_source: str = "genes=",
 ) -> FittedAnnotator:
     """Train the chains on a labelled reference, choose one on validation, export it.
 
@@ -141,10 +146,15 @@ def fit_annotator(
         candidate did not train on (leave-one-batch-out, grouped 5-fold above 5 batches), and
         the chosen chain refitted on every cell (`cellcontrast.model.grouped`). A key with one
         value falls back to stratified validation, with a note.
+    genes
+        The genes a known query measures (its var_names): the reference is restricted to them
+        (`cellcontrast.model.gene_panel`). Genes the reference never detects are left out always.
     out
         The ``.onnx`` file to write; the model card goes beside it (``.card.md``, ``.card.png``).
     experiment, register
         MLflow experiment of the parent run (None: no tracking); register the exported model.
+    genes_source
+        How messages name ``genes`` (the command line passes ``--query FILE``).
 
     Returns
     -------
@@ -161,6 +171,7 @@ def fit_annotator(
     if out is not None and Path(out).suffix.lower() != ".onnx":
         raise InputError(f"--out {out} should end in .onnx")
     atlas = prepare_atlas(adata, label_key=labels_key, layer=layer, filters=filters, source="the reference")
+    atlas = gene_panel(atlas, genes, source=genes_source)
     reference, test = _hold_out_test(atlas, test_fraction, seed)
     folds = batch_folds(reference.obs, batch_key, val_fraction=val_fraction, seed=seed) if batch_key else None
     note = say_fallbacks(folds, batch_key) if batch_key else None
@@ -191,6 +202,8 @@ def fit_annotator(
                                         labels_key=labels_key, layer=layer)
             validation = out_of_fold_predictions(grouped, chosen_name, chain.metrics["temperature"])
         chain.config["fit"]["chains"] = names
+        # what `annotate` weighs a missing gene by (train.attribution)
+        chain.config["gene_weights"] = [float(f"{w:.4g}") for w in gene_weights(chain.module, reference.X, seed=seed)]
         chain.config["fit"]["chosen_by"] = _chosen_by(folds)
         if note:
             chain.config["fit"]["validation_note"] = note.removeprefix("note: ")

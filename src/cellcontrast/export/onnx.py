@@ -54,7 +54,7 @@ EMBEDDING = "embedding"
 # Keys written into the ONNX file's metadata_props (all values are strings; lists/dicts JSON).
 METADATA_KEYS = (
     "genes", "classes", "preprocessing", "base", "component", "run_id", "metrics",
-    "cellcontrast_version", "input_name", "output_names", "opset", "gene_identifiers",
+    "cellcontrast_version", "input_name", "output_names", "opset", "gene_identifiers", "gene_weights",
 )
 
 
@@ -169,7 +169,7 @@ def _metadata(config: dict, output_names: list[str], opset: int) -> dict[str, st
         "opset": str(opset),
         # "ensembl" or "symbol": what a query's genes are matched against (--gene-key)
         "gene_identifiers": identifier_kind(str(g) for g in config["genes"]),
-    }
+    } | ({"gene_weights": json.dumps(config["gene_weights"])} if config.get("gene_weights") else {})
 
 
 def normalize_config(config: dict) -> dict:
@@ -286,7 +286,7 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
     model = onnx.load_model(str(path), load_external_data=False)
     meta: dict[str, Any] = {p.key: p.value for p in model.metadata_props}
-    for key in ("genes", "classes", "metrics", "output_names"):
+    for key in ("genes", "classes", "metrics", "output_names", "gene_weights"):
         if key in meta:
             meta[key] = json.loads(meta[key])
     return meta

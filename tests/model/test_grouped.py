@@ -1,0 +1,130 @@
+"""Grouped validation (`model.grouped`): folds of whole batches, choices made on batches the
+candidate never trained on, one refit on every cell, and the fallbacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cellcontrast as cc
+from cellcontrast.cli.entry import main
+from cellcontrast.data.atlas import prepare_atlas
+from cellcontrast.data.simulate import simulate_atlas
+from cellcontrast.model import grouped
+from cellcontrast.model.grouped import batch_folds, fit_folds, refit_params
+
+FAST = {"lr": {"n_hvg": 60, "l2_path": [1e-2, 1e-3]}}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return simulate_atlas(n_cells=900, n_types=6, n_genes=120, n_individuals=3, seed=3)
+
+
+def _obs(batches, labels):
+    return pd.DataFrame({"donor": batches, "cell_type": labels}, index=[f"c{i}" for i in range(len(labels))])
+
+
+def test_leave_one_batch_out_never_trains_on_the_held_out_batch(reference):
+    obs = prepare_atlas(reference).obs
+    folds = batch_folds(obs, "individual")
+    batches = obs["individual"].astype(str).to_numpy()
+    assert [held for held, _, _ in folds.folds] == [["L1"], ["L2"], ["L3"]] and not folds.single_batch_types
+    for held, train, val in folds.folds:
+        assert set(batches[val]) == set(held) and not set(batches[train]) & set(held)
+        assert train.size + val.size == obs.shape[0]  # every cell of a kept type trains or validates
+
+
+def test_many_batches_make_five_folds_of_whole_batches():
+    rng = np.random.default_rng(0)
+    batches = rng.choice([f"d{i}" for i in range(12)], 2000)
+    folds = batch_folds(_obs(batches, rng.choice(list("abc"), 2000)), "donor")
+    assert len(folds.folds) == grouped.MAX_FOLDS
+    held = [name for names, _, _ in folds.folds for name in names]
+    assert sorted(held) == sorted(set(batches))  # each batch held out exactly once
+    for names, train, _ in folds.folds:
+        assert not set(batches[train]) & set(names)
+
+
+def test_a_type_of_one_batch_is_validated_within_it_and_named():
+    batches = np.repeat(["d1", "d2"], 50)
+    labels = np.array(["a", "b"] * 25 + ["a", "b", "c", "c", "c"] * 10)
+    folds = batch_folds(_obs(batches, labels), "donor", val_fraction=0.2)
+    assert folds.single_batch_types == ["c"]
+    _, train, val = folds.folds[1]  # d2 held out: c lives there only
+    assert (labels[train] == "c").sum() == 24 and (labels[val] == "c").sum() == 6
+    assert set(batches[train][labels[train] != "c"]) == {"d1"}
+    assert "1 types live in one donor only" in grouped.say_fallbacks(folds, "donor")
+
+
+def test_a_key_with_one_value_falls_back_with_a_note(reference, capsys):
+    one = reference.copy()
+    one.obs["individual"] = "L1"
+    result = cc.fit_annotator(one, "cell_type", chains="lr", params=FAST, batch_key="individual", experiment=None)
+    assert "has one value" in capsys.readouterr().err
+    assert result.fold_scores is None and "one value" in result.chain.config["fit"]["validation_note"]
+
+
+def test_choices_are_scored_out_of_fold_and_the_refit_uses_every_cell(reference, monkeypatch):
+    calls = []
+    real = grouped.fit_chains
+
+    def spy(atlas, chains, **kw):
+        calls.append(kw["split"])
+        return real(atlas, chains, **kw)
+
+    monkeypatch.setattr(grouped, "fit_chains", spy)
+    result = cc.fit_annotator(reference, "cell_type", chains="lr", params=FAST, batch_key="individual",
+                              experiment=None)
+    batches = reference.obs["individual"].astype(str).to_numpy()
+    *fold_calls, refit = calls
+    assert len(fold_calls) == 3
+    for train, val, _ in fold_calls:  # each candidate validated on a batch it never trained on
+        assert not set(batches[train]) & set(batches[val])
+    assert np.array_equal(refit[0], np.arange(reference.n_obs)) and result.n_cells["train"] == reference.n_obs
+    fit = result.chain.config["fit"]
+    assert fit["validation"] == "grouped" and [f["held_out"] for f in fit["folds"]] == ["L1", "L2", "L3"]
+    assert result.chain.metrics["val_macro_f1"] == pytest.approx(np.mean([f["val_macro_f1"] for f in fit["folds"]]))
+    assert np.isfinite(result.chain.metrics["val_confidence_q05"]) and result.validation[0].size == reference.n_obs
+    # the refit's L2 is the one the folds chose (geometric mean): nothing left to pick
+    assert len(result.chain.config["params"]["lr"]["l2_path"]) == 1
+
+
+def test_refit_params_take_the_folds_majority_and_geometric_mean_l2():
+    choices = [{"n_hvg": 2000, "standardize": False, "chosen_l2": 1e-2},
+               {"n_hvg": "all", "standardize": False, "chosen_l2": 1e-4},
+               {"n_hvg": 2000, "standardize": True, "chosen_l2": 1e-3}]
+    fixed = refit_params("lr", {"lr": {"clip": 5.0}}, choices)["lr"]
+    assert fixed == {"clip": 5.0, "n_hvg": 2000, "standardize": False, "l2_path": [pytest.approx(1e-3)]}
+    assert refit_params("scdae", None, [{}]) == {}
+
+
+def test_same_seed_same_grouped_annotator(reference):
+    kw = {"chains": "lr", "params": FAST, "batch_key": "individual", "experiment": None}
+    first, again = (cc.fit_annotator(reference, "cell_type", **kw) for _ in range(2))
+    pd.testing.assert_frame_equal(first.fold_scores, again.fold_scores)
+    assert first.chain.metrics == again.chain.metrics
+
+
+def test_the_card_shows_each_held_out_batch(reference, tmp_path):
+    out = tmp_path / "a.onnx"
+    cc.fit_annotator(reference, "cell_type", chains="lr", params=FAST, batch_key="individual", out=out,
+                     experiment=None)
+    card = (tmp_path / "a.card.md").read_text()
+    assert "## Validation by held-out individual" in card and "| L2 |" in card
+    assert "grouped by `individual`, 3 folds" in card
+
+
+def test_bad_batch_keys_are_refused_in_one_line(reference, tmp_path, capsys):
+    path, out = tmp_path / "ref.h5ad", tmp_path / "a.onnx"
+    reference.write_h5ad(path)
+    assert main(["fit", "--reference", str(path), "--out", str(out), "--chains", "lr", "--batch-key", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-key nope: no obs column 'nope'" in err and "Traceback" not in err
+    missing = reference.copy()
+    missing.obs["donor"] = pd.Series(["a", None] * (reference.n_obs // 2), index=reference.obs_names, dtype=object)
+    missing.write_h5ad(path)
+    assert main(["fit", "--reference", str(path), "--out", str(out), "--chains", "lr", "--batch-key", "donor"]) == 2
+    assert "cells have no value" in capsys.readouterr().err
+    assert not out.exists()
