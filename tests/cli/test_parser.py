@@ -9,7 +9,7 @@ from cellcontrast.cli.parser import build_parser
 
 @pytest.mark.parametrize(("argv", "words"), [
     (["annotate", "m.onnx", "q.h5ad", "--out", "o.h5ad", "--batch-size", "x"], ["--batch-size", "'x'"]),
-    (["train", "--split-dir", "s", "--base", "svm"], ["--base", "svm"]),
+    (["train", "--split-dir", "s", "--base", "rf"], ["--base", "rf"]),
     (["annotate", "m.onnx"], ["required", "query"]),
     (["annotate", "m.onnx", "q.h5ad"], ["required", "--out", "--out-dir"]),
     (["frobnicate"], ["frobnicate"]),

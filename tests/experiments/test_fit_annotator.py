@@ -60,7 +60,7 @@ def test_the_test_part_is_held_out_and_never_read_by_the_choice(reference):
 
 def test_chains_are_named_or_all():
     assert parse_chains("lr, scdae+mlp") == ["lr", "scdae+mlp"]
-    assert len(parse_chains("all")) == 9
+    assert len(parse_chains("all")) == 12
     with pytest.raises(cc.InputError, match="unknown chain lr\\+foo"):
         parse_chains("lr+foo")
 

@@ -120,13 +120,14 @@ def test_config_mismatch_is_input_error(tmp_path):
 # Small recipes: every chain trains in a second or two, and still learns (checked below).
 TRAIN_PARAMS = {
     "lr": {"n_hvg": 60, "l2_path": [1e-2, 1e-3]},
+    "svm": {"n_hvg": 60, "l2_path": [1e-2, 1e-3]},
     "actinn": {"hidden_dims": [32, 16], "epochs": 15, "min_steps": 0, "lr": 3e-3},
     "scdae": {"n_hvg": 60, "encoder_dims": [48, 24, 12], "classifier_dims": [12, 12], "ae_epochs": 1,
               "classifier_epochs": 12, "finetune_epochs": 1, "min_steps": 0},
     "mlp": {"max_epochs": 4},
     "mls": {"max_epochs": 4},
 }
-CHAINS = [(b, c) for b in ("lr", "actinn", "scdae") for c in ("none", "mlp", "mls")]
+CHAINS = [(b, c) for b in ("lr", "actinn", "scdae") for c in ("none", "mlp", "mls")] + [("svm", "none")]
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,7 @@ def test_fit_with_a_component(reference):
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"labels_key": "tissue"}, "no label column"),
-    ({"base": "svm"}, "unknown base"),
+    ({"base": "knn"}, "unknown base"),
     ({"component": "mlx"}, "unknown component"),
     ({"params": {"lr": {"epochs": -1}}}, "bad parameters"),
     ({"params": {"rf": {}}}, "bad parameters"),

@@ -141,7 +141,35 @@ def test_params_are_validated():
     with pytest.raises(ValueError):
         fit_base(x, y, x, y, N_CLASSES, "lr", {"epoch": 3})
     with pytest.raises(ValueError):
-        fit_base(x, y, x, y, N_CLASSES, "svm", {})
+        fit_base(x, y, x, y, N_CLASSES, "rf", {})
+    with pytest.raises(ValueError, match="svm.solver must be lbfgs"):
+        fit_base(x, y, x, y, N_CLASSES, "svm", {"solver": "adam"})
+
+
+def test_squared_hinge_is_linearsvc_loss():
+    import torch
+
+    from cellcontrast.train.loops import squared_hinge
+
+    logits = torch.tensor([[2.0, -0.5, 0.3], [0.1, 0.4, -2.0]])
+    y = torch.tensor([0, 2])
+    # cell 0: true class margin 2 (no loss), others -0.5 -> 0.25, 0.3 -> 1.69
+    # cell 1: true class -2 -> 9; others 0.1 -> 1.21, 0.4 -> 1.96
+    assert float(squared_hinge(logits, y)) == pytest.approx(0.25 + 1.69 + 9 + 1.21 + 1.96)
+
+
+def test_the_margin_base_learns_and_differs_from_lr():
+    x, y = marker_counts(per_class=30)
+    recipe = {"n_hvg": "all", "l2_path": [1e-2, 1e-3], "standardize": True}
+    svm, lr = (fit_base(x, y, x, y, N_CLASSES, base, recipe) for base in ("svm", "lr"))
+    assert svm.name == "svm" and svm.train_params["loss"] == "squared_hinge"
+    import torch
+
+    with torch.no_grad():
+        margins = svm(torch.as_tensor(x.toarray() if hasattr(x, "toarray") else x, dtype=torch.float32))
+        logits = lr(torch.as_tensor(x.toarray() if hasattr(x, "toarray") else x, dtype=torch.float32))
+    assert (margins.argmax(1).numpy() == y).mean() > 0.95
+    assert not torch.allclose(margins, logits)
 
 
 def test_min_steps_lengthens_small_recipes_within_a_cap():

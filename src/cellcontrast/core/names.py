@@ -1,10 +1,13 @@
 """The names of the models and metrics, written once."""
 
-BASES = ("lr", "actinn", "scdae")
+BASES = ("lr", "svm", "actinn", "scdae")
+# The bases that are one linear layer on LR's preprocessing (trained by L-BFGS along an L2 path).
+LINEAR_BASES = ("lr", "svm")
 COMPONENTS = ("none", "mlp", "mls")
-# Every chain by name ("lr", "lr+mlp", ...), simplest first: the order ties and the
-# one-standard-error rule prefer.
-CHAINS_SIMPLEST_FIRST = tuple(b if c == "none" else f"{b}+{c}" for b in BASES for c in COMPONENTS)
+# Every chain by name ("lr", "svm", "lr+mlp", ...), simplest first: the order ties and the
+# one-standard-error rule prefer. The linear bases come first, then each base with its components.
+CHAINS_SIMPLEST_FIRST = LINEAR_BASES + tuple(name for b in BASES for c in COMPONENTS
+                                             if (name := b if c == "none" else f"{b}+{c}") not in LINEAR_BASES)
 # The paper's metrics, as keys of every metrics dictionary (val_top1, test_macro_f1, ...).
 METRICS = ("top1", "top3", "macro_f1")
 # The obs column that holds the cell type once an atlas has been read.

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cellcontrast.core.fingerprint import TRAINING_CODE, code_digest, fingerprint
+from cellcontrast.core.names import LINEAR_BASES
 from cellcontrast.data.split_data import SplitData, load_split_data
 from cellcontrast.experiments import plots, tracking
 from cellcontrast.nn.chain import save_chain
@@ -174,9 +175,9 @@ def _fit(cell: _Cell, component: str, run_id: str):
                                    for_component=component != "none")
         if component == "none":
             cell.base_run_id = run_id
-    if cell.base == "lr":  # what "auto" chose on validation
-        mlflow.log_param("lr.standardized", cell.base_model.preprocess.standardize)
-        mlflow.log_param("lr.chosen_l2", getattr(cell.base_model, "train_params", {}).get("chosen_l2"))
+    if cell.base in LINEAR_BASES:  # what "auto" chose on validation
+        mlflow.log_param(f"{cell.base}.standardized", cell.base_model.preprocess.standardize)
+        mlflow.log_param(f"{cell.base}.chosen_l2", getattr(cell.base_model, "train_params", {}).get("chosen_l2"))
     if component == "none":
         return build_chain(cell.base_model)
     if cell.base_run_id:

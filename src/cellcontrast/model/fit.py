@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from cellcontrast.core.errors import InputError
-from cellcontrast.core.names import BASES, COMPONENTS, LABEL
+from cellcontrast.core.names import BASES, COMPONENTS, LABEL, LINEAR_BASES
 from cellcontrast.data.atlas import prepare_atlas
 from cellcontrast.data.heldout import validation_split
 from cellcontrast.model.chain import Chain
@@ -84,7 +84,7 @@ def fit(
     labels_key
         The obs column with the cell types. Cells without a label are left out.
     base
-        ``"lr"``, ``"actinn"`` or ``"scdae"``.
+        ``"lr"``, ``"svm"`` (the margin base), ``"actinn"`` or ``"scdae"``.
     component
         ``"none"``, ``"mlp"`` (MLP-CL) or ``"mls"`` (MLS-CL).
     layer
@@ -134,7 +134,7 @@ def base_choices(model) -> dict:
     """What validation chose inside a base's recipe (LR: its genes, scaling and L2), so that
     a refit on every cell can reuse the choices (`model.grouped`)."""
     p = getattr(model, "train_params", None) or {}
-    if getattr(model, "name", None) != "lr":
+    if getattr(model, "name", None) not in LINEAR_BASES:
         return {}
     return {"n_hvg": p.get("n_hvg"), "standardize": bool(model.preprocess.standardize),
             "chosen_l2": p.get("chosen_l2")}

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from cellcontrast.core.errors import InputError
-from cellcontrast.core.names import ALL_GENES, LABEL
+from cellcontrast.core.names import ALL_GENES, LABEL, LINEAR_BASES
 from cellcontrast.model.chain import Chain
 from cellcontrast.model.fit import MIN_CELLS_PER_TYPE, FittedChains, chain_name, fit_chains
 from cellcontrast.nn.chain import predict_logits
@@ -157,12 +157,12 @@ def _fold_means(fold_scores: pd.DataFrame) -> pd.DataFrame:
 
 
 def refit_params(base: str, params: dict | None, choices: list[dict]) -> dict:
-    """``params`` with the base's inner choices fixed to what the folds chose: LR's genes and
+    """``params`` with the base's inner choices fixed to what the folds chose: a linear base's genes and
     scaling by majority (ties to the first fold's), its L2 as the folds' geometric mean (one
     value, so the refit has nothing left to choose on validation)."""
     params = {k: dict(v) for k, v in (params or {}).items()}
     made = [c for c in choices if c]
-    if base != "lr" or not made:
+    if base not in LINEAR_BASES or not made:
         return params
     genes = pd.Series([str(c["n_hvg"]) for c in made]).mode().iloc[0]
     scaled = pd.Series([bool(c["standardize"]) for c in made]).mode().iloc[0]
@@ -170,7 +170,7 @@ def refit_params(base: str, params: dict | None, choices: list[dict]) -> dict:
     fixed = {"n_hvg": ALL_GENES if genes == ALL_GENES else int(genes), "standardize": bool(scaled)}
     if l2s:
         fixed["l2_path"] = [float(np.exp(np.mean(np.log(l2s))))]
-    params["lr"] = {**params.get("lr", {}), **fixed}
+    params[base] = {**params.get(base, {}), **fixed}
     return params
 
 

@@ -209,6 +209,14 @@ class LogisticRegression(BaseModel):
         super().__init__(preprocess, encoder, LinearHead(encoder.out_dim, n_classes))
 
 
+class LinearSVM(LogisticRegression):
+    """The margin base: LR's graph (one linear layer on its preprocessing), trained on the
+    one-vs-rest squared hinge (LinearSVC's loss); its margins become probabilities by the
+    chain's temperature, fitted on validation like every chain's."""
+
+    name = "svm"
+
+
 class Actinn(BaseModel):
     name = "actinn"
 
@@ -240,7 +248,8 @@ class ScDAE(BaseModel):
         self.decoder.dropout.p = p
 
 
-BASE_MODELS: dict[str, type[BaseModel]] = {"lr": LogisticRegression, "actinn": Actinn, "scdae": ScDAE}
+BASE_MODELS: dict[str, type[BaseModel]] = {"lr": LogisticRegression, "svm": LinearSVM, "actinn": Actinn,
+                                           "scdae": ScDAE}
 
 
 def _xavier(module: nn.Module) -> None:

@@ -321,6 +321,7 @@ class ScdaePreprocess(GeneSelecting):
 
 PREPROCESSORS: dict[str, type[GeneSelecting]] = {
     "lr": LRPreprocess,
+    "svm": LRPreprocess,  # after "lr": a chain's base is named by its config, this is a fallback
     "actinn": ActinnPreprocess,
     "scdae": ScdaePreprocess,
 }

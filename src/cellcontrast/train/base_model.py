@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cellcontrast.core.names import ALL_GENES, AUTO_GENES
+from cellcontrast.core.names import ALL_GENES, AUTO_GENES, LINEAR_BASES
 from cellcontrast.nn.bases import BASE_MODELS, BaseModel, ScDAE
 from cellcontrast.nn.preprocessing import ActinnPreprocess, LRPreprocess, ScdaePreprocess
 from cellcontrast.train.loops import (
@@ -44,13 +44,13 @@ def fit_base(train_counts, train_y: np.ndarray, val_counts, val_y: np.ndarray, n
     """
     p = resolve_params(base, params)
     train_y, val_y = np.asarray(train_y, dtype=int), np.asarray(val_y, dtype=int)
-    if base == "lr":
+    if base in LINEAR_BASES:
         if for_component:  # the components' recipes were set on z-scored HVGs
             p = {**p, "standardize": True if p["standardize"] == "auto" else p["standardize"],
                  "n_hvg": lr_gene_choices(p, train_counts.shape[1])[0]}
         if not fit_head:
-            return _lr_preprocessing_only(train_counts, n_classes, p)
-        return _fit_lr(train_counts, train_y, val_counts, val_y, n_classes, p, seed, log)
+            return _lr_preprocessing_only(train_counts, n_classes, p, base)
+        return _fit_lr(train_counts, train_y, val_counts, val_y, n_classes, p, seed, log, base)
     torch.manual_seed(seed)
     if base == "actinn":
         preprocess = ActinnPreprocess.fit(train_counts, p["low_percentile"], p["high_percentile"])
@@ -73,7 +73,7 @@ def fit_base(train_counts, train_y: np.ndarray, val_counts, val_y: np.ndarray, n
 
 
 def _fit_lr(train_counts, train_y, val_counts, val_y, n_classes: int, p: dict, seed: int,
-            log: Log | None) -> BaseModel:
+            log: Log | None, base: str = "lr") -> BaseModel:
     """Logistic regression; with ``standardize`` "auto", one model on z-scored and one on plain
     log1p genes (same seed), and with ``n_hvg`` "auto" each on ``auto_hvg`` HVGs and on every
     gene: the better on val macro F1 (then accuracy) kept, the first on a tie. The other
@@ -92,13 +92,13 @@ def _fit_lr(train_counts, train_y, val_counts, val_y, n_classes: int, p: dict, s
         if rows is not None:
             search = {**p, "max_iter": p["path_max_iter"]}
             chosen = _best_lr_variant(variants, train_counts, train_y, rows, val_counts, val_y, n_classes,
-                                      search, seed, log, stage_prefix="choice_")
+                                      search, seed, log, stage_prefix="choice_", base=base)
             variants = [variants[chosen[0]]]
     rows = path_sample(train_y, p.get("path_max_cells"), seed) if lbfgs else None
     search = p if rows is None else {**p, "max_iter": p["path_max_iter"]}
     index, best_model, best_score, best_l2 = _best_lr_variant(variants, train_counts, train_y, rows, val_counts,
                                                               val_y, n_classes, search, seed, log,
-                                                              first_genes=gene_choices[0])
+                                                              first_genes=gene_choices[0], base=base)
     if rows is not None:  # the same total penalty on every training cell
         net = EncoderHead(best_model.encoder, best_model.head)
         best_l2 = refit_linear_lbfgs(net, linear_features(train_counts, best_model.preprocess), train_y,
@@ -112,7 +112,7 @@ def _fit_lr(train_counts, train_y, val_counts, val_y, n_classes: int, p: dict, s
 
 
 def _best_lr_variant(variants: list, train_counts, train_y, rows, val_counts, val_y, n_classes: int, p: dict,
-                     seed: int, log: Log | None, stage_prefix: str = "", first_genes=None) -> tuple:
+                     seed: int, log: Log | None, stage_prefix: str = "", first_genes=None, base: str = "lr") -> tuple:
     """Fit each (genes, scaling) variant on the training ``rows`` (None: all) and return the
     best on validation: (its index, model, score, l2). Preprocessing is fitted on every
     training cell either way."""
@@ -125,7 +125,7 @@ def _best_lr_variant(variants: list, train_counts, train_y, rows, val_counts, va
     for i, (n_hvg, standardize) in enumerate(variants):
         torch.manual_seed(seed)
         preprocess = LRPreprocess.fit(train_counts, n_hvg=n_hvg, clip=p["clip"], standardize=standardize)
-        model = BASE_MODELS["lr"](preprocess, n_classes)
+        model = BASE_MODELS[base](preprocess, n_classes)
         model.preprocess.eval()
         net = EncoderHead(model.encoder, model.head)
         stage = stage_prefix + _lr_stage(i, n_hvg, standardize, first_genes)
@@ -150,12 +150,12 @@ def _lr_stage(i: int, n_hvg, standardize: bool, first_genes) -> str:
     return ("lr" if standardize else "lr_unscaled") + ("" if n_hvg == first_genes else "_allgenes")
 
 
-def _lr_preprocessing_only(train_counts, n_classes: int, p: dict) -> BaseModel:
+def _lr_preprocessing_only(train_counts, n_classes: int, p: dict, base: str = "lr") -> BaseModel:
     """Under a component: its recipes were set on z-scored HVGs, so "auto" takes the HVGs."""
     standardize = p["standardize"] in (True, "auto")
     n_hvg = lr_gene_choices(p, train_counts.shape[1])[0]
     preprocess = LRPreprocess.fit(train_counts, n_hvg=n_hvg, clip=p["clip"], standardize=standardize)
-    model = BASE_MODELS["lr"](preprocess, n_classes)
+    model = BASE_MODELS[base](preprocess, n_classes)
     model.train_params = {**p, "standardize": standardize, "chosen_l2": None, "n_hvg": n_hvg}
     model.head_fitted = False
     return model.eval()
@@ -180,7 +180,7 @@ def needs_component_base(model: BaseModel, params: dict | None) -> bool:
     recipes (weight decay, learning rates, temperature ranges) were set on z-scored genes, and
     on plain log1p a linear MLS map learned nothing in the test problem's budget (top-1 0.32)."""
     p = resolve_params(model.name, params)
-    return model.name == "lr" and p["standardize"] == "auto" and not model.preprocess.standardize
+    return model.name in LINEAR_BASES and p["standardize"] == "auto" and not model.preprocess.standardize
 
 
 def _phase_epochs(p: dict, key: str) -> int:

@@ -289,7 +289,7 @@ def fit_linear_lbfgs(net: EncoderHead, train: FeatureSource | SparseAffineSource
         bias.zero_()
     best_score, best_state, best_l2, stale = None, None, None, 0
     for step, l2 in enumerate(sorted({float(v) for v in p["l2_path"]}, reverse=True)):
-        train_loss = _lbfgs(net, train, y, l2, int(p["max_iter"]))
+        train_loss = _lbfgs(net, train, y, l2, int(p["max_iter"]), p.get("loss", "log"))
         scores = val_scores(np.asarray(val_y), linear_logits(net, val), n_classes)
         if log is not None:
             log(stage, step, {"loss": train_loss, "l2": l2, **scores})
@@ -313,7 +313,8 @@ def refit_linear_lbfgs(net: EncoderHead, train: FeatureSource | SparseAffineSour
     ``train``); kept only if its validation score is no worse than ``kept_score``. Returns
     the l2 of the weights ``net`` is left holding."""
     kept = state_copy(net)
-    train_loss = _lbfgs(net, train, torch.as_tensor(np.asarray(train_y), dtype=torch.long), l2, int(p["max_iter"]))
+    train_loss = _lbfgs(net, train, torch.as_tensor(np.asarray(train_y), dtype=torch.long), l2, int(p["max_iter"]),
+                        p.get("loss", "log"))
     scores = val_scores(np.asarray(val_y), linear_logits(net, val), n_classes)
     if log is not None:
         log("lr_refit", 0, {"loss": train_loss, "l2": l2, **scores})
@@ -334,9 +335,17 @@ def _linear(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return head.weight, head.bias
 
 
+def squared_hinge(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The one-vs-rest squared hinge summed over cells and classes (LinearSVC's loss):
+    ``max(0, 1 - s_k f_k)^2`` with ``s_k`` +1 for the cell's class and -1 for the others."""
+    signs = torch.full_like(logits, -1.0).scatter_(1, y[:, None], 1.0)
+    return torch.clamp(1.0 - signs * logits, min=0.0).pow(2).sum()
+
+
 def _lbfgs(net: EncoderHead, train: FeatureSource | SparseAffineSource, y: torch.Tensor, l2: float,
-           max_iter: int) -> float:
-    """Minimise mean cross-entropy + l2 * sum(W^2) / 2 from the current weights; the loss."""
+           max_iter: int, loss: str = "log") -> float:
+    """Minimise the mean loss (cross-entropy, or ``loss="squared_hinge"``) + l2 * sum(W^2) / 2
+    from the current weights; returns the objective."""
     weight, bias = _linear(net)
     n = max(len(train), 1)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
@@ -346,9 +355,11 @@ def _lbfgs(net: EncoderHead, train: FeatureSource | SparseAffineSource, y: torch
         optimizer.zero_grad(set_to_none=True)
         total, start = torch.zeros(()), 0
         for logits in train.logit_blocks(net):  # the full batch, a block of rows at a time
-            loss = F.cross_entropy(logits, y[start:start + len(logits)], reduction="sum") / n
-            loss.backward()
-            total, start = total + loss.detach(), start + len(logits)
+            target = y[start:start + len(logits)]
+            part = (squared_hinge(logits, target) if loss == "squared_hinge"
+                    else F.cross_entropy(logits, target, reduction="sum")) / n
+            part.backward()
+            total, start = total + part.detach(), start + len(logits)
         penalty = 0.5 * l2 * weight.pow(2).sum()
         penalty.backward()
         return total + penalty.detach()
