@@ -23,7 +23,7 @@ def reference(small_atlas):
 def test_fit_chooses_exports_and_writes_the_card(reference, tmp_path, mlflow_store):
     out = tmp_path / "annotator.onnx"
     result = cc.fit_annotator(reference, "cell_type", chains="lr,lr+mlp", params=FAST, out=out)
-    assert result.chosen in ("lr", "lr+mlp") and set(result.scores["chain"]) == {"lr", "lr+mlp"}
+    assert result.chosen in ("lr", "lr+mlp", "ensemble") and set(result.scores["chain"]) >= {"lr", "lr+mlp"}
     assert result.n_cells["train"] + result.n_cells["val"] == reference.n_obs  # every cell used
     assert result.test_metrics is None
     card = (tmp_path / "annotator.card.md").read_text()

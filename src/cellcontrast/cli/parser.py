@@ -92,6 +92,8 @@ def _fit(sub) -> None:
     p.add_argument("--batch-key", default=None,
                    help="obs column of batches (donor, study): every choice is scored on batches the candidate did "
                         "not train on (leave-one-batch-out), then the chosen chain is refitted on every cell")
+    p.add_argument("--no-ensemble", action="store_true",
+                   help="do not offer the ensemble of the two best chains (weighted on validation) as a candidate")
     p.add_argument("--query", default=None,
                    help="a query .h5ad to be annotated: the reference is restricted to the genes it measures "
                         "(its var_names); genes the reference never detects are always left out")

@@ -29,10 +29,18 @@ from cellcontrast.core.names import CHAINS_SIMPLEST_FIRST, LABEL
 from cellcontrast.data.atlas import prepare_atlas
 from cellcontrast.experiments.selection import SELECTION_METRIC, choose_per_seed
 from cellcontrast.model.chain import Chain
+from cellcontrast.model.ensemble import (
+    ENSEMBLE,
+    candidate,
+    ensemble_chain,
+    module_thresholds,
+    thresholds,
+)
 from cellcontrast.model.fit import fit_chains, stratified_validation
 from cellcontrast.model.gene_panel import gene_panel
 from cellcontrast.model.grouped import (
     batch_folds,
+    choose_on_folds,
     fit_folds,
     out_of_fold_predictions,
     print_note,
@@ -40,6 +48,8 @@ from cellcontrast.model.grouped import (
     say_fallbacks,
 )
 from cellcontrast.train.attribution import gene_weights
+from cellcontrast.train.calibration import fit_temperature
+from cellcontrast.train.open_set import energy
 
 # The linear bars (LR and the margin base) and the deep base, at a cost a laptop affords
 # (bench/bench_fit.py). lr+mlp was a default until measured: never chosen on the four shared
@@ -125,6 +135,7 @@ def fit_annotator(
     experiment: str | None = "cellcontrast-fit",
     register: bool = True,
     genes_source: str = "genes=",
+    ensemble: bool = True,
 ) -> FittedAnnotator:
     """Train the chains on a labelled reference, choose one on validation, export it.
 
@@ -157,6 +168,9 @@ def fit_annotator(
         MLflow experiment of the parent run (None: no tracking); register the exported model.
     genes_source
         How messages name ``genes`` (the command line passes ``--query FILE``).
+    ensemble
+        Offer the ensemble of the two best chains (`cellcontrast.model.ensemble`) as one more
+        candidate, chosen by the same rule (last in the simplest-first order).
 
     Returns
     -------
@@ -192,17 +206,45 @@ def fit_annotator(
                 grouped = fit_folds(reference, folds, pairs, seed=seed, params=params, val_fraction=val_fraction,
                                     labels_key=labels_key, layer=layer, progress=lambda name: bar.update())
                 scores, fold_scores = grouped.scores, grouped.fold_scores
-        for name in names:
-            tracker.log_chain(name, scores.set_index("chain").loc[name].to_dict(), params)
-        chosen = choose_per_seed(scores, prefer=list(CHAINS_SIMPLEST_FIRST), method_key="chain", one_se=True)
-        chosen_name = str(chosen["chain"].iloc[0])
         if folds is None:
-            chain = split.chains[chosen_name]
-            validation = _validation_predictions(chain, reference[np.sort(split.val)])
+            validation_cells = reference[np.sort(split.val)]
+            y_val = pd.Categorical(validation_cells.obs[LABEL].astype(str), categories=split.classes).codes
+            probas = {name: split.chains[name].predict_proba(validation_cells) for name in names}
+            fold_of_cell = None
         else:
-            chain = refit_on_every_cell(reference, grouped, chosen_name, seed=seed, params=params,
-                                        labels_key=labels_key, layer=layer)
-            validation = out_of_fold_predictions(grouped, chosen_name, chain.metrics["temperature"])
+            y_val, probas = _out_of_fold_probabilities(grouped, names)
+            fold_of_cell = grouped.out_of_fold[names[0]]["fold"]
+        offered = candidate(scores, probas, y_val, len(probas[names[0]][0]), fold_of_cell,
+                            prefer=list(CHAINS_SIMPLEST_FIRST)) if ensemble else None
+        if offered is not None:
+            scores = pd.concat([scores, pd.DataFrame([offered["row"]])], ignore_index=True)
+            if folds is not None:
+                fold_scores = pd.concat([fold_scores, pd.DataFrame(
+                    [{"held_out": ",".join(held), "n_val": int(val.size), "chain": ENSEMBLE, "val_macro_f1": f1}
+                     for (held, _, val), f1 in zip(folds.folds, offered["per_fold"], strict=True)])],
+                    ignore_index=True)
+        for name in scores["chain"]:
+            tracker.log_chain(name, scores.set_index("chain").loc[name].to_dict(), params)
+        prefer = [*CHAINS_SIMPLEST_FIRST, ENSEMBLE]
+        if folds is None:
+            chosen_name = str(choose_per_seed(scores, prefer=prefer, method_key="chain", one_se=True)["chain"].iloc[0])
+        else:
+            chosen_name, gap_se = choose_on_folds(fold_scores, prefer)
+            scores["val_gap_to_best_se"] = scores["chain"].map(gap_se)
+        members = offered["members"] if chosen_name == ENSEMBLE else [chosen_name]
+        if folds is None:
+            built = [split.chains[name] for name in members]
+        else:
+            built = [refit_on_every_cell(reference, grouped, name, seed=seed, params=params, labels_key=labels_key,
+                                         layer=layer) for name in members]
+        if chosen_name == ENSEMBLE:
+            chain = _ensemble(offered, built, folds, grouped if folds else None,
+                              validation_cells.X if folds is None else None)
+            validation = (y_val, offered["probabilities"])
+        else:
+            chain = built[0]
+            validation = (y_val, probas[chosen_name]) if folds is None else \
+                out_of_fold_predictions(grouped, chosen_name, chain.metrics["temperature"])
         chain.config["fit"]["chains"] = names
         # what `annotate` weighs a missing gene by (train.attribution)
         chain.config["gene_weights"] = [float(f"{w:.4g}") for w in gene_weights(chain.module, reference.X, seed=seed)]
@@ -225,14 +267,37 @@ def fit_annotator(
 def _chosen_by(folds) -> str:
     if folds is None:
         return f"one standard error of the best {SELECTION_METRIC}"
-    return (f"one standard error (over {len(folds.folds)} folds of held-out {folds.batch_key}) of the best "
-            f"fold-mean {SELECTION_METRIC}; refitted on every cell")
+    return (f"the simplest chain within one paired standard error (over {len(folds.folds)} folds of held-out "
+            f"{folds.batch_key}) of the best fold-mean {SELECTION_METRIC}; refitted on every cell")
 
 
-def _validation_predictions(chain: Chain, validation: anndata.AnnData) -> tuple[np.ndarray, np.ndarray]:
-    """The chain's labels and probabilities on its own validation cells."""
-    y = pd.Categorical(validation.obs[LABEL].astype(str), categories=chain.classes).codes
-    return y, chain.predict_proba(validation)
+def _out_of_fold_probabilities(grouped, names: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Every fold's held-out labels and each chain's calibrated probabilities on them (one
+    temperature a chain, on its pooled out-of-fold logits, as its refit gets)."""
+    probas = {}
+    for name in names:
+        part = grouped.out_of_fold[name]
+        y, probas[name] = out_of_fold_predictions(grouped, name, fit_temperature(part["logits"], part["y"]))
+    return y, probas
+
+
+def _ensemble(offered: dict, built: list[Chain], folds, grouped, validation_counts) -> Chain:
+    """The chosen ensemble: its validation row, and the thresholds `annotate` reads, from the
+    validation cells (stratified) or the folds' held-out cells (grouped: the members' pooled
+    energies weighted, the first member's expression scores)."""
+    metrics = {k: v for k, v in offered["row"].items() if k.startswith("val_")}
+    chain = ensemble_chain(built, offered["weights"], offered["members"], metrics)
+    if folds is None:
+        metrics.update(module_thresholds(chain.module, validation_counts))
+    else:
+        energies = sum(w * energy(grouped.out_of_fold[name]["logits"], m.metrics["temperature"])
+                       for name, w, m in zip(offered["members"], offered["weights"], built, strict=True))
+        metrics.update(thresholds(offered["probabilities"], energies,
+                                  grouped.out_of_fold[offered["members"][0]]["expression"]))
+        chain.config["fit"].update({"folds": [{"held_out": ",".join(held), "n_val": int(val.size)}
+                                              for held, _, val in folds.folds]})
+    chain.config["metrics"] = metrics
+    return chain
 
 
 class _Tracker:

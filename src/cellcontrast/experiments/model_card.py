@@ -50,9 +50,12 @@ def _figure(path: Path, classes: list[str], y: np.ndarray, proba: np.ndarray) ->
 
 
 def _genes_used(chain) -> str:
-    """What the base's preprocessing kept (n_hvg "auto" chose it on validation)."""
-    n = int(chain.module.preprocess.n_selected)
-    return "all" if n == len(chain.genes) else str(n)
+    """What the base's preprocessing kept (n_hvg "auto" chose it on validation); an
+    ensemble's, member by member."""
+    modules = getattr(chain.module, "members", None) or [chain.module]
+    used = ["all" if int(m.preprocess.n_selected) == len(chain.genes) else str(int(m.preprocess.n_selected))
+            for m in modules]
+    return used[0] if len(used) == 1 else " / ".join(used) + f" (members {', '.join(chain.config['members'])})"
 
 
 def _fold_table(result) -> str:
@@ -93,7 +96,8 @@ def _markdown(result, y: np.ndarray, proba: np.ndarray, png: Path) -> str:
 
     chain, classes = result.chain, result.chain.classes
     scores = result.scores.set_index("chain")
-    cols = [c for c in ("val_macro_f1", "val_macro_f1_se", "val_top1", "val_top3", "val_ece") if c in scores]
+    cols = [c for c in ("val_macro_f1", "val_macro_f1_se", "val_gap_to_best_se", "val_top1", "val_top3", "val_ece")
+            if c in scores]
     rows = [f"| {name}{' (chosen)' if name == result.chosen else ''} | "
             + " | ".join(f"{row[c]:.4f}" for c in cols) + " |" for name, row in scores[cols].iterrows()]
     table = "\n".join([f"| chain | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|", *rows])

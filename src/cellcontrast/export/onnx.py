@@ -70,6 +70,12 @@ def _wrap(chain, with_embedding: bool, with_energy: bool, with_expression: bool 
         def forward(self, counts):
             if not (with_embedding or with_energy):
                 return self.inner(counts)
+            if getattr(self.inner, "members", None) is not None:  # an ensemble: no embedding
+                probs = self.inner(counts)
+                outputs = [probs, self.inner.energy(counts)]
+                if with_expression:
+                    outputs.append(self.inner.unexplained_expression(counts, probs))
+                return tuple(outputs)
             embedding = self.inner.embed(counts)
             if with_energy:  # one pass through the head for the probabilities and the energy
                 logits = self.inner.head(embedding)
@@ -241,7 +247,7 @@ def export_chain_to_onnx(chain, config: dict, out_path: str | os.PathLike, opset
     # The embedding and energy outputs only if the chain exposes them and they trace cleanly.
     has_embed = callable(getattr(chain, "embed", None))
     has_energy = has_embed and isinstance(getattr(chain, "head", None), torch.nn.Module) \
-        and torch.is_tensor(getattr(chain, "temperature", None))
+        and torch.is_tensor(getattr(chain, "temperature", None)) or callable(getattr(chain, "energy", None))
     has_expression = has_energy and getattr(chain, "novelty", None) is not None
     candidates = [(e, g, x) for e, g, x in ((True, True, True), (True, True, False), (True, False, False),
                                             (False, True, True), (False, True, False), (False, False, False))

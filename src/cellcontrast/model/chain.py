@@ -64,6 +64,8 @@ class Chain:
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``chain.pt`` and ``config.json`` into ``folder`` (atomically); returns it."""
+        if self.config.get("base") == "ensemble":
+            raise InputError("an ensemble annotator is kept as its ONNX file (Chain.export), not as a chain folder")
         return save_chain(self.module, self.config, folder)
 
     def export(self, path: str | os.PathLike) -> Path:

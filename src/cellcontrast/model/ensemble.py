@@ -1,0 +1,108 @@
+"""The ensemble chain `fit` offers beside the others: the two best chains on validation,
+their calibrated probabilities averaged with a weight chosen on the same validation cells.
+
+It is scored like a chain (macro F1 and its standard error on validation, or the fold mean with
+grouped validation) and chosen by the same one-standard-error rule, as the most complex
+candidate: it ships only where it beats every single chain by more than the noise of
+validation. A weight of 0 or 1 is one of its members: then there is no ensemble to offer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from cellcontrast.model.chain import Chain
+from cellcontrast.nn.ensemble import EnsembleModule
+from cellcontrast.train.calibration import expected_calibration_error, nll
+from cellcontrast.train.metrics import classification_metrics, macro_f1_standard_error
+
+ENSEMBLE = "ensemble"
+# The first member's weight, tried on validation (the second gets the rest).
+WEIGHT_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
+
+
+def best_weight(first: np.ndarray, second: np.ndarray, y: np.ndarray) -> float:
+    """The first member's weight on ``WEIGHT_GRID`` with the lowest validation NLL of the
+    mixture (ties: the one nearest 0.5)."""
+    eps = 1e-12
+    losses = [nll(np.log(w * first + (1 - w) * second + eps), y) for w in WEIGHT_GRID]
+    best = min(range(len(WEIGHT_GRID)), key=lambda i: (round(losses[i], 12), abs(WEIGHT_GRID[i] - 0.5)))
+    return float(WEIGHT_GRID[best])
+
+
+def candidate(scores: pd.DataFrame, probas: dict[str, np.ndarray], y: np.ndarray, n_classes: int,
+              folds: np.ndarray | None = None, prefer: list[str] | None = None) -> dict | None:
+    """The ensemble of the two best chains by validation macro F1 (ties: ``prefer`` order):
+    ``{"members", "weights", "row"}`` with ``row`` its validation scores as a chain's, or None
+    (fewer than two chains, or the best weight is one member alone).
+
+    ``probas``: each chain's calibrated validation probabilities on the same cells ``y``;
+    ``folds``: each cell's fold (grouped validation: the row is the fold mean, its standard
+    error over folds, as for the other chains)."""
+    if len(scores) < 2:
+        return None
+    rank = {name: i for i, name in enumerate(prefer or [])}
+    ordered = scores.assign(_rank=[rank.get(n, len(rank)) for n in scores["chain"]]) \
+        .sort_values(["val_macro_f1", "_rank"], ascending=[False, True], kind="stable")
+    members = ordered["chain"].tolist()[:2]
+    w = best_weight(probas[members[0]], probas[members[1]], y)
+    if w in (0.0, 1.0):
+        return None
+    mixed = w * probas[members[0]] + (1 - w) * probas[members[1]]
+    row = {"chain": ENSEMBLE, "seed": 0, **{f"val_{k}": float(v) for k, v in classification_metrics(y, mixed, n_classes).items()},
+           "val_ece": expected_calibration_error(mixed, y)}
+    if folds is None:
+        row["val_macro_f1_se"] = macro_f1_standard_error(y, mixed.argmax(1), n_classes)
+    else:
+        per_fold = [classification_metrics(y[folds == k], mixed[folds == k], n_classes)["macro_f1"]
+                    for k in np.unique(folds)]
+        row["val_macro_f1"] = float(np.mean(per_fold))
+        row["val_macro_f1_se"] = float(np.std(per_fold, ddof=1) / np.sqrt(len(per_fold))) if len(per_fold) > 1 else 0.0
+        row["n_folds"] = len(per_fold)
+    return {"members": members, "weights": [w, 1 - w], "row": row, "probabilities": mixed,
+            "per_fold": None if folds is None else per_fold}
+
+
+def ensemble_chain(members: list[Chain], weights: list[float], names: list[str], metrics: dict) -> Chain:
+    """One chain of the weighted members (same genes and classes), its config naming them."""
+    first = members[0]
+    module = EnsembleModule([m.module for m in members], weights)
+    config = {
+        "genes": first.genes, "class_names": first.classes, "base": ENSEMBLE, "component": "none",
+        "members": names, "weights": [float(w) for w in weights], "metrics": metrics,
+        "params": {name: m.config.get("params") for name, m in zip(names, members, strict=True)},
+        "fit": dict(first.config.get("fit") or {}), "n_genes": module.n_genes, "n_classes": module.n_classes,
+        "preprocessing": " | ".join(f"{name} (weight {w:.2f}): {m.config.get('preprocessing', '')}"
+                                    for name, w, m in zip(names, weights, members, strict=True)),
+    }
+    return Chain(module, config)
+
+
+def thresholds(probabilities: np.ndarray, energies: np.ndarray, expression: np.ndarray | None) -> dict:
+    """What `annotate` reads, from validation: ``--min-confidence auto`` flags 5% of the cells,
+    ``--flag-unseen`` (energy) 5%, ``--flag-unseen expression`` 1% (as `train.evaluation`)."""
+    out = {"val_confidence_q05": float(np.quantile(probabilities.max(1), 0.05)),
+           "val_energy_q95": float(np.quantile(energies, 0.95))}
+    if expression is not None and expression.size:
+        out["val_expression_q99"] = float(np.quantile(expression, 0.99))
+    return out
+
+
+@torch.no_grad()
+def module_thresholds(module: EnsembleModule, counts, batch_size: int = 4096) -> dict:
+    """`thresholds` of the ensemble itself on validation counts (the stratified split)."""
+    probs, energies, expression = [], [], []
+    module.eval()
+    for start in range(0, counts.shape[0], batch_size):
+        block = counts[start:start + batch_size]
+        x = torch.as_tensor(block.toarray() if sp.issparse(block) else np.asarray(block), dtype=torch.float32)
+        p = module(x)
+        probs.append(p.numpy())
+        energies.append(module.energy(x).numpy())
+        if module.novelty is not None:
+            expression.append(module.unexplained_expression(x, p).numpy())
+    return thresholds(np.concatenate(probs), np.concatenate(energies),
+                      np.concatenate(expression) if expression else None)
