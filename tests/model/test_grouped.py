@@ -12,7 +12,7 @@ from cellcontrast.cli.entry import main
 from cellcontrast.data.atlas import prepare_atlas
 from cellcontrast.data.simulate import simulate_atlas
 from cellcontrast.model import grouped
-from cellcontrast.model.grouped import batch_folds, fit_folds, refit_params
+from cellcontrast.model.grouped import batch_folds, refit_params
 
 FAST = {"lr": {"n_hvg": 60, "l2_path": [1e-2, 1e-3]}}
 
