@@ -44,6 +44,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from cellcontrast.annotation.conformal import check_coverage, prediction_sets
 from cellcontrast.annotation.genes import found_mask, model_columns
 from cellcontrast.annotation.majority import check_can_cluster, majority_columns
 from cellcontrast.annotation.model import Annotator, load_model
@@ -166,13 +167,17 @@ class _Options:
     novelty_threshold: float | None
     majority_voting: bool
     min_agreement: float
+    coverage: float | None = None
+    conformal_score: str = "aps"
 
 
 def _options(annotator: Annotator, layer, min_confidence, case_insensitive, gene_key, flag_unseen, majority_voting,
-             min_agreement) -> _Options:
+             min_agreement, coverage: float | None = None, conformal_score: str = "aps") -> _Options:
     score = novelty_score(flag_unseen)
+    if coverage is not None:
+        check_coverage(coverage, annotator.metadata.get("conformity"), conformal_score)
     return _Options(layer, _threshold(annotator, min_confidence), case_insensitive, gene_key, score,
-                    _novelty_threshold(annotator, score), majority_voting, min_agreement)
+                    _novelty_threshold(annotator, score), majority_voting, min_agreement, coverage, conformal_score)
 
 
 def _predict_file(annotator: Annotator, query_path: Path, options: _Options, *, threads: int, label_key, say,
@@ -218,6 +223,9 @@ def _metadata(model: Annotator, predicted: Predicted, query: str, options: _Opti
         "unseen_threshold": float("nan") if options.novelty_threshold is None else float(options.novelty_threshold),
         "majority_voting": options.majority_voting, "min_agreement": float(options.min_agreement),
         "n_clusters": -1 if n_clusters is None else int(n_clusters),
+        "coverage": float("nan") if options.coverage is None else float(options.coverage),
+        "conformal_score": options.conformal_score if options.coverage is not None else "",
+        "conformity_source": str((model.metadata.get("conformity") or {}).get("source", "")),
     })
 
 
@@ -229,9 +237,15 @@ def _annotate_matrix(annotator: Annotator, matrix, obs_names: pd.Index, options:
         check_can_cluster(matrix.n_obs, len(annotator.classes))
     col_map = _columns(matrix, annotator, min_overlap=min_overlap, case_insensitive=options.case_insensitive, say=say)
     predicted = predict(annotator, matrix, col_map, batch_size,
-                               probabilities=probabilities or options.majority_voting or inspect is not None,
+                               probabilities=probabilities or options.majority_voting or inspect is not None
+                               or options.coverage is not None,
                                novelty=options.novelty, progress=progress)
     pred = _frame(obs_names, annotator, predicted, options, prefix=prefix)
+    if options.coverage is not None:  # conformal prediction sets from the stored calibration
+        labels, sizes = prediction_sets(predicted.probabilities, annotator.metadata["conformity"], options.coverage,
+                                        options.conformal_score, annotator.classes)
+        pred[f"{prefix}prediction_set"] = labels
+        pred[f"{prefix}set_size"] = sizes
     n_clusters = None
     if options.majority_voting:
         say(f"majority voting: clustering {matrix.n_obs} cells")
@@ -262,7 +276,7 @@ def annotate_file(
     case_insensitive: bool = False, probabilities: bool = False, flag_unseen: bool | str = False,
     majority_voting: bool = False, min_agreement: float = 0.0, threads: int = 0,
     label_key: str | None = None, progress: bool | None = None, log=None, inspect=None,
-    workers: int = 1, scheduler: str | None = None,
+    workers: int = 1, scheduler: str | None = None, coverage: float | None = None, conformal_score: str = "aps",
 ) -> pd.DataFrame:
     """Annotate the cells of an ``.h5ad`` file into a new ``.h5ad`` (and CSV), streaming.
 
@@ -299,6 +313,12 @@ def annotate_file(
     workers, scheduler
         Share the query's rows among processes of a local Dask cluster, or of a running one
         (`cellcontrast.annotation.row_ranges`); the same output.
+    coverage, conformal_score
+        Write each cell's conformal prediction set for this target coverage (``0.9``: the true
+        label in the set for 90% of cells like the calibration cells): columns
+        ``*_prediction_set`` (labels joined by ``|``, most probable first) and ``*_set_size``;
+        ``conformal_score`` ``"aps"`` (never empty) or ``"class"`` (a threshold per type; an
+        empty set, size 0, means no label is plausible). `cellcontrast.annotation.conformal`.
 
     Returns
     -------
@@ -317,7 +337,7 @@ def annotate_file(
     check_paths(query_path, out_path, csv_path)
     annotator = _as_annotator(model, threads)
     options = _options(annotator, layer, min_confidence, case_insensitive, gene_key, flag_unseen, majority_voting,
-                       min_agreement)
+                       min_agreement, coverage, conformal_score)
     obs, pred, predicted, n_clusters = _predict_file(
         annotator, query_path, options, threads=threads, label_key=label_key, say=say, inspect=inspect,
         min_overlap=min_overlap, batch_size=batch_size, probabilities=probabilities, progress=progress,
@@ -342,6 +362,7 @@ def annotate(
     key_added: str = "cellcontrast", copy: bool = False, batch_size: int = 8192, min_overlap: float = 0.5,
     case_insensitive: bool = False, probabilities: bool = False, flag_unseen: bool | str = False,
     majority_voting: bool = False, min_agreement: float = 0.0, threads: int = 0, progress: bool | None = None,
+    coverage: float | None = None, conformal_score: str = "aps",
 ) -> anndata.AnnData | None:
     """Annotate an AnnData (in memory or backed) with an exported annotator.
 
@@ -371,7 +392,7 @@ def annotate(
         As in `annotate_file`.
     probabilities
         Store every class's probability in ``obsm[f"{key_added}_probabilities"]``.
-    flag_unseen, majority_voting, min_agreement
+    flag_unseen, majority_voting, min_agreement, coverage, conformal_score
         As in `annotate_file`, the columns prefixed ``{key_added}_``.
 
     Returns
@@ -391,7 +412,7 @@ def annotate(
     _check_options(batch_size, min_confidence, min_overlap, min_agreement)
     annotator = _as_annotator(model, threads)
     options = _options(annotator, layer, min_confidence, case_insensitive, gene_key, flag_unseen, majority_voting,
-                       min_agreement)
+                       min_agreement, coverage, conformal_score)
     matrix = MemoryMatrix.of(adata, layer, gene_key)
     check_not_empty(matrix)
     pred, predicted, n_clusters = _annotate_matrix(

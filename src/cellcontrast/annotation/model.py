@@ -134,7 +134,7 @@ def load_model(path: str | os.PathLike, threads: int = 0) -> Annotator:
         if not isinstance(value, list) or not value:
             raise InputError(f"{path} has an empty {key!r} metadata list; {hint}")
         meta[key] = [str(v) for v in value]
-    for key in ("metrics", "output_names", "gene_weights"):
+    for key in ("metrics", "output_names", "gene_weights", "conformity"):
         if key in raw:
             try:
                 meta[key] = json.loads(raw[key])

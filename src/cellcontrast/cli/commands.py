@@ -179,7 +179,8 @@ def annotate(args: argparse.Namespace) -> None:
     options = dict(layer=args.layer, batch_size=args.batch_size, min_confidence=args.min_confidence,
                    min_overlap=args.min_overlap, case_insensitive=args.case_insensitive,
                    probabilities=args.probabilities, flag_unseen=args.flag_unseen, gene_key=args.gene_key,
-                   majority_voting=args.majority_voting, min_agreement=args.min_agreement, label_key=args.label_key)
+                   majority_voting=args.majority_voting, min_agreement=args.min_agreement, label_key=args.label_key,
+                   coverage=args.coverage, conformal_score=args.conformal_score)
     if args.out_dir is not None:
         _annotate_many(args, options)
         return

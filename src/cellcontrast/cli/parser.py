@@ -202,6 +202,13 @@ def _annotate(sub) -> None:
                         "energy (the default; above 95%% of the chain's validation cells) or expression (a gene "
                         "far above the predicted class's profile, above 99%%; sharper within the reference's "
                         "donors, weaker across new donors; annotators from `cellcontrast fit`)")
+    p.add_argument("--coverage", type=float, default=None, metavar="C",
+                   help="write each cell's conformal prediction set for target coverage C (e.g. 0.9): the labels "
+                        "that are plausible, calibrated on cells the annotator never trained on (columns "
+                        "cellcontrast_prediction_set, cellcontrast_set_size; annotators from `cellcontrast fit`)")
+    p.add_argument("--conformal-score", default="aps", choices=["aps", "class"],
+                   help="aps: the most probable labels until their mass reaches the calibrated level (never "
+                        "empty); class: a threshold per type (an empty set: no label plausible). Default aps")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
     p.add_argument("--label-key", default=None, help="obs column with true labels, to print accuracy")
 

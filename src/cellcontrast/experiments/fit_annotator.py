@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from cellcontrast.annotation.conformal import conformity_scores
 from cellcontrast.core.errors import InputError
 from cellcontrast.core.names import CHAINS_SIMPLEST_FIRST, LABEL
 from cellcontrast.data.atlas import prepare_atlas
@@ -246,6 +247,11 @@ def fit_annotator(
             validation = (y_val, probas[chosen_name]) if folds is None else \
                 out_of_fold_predictions(grouped, chosen_name, chain.metrics["temperature"])
         chain.config["fit"]["chains"] = names
+        # `annotate --coverage`: conformal prediction sets calibrated on cells the chain never trained on
+        source = (f"held-out {batch_key} (grouped validation, {len(folds.folds)} folds)" if folds is not None
+                  else "the validation part (stratified: the reference's own batches)")
+        chain.config["conformity"] = conformity_scores(validation[1], validation[0], chain.classes, source=source,
+                                                       seed=seed)
         # what `annotate` weighs a missing gene by (train.attribution)
         chain.config["gene_weights"] = [float(f"{w:.4g}") for w in gene_weights(chain.module, reference.X, seed=seed)]
         chain.config["fit"]["chosen_by"] = _chosen_by(folds)

@@ -55,6 +55,7 @@ EMBEDDING = "embedding"
 METADATA_KEYS = (
     "genes", "classes", "preprocessing", "base", "component", "run_id", "metrics",
     "cellcontrast_version", "input_name", "output_names", "opset", "gene_identifiers", "gene_weights",
+    "conformity",
 )
 
 
@@ -175,7 +176,7 @@ def _metadata(config: dict, output_names: list[str], opset: int) -> dict[str, st
         "opset": str(opset),
         # "ensembl" or "symbol": what a query's genes are matched against (--gene-key)
         "gene_identifiers": identifier_kind(str(g) for g in config["genes"]),
-    } | ({"gene_weights": json.dumps(config["gene_weights"])} if config.get("gene_weights") else {})
+    } | {key: json.dumps(config[key]) for key in ("gene_weights", "conformity") if config.get(key)}
 
 
 def normalize_config(config: dict) -> dict:
@@ -292,7 +293,7 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
     model = onnx.load_model(str(path), load_external_data=False)
     meta: dict[str, Any] = {p.key: p.value for p in model.metadata_props}
-    for key in ("genes", "classes", "metrics", "output_names", "gene_weights"):
+    for key in ("genes", "classes", "metrics", "output_names", "gene_weights", "conformity"):
         if key in meta:
             meta[key] = json.loads(meta[key])
     return meta

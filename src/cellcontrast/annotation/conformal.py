@@ -1,0 +1,104 @@
+"""Conformal prediction sets: which labels are plausible for a cell, with a coverage guarantee.
+
+Split conformal prediction (Vovk et al. 2005; Angelopoulos & Bates 2021): `cellcontrast fit`
+scores cells the model never trained on (the held-out batches of grouped validation, else the
+validation part) with a conformity score and stores the scores in the annotator. At
+annotation, for a target coverage ``c``, ``q`` is the ``ceil((n + 1) c)``-th smallest of the
+``n`` scores, and a cell's set holds every label whose score would be at most ``q``. When the
+query's cells are exchangeable with the calibration cells, the true label is in the set with
+probability at least ``c``; across donors that holds only as far as the held-out batches were
+like the new donor, which is why grouped validation supplies them.
+
+Two scores:
+
+- ``aps`` (adaptive prediction sets, Romano et al. 2020, without randomisation): the
+  probability mass of the labels ranked at or above the true one. A set is the most probable
+  labels whose mass stays within ``q``, and at least the top label: never empty, larger where
+  the model hesitates.
+- ``class`` (class-conditional, "Mondrian", Sadinle et al. 2019): ``1 - p(true label)``, with a
+  threshold per class from that class's own calibration cells, so rare types get their own
+  coverage. A set can be empty: no label is plausible, which is reported as set size 0 (a
+  novelty signal: see `annotate --coverage`).
+
+Numpy only: `annotate` stays torch-free.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cellcontrast.core.errors import InputError
+
+SCORES = ("aps", "class")
+# Calibration cells kept in an annotator (a seeded subsample beyond it: still exchangeable).
+MAX_CALIBRATION = 20_000
+
+
+def conformity_scores(proba: np.ndarray, y: np.ndarray, classes: list[str], *, source: str,
+                      seed: int = 0) -> dict:
+    """The calibration an annotator stores: both scores of each calibration cell (true label
+    ``y``, calibrated probabilities ``proba``), sorted, rounded to 1e-6, at most
+    ``MAX_CALIBRATION`` cells; ``source`` says which cells they are."""
+    proba, y = np.asarray(proba, dtype=np.float64), np.asarray(y)
+    keep = y >= 0
+    proba, y = proba[keep], y[keep]
+    if len(y) > MAX_CALIBRATION:
+        rows = np.sort(np.random.default_rng(seed).choice(len(y), MAX_CALIBRATION, replace=False))
+        proba, y = proba[rows], y[rows]
+    p_true = proba[np.arange(len(y)), y]
+    aps = (proba * (proba >= p_true[:, None])).sum(axis=1)  # mass ranked at or above the truth
+    lac = 1.0 - p_true
+    rounded = lambda v: [round(float(s), 6) for s in np.sort(v)]  # noqa: E731
+    return {"source": source, "n": int(len(y)), "aps": rounded(aps),
+            "class": {classes[k]: rounded(lac[y == k]) for k in range(len(classes)) if (y == k).any()}}
+
+
+def conformal_quantile(scores, coverage: float) -> float:
+    """The ``ceil((n + 1) coverage)``-th smallest score; infinite when there are too few
+    scores for that coverage (every label is then plausible)."""
+    n = len(scores)
+    k = math.ceil((n + 1) * coverage)
+    return float("inf") if k > n or n == 0 else float(scores[k - 1])
+
+
+def check_coverage(coverage: float, calibration: dict | None, score: str) -> None:
+    if not (isinstance(coverage, int | float) and 0.0 < coverage < 1.0):
+        raise InputError(f"--coverage {coverage} must lie strictly between 0 and 1 (e.g. 0.9)")
+    if score not in SCORES:
+        raise InputError(f"--conformal-score {score!r}: expected one of {', '.join(SCORES)}")
+    if not calibration:
+        raise InputError("this annotator has no conformity scores (exported before they were recorded, or "
+                         "not by `cellcontrast fit`); refit it with `cellcontrast fit` to use --coverage")
+
+
+def set_membership(proba: np.ndarray, calibration: dict, coverage: float, score: str,
+                   classes: list[str]) -> np.ndarray:
+    """Boolean ``[cells, classes]``: which labels each cell's set holds."""
+    proba = np.asarray(proba, dtype=np.float64)
+    if score == "aps":
+        q = conformal_quantile(calibration["aps"], coverage)
+        order = np.argsort(-proba, axis=1, kind="stable")
+        mass = np.cumsum(np.take_along_axis(proba, order, axis=1), axis=1)
+        # the labels whose score (the mass at or above them) is at most q, and always the top one
+        size = np.maximum((mass <= q + 1e-12).sum(axis=1), 1)
+        ranked = np.arange(proba.shape[1])[None, :] < size[:, None]
+        member = np.zeros_like(ranked)
+        np.put_along_axis(member, order, ranked, axis=1)
+        return member
+    per_class = calibration["class"]
+    thresholds = np.array([1.0 - conformal_quantile(per_class.get(name, []), coverage) for name in classes])
+    return proba >= thresholds[None, :] - 1e-12
+
+
+def prediction_sets(proba: np.ndarray, calibration: dict, coverage: float, score: str,
+                    classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell's set as labels joined by ``|`` in probability order, and its size."""
+    member = set_membership(proba, calibration, coverage, score, classes)
+    order = np.argsort(-np.asarray(proba), axis=1, kind="stable")
+    names = np.asarray(classes, dtype=object)
+    ranked_member = np.take_along_axis(member, order, axis=1)
+    labels = np.array(["|".join(names[row[keep]]) for row, keep in zip(order, ranked_member, strict=True)],
+                      dtype=object)
+    return labels, member.sum(axis=1).astype(np.int32)
