@@ -339,7 +339,7 @@ TRAIN_PARAMS = {
     "missing file": (None, "no such params file"),
     "not JSON": ("{lr: 1", "not valid JSON"),
     "a list": ("[1, 2]", "must map model names"),
-    "unknown model": ('{"svm": {"C": 1}}', "unknown model 'svm'"),
+    "unknown model": ('{"rf": {"C": 1}}', "unknown model 'rf'"),
     "wrong value type": ('{"lr": {"epochs": "many"}}', "epochs"),
     "negative epochs": ('{"lr": {"epochs": -3}}', "epochs"),
 }

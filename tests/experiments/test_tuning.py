@@ -248,7 +248,7 @@ def test_bad_inputs_exit_2_with_one_line(split_dir, work, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and text in err, err
     with pytest.raises(InputError, match="unknown base"):
-        tune(split_dir, "svm", "none", 1, storage=storage)
+        tune(split_dir, "rf", "none", 1, storage=storage)
     with pytest.raises(InputError, match="unknown component"):
         tune(split_dir, "lr", "mlx", 1, storage=storage)
 

@@ -283,48 +283,42 @@ def annotate_file(
     Parameters
     ----------
     model, query, out
-        The exported ``.onnx`` annotator (or an opened `Annotator`); an ``.h5ad`` file with raw
-        counts; the ``.h5ad`` to write (layout in the module docstring).
+        The ``.onnx`` annotator (or an `Annotator`); an ``.h5ad`` of raw counts; the ``.h5ad`` to write.
     csv, layer, gene_key
-        Also write the predictions as CSV (the pair appears together); read counts from this
-        layer, or ``"raw"`` for ``.raw`` (default ``X``); match the model's genes against this
-        ``var`` column (``"feature_name"`` in CELLxGENE files), not ``var_names``.
+        Also write the predictions as CSV (together with ``out``); read counts from this layer, or
+        ``"raw"`` for ``.raw``; match genes by this ``var`` column (CELLxGENE: ``"feature_name"``).
     batch_size, threads
         Rows read at a time; onnxruntime and inflating threads (0: all cores).
     min_confidence
         Below this confidence a cell's label is ``Unassigned``; ``"auto"``: the threshold that
         flags 5% of the chain's validation cells, chosen at training.
     min_overlap, case_insensitive
-        Least fraction of the model's genes the query must hold; match names ignoring case.
+        Least share of the model's genes (weighed) the query must hold; ignore case in names.
     probabilities
         Store every class's probability in ``obsm['cellcontrast_probabilities']``.
     flag_unseen
         Also call ``Unassigned`` the cells less familiar than the chain's validation cells by a
         novelty score: ``True``/``"energy"`` (95%) or ``"expression"`` (99%; `novelty_score`).
     majority_voting, min_agreement
-        Over-cluster the query, give each cluster its majority label (``*_over_clustering``,
-        ``*_majority_voting``, ``*_majority_agreement``); below ``min_agreement``:
+        Over-cluster the query and give each cluster its majority label; below ``min_agreement``:
         ``Heterogeneous`` (`cellcontrast.annotation.majority`).
     label_key, progress, log
         An obs column of true labels (the accuracy is reported); show a progress bar (None: when
         stderr is a terminal); called with each message.
     inspect
-        Called with obs and every cell's probabilities before anything is written (``--plots``).
+        Called with obs and all probabilities before anything is written (``--plots``).
     workers, scheduler
         Share the query's rows among processes of a local Dask cluster, or of a running one
         (`cellcontrast.annotation.row_ranges`); the same output.
     coverage, conformal_score
-        Write each cell's conformal prediction set for this target coverage (``0.9``: the true
-        label in the set for 90% of cells like the calibration cells): columns
-        ``*_prediction_set`` (labels joined by ``|``, most probable first) and ``*_set_size``;
-        ``conformal_score`` ``"aps"`` (never empty) or ``"class"`` (a threshold per type; an
-        empty set, size 0, means no label is plausible). `cellcontrast.annotation.conformal`.
+        Conformal prediction sets for this target coverage (``*_prediction_set``, ``*_set_size``)
+        by the ``"aps"`` or ``"class"`` score (`cellcontrast.annotation.conformal`).
 
     Returns
     -------
     pandas.DataFrame
-        One row per predicted label: ``n_cells``, ``fraction``, ``mean_confidence``;
-        ``attrs`` holds ``n_cells``, ``genes_found``, ``genes_total`` and ``accuracy``.
+        One row per predicted label: ``n_cells``, ``fraction``, ``mean_confidence``; ``attrs``:
+        ``n_cells``, ``genes_found``, ``genes_total``, ``accuracy``.
 
     Raises
     ------

@@ -16,7 +16,7 @@ small: two knobs each, around the published values):
   `cellcontrast fit` uses), is not among them: without this study (LR on auto's choice,
   every gene of the 2,000-gene atlas) `make run`'s Data Scarce LR fell from 0.887 to 0.863
   top-1; a space whose values are all fixed
-  skips the study; ``actinn``: lr (log-uniform
+  skips the study; ``svm`` (the margin base, not in the paper's grid): LR's space; ``actinn``: lr (log-uniform
   1e-5..1e-3, around ACTINN's 1e-4) and l2 (log-uniform 5e-4..5e-2, around its 0.005);
   ``scdae``: dropout (uniform 0..0.7; the original drops 70%) and the classifier lr
   (log-uniform 1e-4..1e-2).
@@ -44,6 +44,7 @@ DEFAULT_SEARCH_SPACE: dict[str, dict] = {
             "lr": [1e-4, 1e-2]},
     "mls": {"temperature": [0.02, 1.0], "hidden_dim": [64, 128, 256], "lr": [1e-4, 1e-2]},
     "lr": {"n_hvg": [500, 1000, 2000]},
+    "svm": {"n_hvg": [500, 1000, 2000]},
     "actinn": {"lr": [1e-5, 1e-3], "l2": [5e-4, 5e-2]},
     "scdae": {"dropout": {"low": 0.0, "high": 0.7}, "lr": [1e-4, 1e-2]},
 }

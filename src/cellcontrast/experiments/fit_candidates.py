@@ -1,0 +1,143 @@
+"""The candidates `fit_annotator` chooses among: every chain trained on one stratified split or
+on each fold of grouped validation, the ensemble of the two best, the choice, and the chosen
+chain built for export (refitted on every cell after grouped validation)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import anndata
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from cellcontrast.core.names import CHAINS_SIMPLEST_FIRST, LABEL
+from cellcontrast.experiments.selection import choose_per_seed
+from cellcontrast.model.chain import Chain
+from cellcontrast.model.ensemble import (
+    ENSEMBLE,
+    candidate,
+    ensemble_chain,
+    module_thresholds,
+    thresholds,
+)
+from cellcontrast.model.fit import FittedChains, fit_chains
+from cellcontrast.model.grouped import (
+    BatchFolds,
+    GroupedFit,
+    choose_on_folds,
+    fit_folds,
+    out_of_fold_predictions,
+    refit_on_every_cell,
+)
+from cellcontrast.train.calibration import fit_temperature
+from cellcontrast.train.open_set import energy
+
+PREFER = [*CHAINS_SIMPLEST_FIRST, ENSEMBLE]
+
+
+@dataclass
+class Candidates:
+    """Every chain's validation scores, and each chain's calibrated probabilities on the same
+    validation cells (``y``): the split's validation part, or every fold's held-out cells."""
+
+    scores: pd.DataFrame
+    fold_scores: pd.DataFrame | None
+    y: np.ndarray
+    probas: dict[str, np.ndarray]
+    split: FittedChains | None = None
+    grouped: GroupedFit | None = None
+    validation_cells: anndata.AnnData | None = None
+
+    @property
+    def fold_of_cell(self) -> np.ndarray | None:
+        return None if self.grouped is None else next(iter(self.grouped.out_of_fold.values()))["fold"]
+
+
+def _scores(chains: dict[str, Chain]) -> pd.DataFrame:
+    rows = [{"chain": name, "seed": 0, **{k: v for k, v in chain.metrics.items() if k.startswith("val_")}}
+            for name, chain in chains.items()]
+    return pd.DataFrame(rows)
+
+
+def train_candidates(reference: anndata.AnnData, folds: BatchFolds | None, names: list[str], *, seed: int,
+                     params: dict | None, val_fraction: float, labels_key: str, layer: str | None) -> Candidates:
+    """Train every chain (a progress bar counts them, fold by fold)."""
+    pairs = [(n.partition("+")[0], n.partition("+")[2] or "none") for n in names]
+    kw = {"seed": seed, "params": params, "val_fraction": val_fraction, "labels_key": labels_key, "layer": layer}
+    total = len(names) * (len(folds.folds) if folds else 1)
+    with tqdm(total=total, desc="fit chains", unit="chain", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
+        if folds is None:
+            split = fit_chains(reference, pairs, progress=lambda name: bar.update(), **kw)
+        else:
+            grouped = fit_folds(reference, folds, pairs, progress=lambda name: bar.update(), **kw)
+    if folds is None:
+        cells = reference[np.sort(split.val)]
+        y = pd.Categorical(cells.obs[LABEL].astype(str), categories=split.classes).codes
+        probas = {name: split.chains[name].predict_proba(cells) for name in names}
+        return Candidates(_scores(split.chains), None, y, probas, split=split, validation_cells=cells)
+    probas = {}
+    for name in names:  # one temperature a chain, on its pooled out-of-fold logits, as its refit gets
+        part = grouped.out_of_fold[name]
+        y, probas[name] = out_of_fold_predictions(grouped, name, fit_temperature(part["logits"], part["y"]))
+    return Candidates(grouped.scores, grouped.fold_scores, y, probas, grouped=grouped)
+
+
+def offer_ensemble(found: Candidates, folds: BatchFolds | None) -> dict | None:
+    """Add the ensemble of the two best chains to the candidates (`model.ensemble`), if any."""
+    names = list(found.probas)
+    offered = candidate(found.scores, found.probas, found.y, found.probas[names[0]].shape[1], found.fold_of_cell,
+                        prefer=list(CHAINS_SIMPLEST_FIRST))
+    if offered is None:
+        return None
+    found.scores = pd.concat([found.scores, pd.DataFrame([offered["row"]])], ignore_index=True)
+    if folds is not None:
+        rows = [{"held_out": ",".join(held), "n_val": int(val.size), "chain": ENSEMBLE, "val_macro_f1": f1}
+                for (held, _, val), f1 in zip(folds.folds, offered["per_fold"], strict=True)]
+        found.fold_scores = pd.concat([found.fold_scores, pd.DataFrame(rows)], ignore_index=True)
+    return offered
+
+
+def choose(found: Candidates, folds: BatchFolds | None) -> str:
+    """The one-SE rule on the split's validation, or its paired form over folds."""
+    if folds is None:
+        return str(choose_per_seed(found.scores, prefer=PREFER, method_key="chain", one_se=True)["chain"].iloc[0])
+    chosen, gap_se = choose_on_folds(found.fold_scores, PREFER)
+    found.scores["val_gap_to_best_se"] = found.scores["chain"].map(gap_se)
+    return chosen
+
+
+def build_chosen(found: Candidates, folds: BatchFolds | None, chosen: str, offered: dict | None,
+                 reference: anndata.AnnData, **options) -> tuple[Chain, tuple[np.ndarray, np.ndarray]]:
+    """The chain to export and its (labels, probabilities) on the validation cells."""
+    members = offered["members"] if chosen == ENSEMBLE else [chosen]
+    if folds is None:
+        built = [found.split.chains[name] for name in members]
+    else:
+        built = [refit_on_every_cell(reference, found.grouped, name, **options) for name in members]
+    if chosen == ENSEMBLE:
+        return _ensemble(offered, built, folds, found), (found.y, offered["probabilities"])
+    chain = built[0]
+    if folds is None:
+        return chain, (found.y, found.probas[chosen])
+    return chain, out_of_fold_predictions(found.grouped, chosen, chain.metrics["temperature"])
+
+
+def _ensemble(offered: dict, built: list[Chain], folds: BatchFolds | None, found: Candidates) -> Chain:
+    """The chosen ensemble: its validation row, and the thresholds `annotate` reads, from the
+    validation cells (stratified) or the folds' held-out cells (grouped: the members' pooled
+    energies weighted, the first member's expression scores)."""
+    metrics = {k: v for k, v in offered["row"].items() if k.startswith("val_")}
+    chain = ensemble_chain(built, offered["weights"], offered["members"], metrics)
+    if folds is None:
+        metrics.update(module_thresholds(chain.module, found.validation_cells.X))
+    else:
+        oof = found.grouped.out_of_fold
+        energies = sum(w * energy(oof[name]["logits"], m.metrics["temperature"])
+                       for name, w, m in zip(offered["members"], offered["weights"], built, strict=True))
+        metrics.update(thresholds(offered["probabilities"], energies, oof[offered["members"][0]]["expression"]))
+        chain.config["fit"].update({"folds": [{"held_out": ",".join(held), "n_val": int(val.size)}
+                                              for held, _, val in folds.folds]})
+    chain.config["metrics"] = metrics
+    return chain
