@@ -125,6 +125,7 @@ def test_bad_coverage_is_refused_in_one_line(fitted, tmp_path, capsys, argv_tail
 def test_an_annotator_without_conformity_scores_is_refused(fitted, tmp_path, capsys):
     _, query = fitted
     chain = cc.fit(ad.read_h5ad(query), "cell_type", params=FAST)
+    chain.config.pop("conformity")  # as annotators exported before they were recorded
     model = chain.export(tmp_path / "plain.onnx")
     out = tmp_path / "o.h5ad"
     assert main(["annotate", str(model), str(query), "--out", str(out), "--coverage", "0.9"]) == 2

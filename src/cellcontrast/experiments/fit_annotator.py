@@ -221,10 +221,11 @@ def _describe(chain: Chain, names: list[str], folds, batch_key: str | None, note
     chain.config["fit"]["chosen_by"] = _chosen_by(folds)
     if note:
         chain.config["fit"]["validation_note"] = note.removeprefix("note: ")
-    source = (f"held-out {batch_key} (grouped validation, {len(folds.folds)} folds)" if folds is not None
-              else "the validation part (stratified: the reference's own batches)")
-    chain.config["conformity"] = conformity_scores(validation[1], validation[0], chain.classes, source=source,
-                                                   seed=seed)
+    if folds is not None or chain.config.get("base") == ENSEMBLE:  # a single chain's are its own validation's
+        source = (f"held-out {batch_key} (grouped validation, {len(folds.folds)} folds)" if folds is not None
+                  else "the validation part (stratified: the reference's own batches)")
+        chain.config["conformity"] = conformity_scores(validation[1], validation[0], chain.classes, source=source,
+                                                       seed=seed)
     chain.config["gene_weights"] = [float(f"{w:.4g}") for w in gene_weights(chain.module, reference.X, seed=seed)]
 
 

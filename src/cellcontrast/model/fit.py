@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cellcontrast.annotation.conformal import conformity_scores
 from cellcontrast.core.errors import InputError
 from cellcontrast.core.names import BASES, COMPONENTS, LABEL, LINEAR_BASES
 from cellcontrast.data.atlas import prepare_atlas
@@ -175,7 +176,7 @@ def fit_chains(atlas: anndata.AnnData, chains: list[tuple[str, str]], *, seed: i
         module = build_chain(model) if component == "none" else build_chain(model, *fit_component(
             model, X["train"], y["train"], X["val"], y["val"], len(classes), component, params.get(component), seed, log))
         attach_unexplained_expression(module, X["train"], y["train"])  # for `annotate --flag-unseen expression`
-        metrics, _ = evaluate(module, {"val": X["val"]}, {"val": y["val"]}, len(classes))
+        metrics, proba = evaluate(module, {"val": X["val"]}, {"val": y["val"]}, len(classes))
         torch.set_grad_enabled(True)
         resolved = {base: resolve_params(base, params.get(base))}
         if component != "none":
@@ -183,7 +184,10 @@ def fit_chains(atlas: anndata.AnnData, chains: list[tuple[str, str]], *, seed: i
         config = {"genes": atlas.var_names.tolist(), "class_names": classes, "base": base, "component": component,
                   "params": resolved, "metrics": metrics,
                   "fit": {"labels_key": labels_key, "layer": layer, "seed": seed, "val_fraction": val_fraction,
-                          "n_train": int(train.size), "n_val": int(val.size), "choices": base_choices(model)}}
+                          "n_train": int(train.size), "n_val": int(val.size), "choices": base_choices(model)},
+                  # `annotate --coverage` (grouped validation replaces them with its held-out batches')
+                  "conformity": conformity_scores(proba["val"], y["val"], classes, seed=seed,
+                                                  source="the validation part (stratified: the reference's own batches)")}
         name = chain_name(base, component)
         fitted[name] = Chain(module, chain_config(module, config))
         if progress is not None:
