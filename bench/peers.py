@@ -3,7 +3,8 @@
 Runs inside the peers' environment (``make bench-venv``: celltypist 1.7.1 needs scikit-learn
 < 1.8, the project needs 1.9):
 
-    .venv-bench/bin/python bench/peers.py --split-dir D [--methods celltypist,svm,knn] --out D/peers.json
+    .venv-bench/bin/python bench/peers.py --split-dir D [--methods celltypist,svm,logreg,knn] --out D/peers.json \
+        [--predictions D/test_predictions.csv]
 
 D is a folder written by ``cellcontrast split`` (train/val/test.h5ad with raw counts and
 ``obs['cell_type']``, split.json with the class order). Peers, each fit on train only, each with
@@ -17,6 +18,9 @@ its own fixed, published defaults (no selection on val, no tuning):
   same log1p-normalised counts, the best method of Abdelaal et al. (2019). With a class of
   a single training cell calibration is impossible: a plain LinearSVC, ranked by its
   decision function (noted in the JSON).
+- ``logreg``: ``LogisticRegression(max_iter=1000)`` (scikit-learn's defaults otherwise: L2,
+  C=1, lbfgs, multinomial) on the same log1p-normalised counts, without gene scaling; not run
+  unless asked for (``--methods``).
 - ``knn``: k=15 nearest neighbours (Euclidean) on principal components, the way scanpy
   prepares them: log1p-normalised counts, each gene zero-centred and scaled to unit variance
   (train mean/sd), clipped at +-10, PCA with min(50, n_train-1, n_genes-1) components. Scaler
@@ -25,7 +29,9 @@ its own fixed, published defaults (no selection on val, no tuning):
 Per peer the JSON holds top-1, top-3 and macro F1 on test (macro over ALL classes of split.json,
 ``zero_division=0``) and the same on val (for information only: nothing is selected on it),
 train and predict seconds (from raw counts: normalisation is part of both), and the per-class
-F1 on test in split.json's class order. A peer that fails is recorded under ``errors`` and the
+F1 on test in split.json's class order. ``--predictions CSV`` also writes each peer's label for
+every test cell (columns ``cell``, ``cell_type``, then one per peer), for metrics computed
+elsewhere. A peer that fails is recorded under ``errors`` and the
 others still run; the exit status is then 1.
 
 A split made with ``--unseen-types`` (split.json ``unseen_types``) has test cells of types that
@@ -53,8 +59,9 @@ def _limit_threads(n: int) -> None:
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--split-dir", required=True, help="folder with train/val/test.h5ad and split.json")
-    p.add_argument("--methods", default="celltypist,svm,knn", help="comma-separated: celltypist, svm, knn")
+    p.add_argument("--methods", default="celltypist,svm,knn", help="comma-separated: celltypist, svm, logreg, knn")
     p.add_argument("--out", default=None, help="output JSON (default: SPLIT_DIR/peers.json)")
+    p.add_argument("--predictions", default=None, help="also write each peer's test-cell labels to this CSV")
     p.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads (default: 1)")
     p.add_argument("--knn-k", type=int, default=15)
     p.add_argument("--n-pcs", type=int, default=50)
@@ -77,7 +84,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
-METHODS = ("celltypist", "svm", "knn")
+METHODS = ("celltypist", "svm", "logreg", "knn")
 LABEL = "cell_type"
 
 
@@ -247,6 +254,28 @@ class CalibratedSVM:
         return proba, proba.argmax(axis=1)
 
 
+class LogReg:
+    name = "logreg"
+
+    def __init__(self, info: dict):
+        self.n_classes = len(info["classes"])
+        self.notes: dict = {}
+
+    def fit(self, train: dict):
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            model = LogisticRegression(max_iter=1000).fit(log_normalise(train["X"]), train["y"])
+        self.notes["convergence_warnings"] = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+        return model
+
+    def predict(self, model, part: dict):
+        proba = full_proba(model.predict_proba(log_normalise(part["X"])), model.classes_, self.n_classes)
+        return proba, proba.argmax(axis=1)
+
+
 class PcaKnn:
     name = "knn"
 
@@ -291,6 +320,8 @@ def make_peer(name: str, info: dict, args):
         return CellTypist(info)
     if name == "svm":
         return CalibratedSVM(info)
+    if name == "logreg":
+        return LogReg(info)
     if name == "knn":
         return PcaKnn(info, k=args.knn_k, n_pcs=args.n_pcs)
     raise ValueError(f"unknown peer {name!r}; choose from {', '.join(METHODS)}")
@@ -308,6 +339,7 @@ def run_peer(peer, parts: dict, n_classes: int) -> dict:
         s = scores(parts[part]["y"], proba, n_classes, pred)
         out.update({f"{part}_top1": s["top1"], f"{part}_top3": s["top3"], f"{part}_macro_f1": s["macro_f1"]})
         if part == "test":
+            out["test_pred"] = pred
             out["predict_seconds"] = seconds
             out["per_class_f1"] = s["per_class_f1"]
             if not np.array_equal(pred, proba.argmax(axis=1)):
@@ -366,9 +398,12 @@ def main(args) -> int:
         "n_cells": {k: int(v["X"].shape[0]) for k, v in parts.items()}, "n_genes": len(info["genes"]),
         "threads": args.threads, "versions": versions(), "methods": {}, "errors": {},
     }
+    predictions = pd.DataFrame({"cell": parts["test"]["obs_names"],
+                                LABEL: [classes[i] for i in parts["test"]["y"]]})
     for name in methods:
         try:
             row = run_peer(make_peer(name, info, args), parts, len(classes))
+            predictions[name] = [classes[i] for i in row.pop("test_pred")]
         except Exception as err:  # noqa: BLE001 - one failing peer must not hide the others
             result["errors"][name] = f"{type(err).__name__}: {err}"
             traceback.print_exc()
@@ -378,6 +413,12 @@ def main(args) -> int:
         print(f"{info.get('setting')} seed {info.get('seed')} {name:>10}: test top-1 {row['test_top1']:.3f} "
               f"top-3 {row['test_top3']:.3f} macro F1 {row['test_macro_f1']:.3f}  "
               f"train {row['train_seconds']:.1f} s  predict {row['predict_seconds']:.2f} s", flush=True)
+    if args.predictions:
+        pred_path = Path(args.predictions)
+        pred_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pred_path.with_name(f".{pred_path.name}.part.{os.getpid()}")
+        predictions.to_csv(tmp, index=False)
+        os.replace(tmp, pred_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.part.{os.getpid()}")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
