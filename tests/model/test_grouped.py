@@ -128,3 +128,12 @@ def test_bad_batch_keys_are_refused_in_one_line(reference, tmp_path, capsys):
     assert main(["fit", "--reference", str(path), "--out", str(out), "--chains", "lr", "--batch-key", "donor"]) == 2
     assert "cells have no value" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_components_under_grouped_validation_take_cross_batch_positives(reference):
+    params = {**FAST, "mlp": {"max_epochs": 2}}
+    result = cc.fit_annotator(reference, "cell_type", chains="lr+mlp", params=params, batch_key="individual",
+                              experiment=None, ensemble=False)
+    assert result.chain.config["params"]["mlp"]["positives"] == "cross_batch"
+    plain = cc.fit_annotator(reference, "cell_type", chains="lr+mlp", params=params, experiment=None, ensemble=False)
+    assert plain.chain.config["params"]["mlp"]["positives"] == "labels"

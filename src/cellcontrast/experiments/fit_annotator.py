@@ -166,6 +166,8 @@ def fit_annotator(
     names = parse_chains(chains)
     atlas, reference, test, folds, note = _prepare(adata, labels_key, layer, filters, genes, genes_source,
                                                    seed, val_fraction, test_fraction, batch_key, out)
+    if folds is not None:  # the components' positives: a type's cells from other batches (train/cross_batch.py)
+        params = {**(params or {}), **{c: {"positives": "cross_batch", **(params or {}).get(c, {})} for c in ("mlp", "mls")}}
     tracker = _Tracker(experiment, names, reference, seed, test_fraction, batch_key)
     options = {"seed": seed, "params": params, "labels_key": labels_key, "layer": layer}
     with tracker:

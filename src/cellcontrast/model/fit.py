@@ -147,8 +147,8 @@ def chain_name(base: str, component: str) -> str:
 
 def fit_chains(atlas: anndata.AnnData, chains: list[tuple[str, str]], *, seed: int = 0, params: dict | None = None,
                val_fraction: float = 0.1, labels_key: str = LABEL, layer: str | None = None,
-               progress=None, log=None, split: tuple[np.ndarray, np.ndarray, list[str]] | None = None
-               ) -> FittedChains:
+               progress=None, log=None, split: tuple[np.ndarray, np.ndarray, list[str]] | None = None,
+               groups: np.ndarray | None = None) -> FittedChains:
     """Train several chains on one prepared reference (``prepare_atlas``): one split for all,
     each base trained once and shared by the chains on it (as the grid does), unless a
     component needs it refitted (``needs_component_base``; LR then fits only its scaling,
@@ -156,7 +156,8 @@ def fit_chains(atlas: anndata.AnnData, chains: list[tuple[str, str]], *, seed: i
     each chain is done; ``log(stage, step, metrics)`` sees the training curves. ``labels_key``
     and ``layer`` are only recorded in the configs. ``split``: (train rows, validation rows,
     classes) given by the caller (grouped validation, `model.grouped`) instead of a stratified
-    draw; the same row may sit in both (a refit that trains on every cell)."""
+    draw; the same row may sit in both (a refit that trains on every cell). ``groups``: each
+    cell's batch, for components with ``positives="cross_batch"``."""
     params = params or {}
     check_params(params)
     for base, component in chains:
@@ -174,7 +175,8 @@ def fit_chains(atlas: anndata.AnnData, chains: list[tuple[str, str]], *, seed: i
                                            params.get(base), seed, log, for_component=not own_head,
                                            fit_head=own_head)
         module = build_chain(model) if component == "none" else build_chain(model, *fit_component(
-            model, X["train"], y["train"], X["val"], y["val"], len(classes), component, params.get(component), seed, log))
+            model, X["train"], y["train"], X["val"], y["val"], len(classes), component, params.get(component), seed, log,
+            train_groups=None if groups is None else np.asarray(groups)[train]))
         attach_unexplained_expression(module, X["train"], y["train"])  # for `annotate --flag-unseen expression`
         metrics, proba = evaluate(module, {"val": X["val"]}, {"val": y["val"]}, len(classes))
         torch.set_grad_enabled(True)

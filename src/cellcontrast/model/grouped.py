@@ -47,6 +47,7 @@ class BatchFolds:
     folds: list[tuple[list[str], np.ndarray, np.ndarray]]
     classes: list[str]
     single_batch_types: list[str] = field(default_factory=list)
+    groups: np.ndarray | None = None  # each cell's batch (for cross-batch contrastive positives)
 
 
 def batch_folds(obs: pd.DataFrame, batch_key: str, *, val_fraction: float = 0.1, seed: int = 0,
@@ -88,7 +89,7 @@ def batch_folds(obs: pd.DataFrame, batch_key: str, *, val_fraction: float = 0.1,
                 to_train = rng.permutation(rows)[n_val:]
                 held_out[to_train], train_mask[to_train] = False, True
         folds.append((held, np.flatnonzero(train_mask), np.flatnonzero(held_out)))
-    return BatchFolds(batch_key, folds, classes, single)
+    return BatchFolds(batch_key, folds, classes, single, batches)
 
 
 def _fold_groups(names: list[str], sizes: pd.Series, max_folds: int) -> list[list[str]]:
@@ -126,7 +127,7 @@ def fit_folds(atlas: anndata.AnnData, folds: BatchFolds, chains: list[tuple[str,
     for k, (held, train, val) in enumerate(folds.folds):
         fitted: FittedChains = fit_chains(atlas, chains, seed=seed, params=params, val_fraction=val_fraction,
                                           labels_key=labels_key, layer=layer, split=(train, val, folds.classes),
-                                          progress=progress)
+                                          progress=progress, groups=folds.groups)
         y = pd.Categorical(atlas.obs[LABEL].iloc[val].astype(str), categories=folds.classes).codes
         for name, chain in fitted.chains.items():
             metrics = {k: v for k, v in chain.metrics.items() if k.startswith("val_")}
@@ -211,7 +212,7 @@ def refit_on_every_cell(atlas: anndata.AnnData, grouped: GroupedFit, name: str, 
     every = np.flatnonzero(atlas.obs[LABEL].astype(str).isin(grouped.folds.classes).to_numpy())
     fixed = refit_params(base, params, grouped.choices[name])
     fitted = fit_chains(atlas, [(base, component)], seed=seed, params=fixed, labels_key=labels_key, layer=layer,
-                        split=(every, every, grouped.folds.classes))
+                        split=(every, every, grouped.folds.classes), groups=grouped.folds.groups)
     chain = fitted.chains[chain_name(base, component)]
     metrics = out_of_fold_metrics(grouped, name, len(grouped.folds.classes))
     chain.module.temperature.fill_(metrics["temperature"])

@@ -143,7 +143,7 @@ def _sum_over_positives(z: Tensor, pos: Tensor) -> Tensor:
     return summed.reshape(z.movedim(-2, 0).shape).movedim(0, -2)
 
 
-def _supcon_from_features(z: Tensor, labels: Tensor, temperature: float) -> Tensor:
+def _supcon_from_features(z: Tensor, labels: Tensor, temperature: float, groups: Tensor | None = None) -> Tensor:
     """Supervised contrastive loss (eq. 1) for every leading index of ``z[..., B, D]``.
 
     Args:
@@ -151,6 +151,10 @@ def _supcon_from_features(z: Tensor, labels: Tensor, temperature: float) -> Tens
             latent spaces that share ``labels`` (none for eq. 1, ``[C]`` for eq. 2).
         labels: ``[B]`` integer labels.
         temperature: ``tau > 0``.
+        groups: ``[B]`` integer batch (donor, study) of each cell, or None. Given, an anchor's
+            positives are the cells of its type from *other* batches only (cross-batch
+            positives: what the embedding should hold together is the type across donors);
+            cells of its type from its own batch stay in the denominator like any other cell.
 
     Returns:
         ``[...]`` loss per leading index: for every anchor with at least one positive, the mean
@@ -168,6 +172,9 @@ def _supcon_from_features(z: Tensor, labels: Tensor, temperature: float) -> Tens
 
     eye = torch.eye(batch, dtype=torch.bool, device=z.device)
     pos = (labels[:, None] == labels[None, :]) & ~eye  # [B, B], p != i
+    if groups is not None:  # cross-batch positives only
+        groups = _check_labels(groups, batch).to(z.device)
+        pos &= groups[:, None] != groups[None, :]
     n_pos = pos.sum(dim=-1)  # [B]
     has_pos = n_pos > 0
     n_anchors = int(has_pos.sum())
@@ -187,29 +194,31 @@ def _supcon_from_features(z: Tensor, labels: Tensor, temperature: float) -> Tens
     return denominator.reshape(z.shape[:-2]) - numerator
 
 
-def supcon_loss(features: Tensor, labels: Tensor, temperature: float) -> Tensor:
+def supcon_loss(features: Tensor, labels: Tensor, temperature: float, groups: Tensor | None = None) -> Tensor:
     """Supervised contrastive loss of paper eq. 1 (Khosla et al. 2020, ``L_out``).
 
     Args:
         features: ``[B, D]`` embeddings, already L2-normalised.
         labels: ``[B]`` integer labels.
         temperature: ``tau > 0``.
+        groups: ``[B]`` batches: positives from other batches only (see `_supcon_from_features`).
 
     Returns:
         Scalar loss averaged over the anchors that have at least one positive in the batch.
     """
     if features.dim() != 2:
         raise ValueError(f"features must have shape [B, D], got {tuple(features.shape)}")
-    return _supcon_from_features(features, labels, temperature)
+    return _supcon_from_features(features, labels, temperature, groups)
 
 
-def mls_loss(features: Tensor, labels: Tensor, temperature: float) -> Tensor:
+def mls_loss(features: Tensor, labels: Tensor, temperature: float, groups: Tensor | None = None) -> Tensor:
     """Multi-latent-space contrastive loss of paper eq. 2.
 
     Args:
         features: ``[B, C, 2]`` one unit-norm 2-D embedding per class latent space.
         labels: ``[B]`` integer labels.
         temperature: ``tau > 0``.
+        groups: ``[B]`` batches: positives from other batches only.
 
     Returns:
         Scalar: the sum over the ``C`` latent spaces of the eq. 1 loss computed in each space
@@ -218,4 +227,4 @@ def mls_loss(features: Tensor, labels: Tensor, temperature: float) -> Tensor:
     if features.dim() != 3:
         raise ValueError(f"features must have shape [B, C, 2], got {tuple(features.shape)}")
     per_space = features.transpose(0, 1)  # [C, B, 2], a view
-    return _supcon_from_features(per_space, labels, temperature).sum()
+    return _supcon_from_features(per_space, labels, temperature, groups).sum()

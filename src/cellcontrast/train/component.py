@@ -21,6 +21,7 @@ from cellcontrast.nn.bases import BaseModel, LinearHead, ScdaeHead
 from cellcontrast.nn.components import MLPComponent, MLSComponent
 from cellcontrast.nn.losses import mls_loss, supcon_loss
 from cellcontrast.train.base_model import head_recipe
+from cellcontrast.train.cross_batch import CrossBatchSampler
 from cellcontrast.train.loops import (
     EncoderHead,
     FeatureSource,
@@ -37,8 +38,10 @@ from cellcontrast.train.views import thinned_views
 
 def fit_component(base_model: BaseModel, train_counts, train_y: np.ndarray, val_counts,
                   val_y: np.ndarray, n_classes: int, component: str, params: dict | None = None,
-                  seed: int = 0, log: Log | None = None) -> tuple[nn.Module, nn.Module]:
+                  seed: int = 0, log: Log | None = None,
+                  train_groups: np.ndarray | None = None) -> tuple[nn.Module, nn.Module]:
     """Steps 2-4. Returns ``(h, head)``: the frozen component and the freshly trained head.
+    ``train_groups``: the training cells' batches, for ``positives="cross_batch"``.
 
     The base model is not modified: the encoder (and preprocessing) run in eval mode under
     no_grad, once, to produce z. ``params["head"]`` may override the head recipe, which is
@@ -49,7 +52,8 @@ def fit_component(base_model: BaseModel, train_counts, train_y: np.ndarray, val_
     z_val = embed_frozen(base_model, val_counts)
     z_views = [embed_frozen(base_model, view) for view in
                thinned_views(train_counts, int(p["views"]), p["view_keep"], p["view_dropout"], seed)]
-    h = train_component(z_train, train_y, z_val, val_y, n_classes, component, p, seed, log, z_views)
+    h = train_component(z_train, train_y, z_val, val_y, n_classes, component, p, seed, log, z_views,
+                        train_groups=train_groups)
     head = train_head_on_component(base_model, h, z_train, train_y, z_val, val_y, n_classes,
                                    p.get("head"), seed, log, stage=f"{component}_head",
                                    solver=p["head_solver"], l2_path=p["head_l2_path"])
@@ -65,8 +69,13 @@ def embed_frozen(base_model: BaseModel, counts) -> torch.Tensor:
 
 def train_component(z_train: torch.Tensor, train_y: np.ndarray, z_val: torch.Tensor,
                     val_y: np.ndarray, n_classes: int, component: str, params: dict | None = None,
-                    seed: int = 0, log: Log | None = None, z_views: list[torch.Tensor] | None = None) -> nn.Module:
+                    seed: int = 0, log: Log | None = None, z_views: list[torch.Tensor] | None = None,
+                    train_groups: np.ndarray | None = None) -> nn.Module:
     """Step 3: train h on the training embeddings; keep the best epoch on val (``select``).
+
+    ``train_groups``: each training cell's batch; with ``positives="cross_batch"`` the
+    positives of an anchor are the cells of its type from other batches only
+    (`train.cross_batch`; without two batches, the type's cells as usual).
 
     ``z_views``: embeddings of noisy views of the training cells (``views.py``), row i a view
     of cell i; each batch then holds its cells' views too, positives of their cell (and, with
@@ -81,8 +90,7 @@ def train_component(z_train: torch.Tensor, train_y: np.ndarray, z_val: torch.Ten
     tau = p["temperature"]
     y_train_t = torch.as_tensor(train_y, dtype=torch.long)
     y_val_t = torch.as_tensor(val_y, dtype=torch.long)
-    sampler = ClassAwareBatchSampler(train_y, p["batch_size"], p["samples_per_class"], seed=seed,
-                                     balanced=p["balanced_batches"])
+    sampler, groups_t = _training_sampler(p, train_y, train_groups, bool(z_views), seed)
     val_sampler = ClassAwareBatchSampler(val_y, p["batch_size"], p["samples_per_class"], seed=seed)
     val_sampler.set_epoch(0)
     val_batches = [torch.as_tensor(list(b), dtype=torch.long) for b in val_sampler]
@@ -115,9 +123,9 @@ def train_component(z_train: torch.Tensor, train_y: np.ndarray, z_val: torch.Ten
         sampler.set_epoch(epoch)
         total, n_batches = 0.0, 0
         for batch in sampler:
-            z, y = _batch(torch.as_tensor(list(batch), dtype=torch.long), z_train, y_train_t, z_views,
-                          p["view_positives"])
-            loss = loss_fn(h.contrastive_features(z), y, tau)
+            index = torch.as_tensor(list(batch), dtype=torch.long)
+            z, y = _batch(index, z_train, y_train_t, z_views, p["view_positives"])
+            loss = loss_fn(h.contrastive_features(z), y, tau, None if groups_t is None else groups_t[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -139,6 +147,19 @@ def train_component(z_train: torch.Tensor, train_y: np.ndarray, z_val: torch.Ten
     h.eval()
     h.requires_grad_(False)
     return h
+
+
+def _training_sampler(p: dict, train_y: np.ndarray, train_groups, views: bool, seed: int):
+    """The minibatches of step 3, and each cell's batch as a tensor where the positives are
+    cross-batch (``positives="cross_batch"``, two batches or more, no views; else None)."""
+    cross = p.get("positives") == "cross_batch" and train_groups is not None \
+        and len(np.unique(train_groups)) >= 2 and not views
+    if not cross:
+        return ClassAwareBatchSampler(train_y, p["batch_size"], p["samples_per_class"], seed=seed,
+                                      balanced=p["balanced_batches"]), None
+    groups = np.unique(train_groups, return_inverse=True)[1]
+    return CrossBatchSampler(train_y, groups, p["batch_size"], p["samples_per_class"], seed=seed), \
+        torch.as_tensor(groups)
 
 
 def _batch(index: torch.Tensor, z_train: torch.Tensor, y_train: torch.Tensor, z_views, positives: str):

@@ -22,7 +22,10 @@ COMPONENT_HEAD_L2_PATH = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6]
 # U(view_keep, 1)), with view_dropout of the detected genes zeroed.
 NO_VIEWS = {"views": 0, "view_keep": 0.5, "view_dropout": 0.1, "view_positives": "labels",
             # every type drawn equally often in the contrastive batches (train/sampler.py)
-            "balanced_batches": False}
+            "balanced_batches": False,
+            # "cross_batch" (with `fit --batch-key`): positives are cells of the anchor's type from
+            # other batches only, minibatches from train/cross_batch.py
+            "positives": "labels"}
 
 
 DEFAULT_PARAMS: dict[str, dict] = {
@@ -155,6 +158,8 @@ def resolve_params(name: str, params: dict | None) -> dict:
         if p.get("head_solver", "lbfgs") not in ("lbfgs", "adam"):
             raise ValueError(f"{name}.head_solver must be lbfgs or adam, not {p['head_solver']!r}")
         _check_l2_path(f"{name}.head_l2_path", p.get("head_l2_path", DEFAULT_PARAMS[name]["head_l2_path"]))
+        if p.get("positives", "labels") not in ("labels", "cross_batch"):
+            raise ValueError(f"{name}.positives must be labels or cross_batch, not {p['positives']!r}")
         if p.get("view_positives", "labels") not in ("labels", "self"):
             raise ValueError(f"{name}.view_positives must be labels or self, not {p['view_positives']!r}")
         if not 0 < p.get("view_keep", 0.5) <= 1 or not 0 <= p.get("view_dropout", 0.1) < 1:
