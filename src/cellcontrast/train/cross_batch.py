@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from cellcontrast.train.sampler import _ClassPool
+from cellcontrast.train.sampler import ClassPool
 
 
 class CrossBatchSampler:
@@ -61,7 +61,7 @@ class CrossBatchSampler:
         """(blocks spanning two batches, blocks of one batch)."""
         spc, crossing, single = self.samples_per_class, [], []
         for by_group in self._members.values():
-            pools = {g: _ClassPool(idx, rng) for g, idx in by_group.items()}
+            pools = {g: ClassPool(idx, rng) for g, idx in by_group.items()}
             names = list(pools)
             sizes = np.array([len(by_group[g]) for g in names], dtype=float)
             for _ in range(math.ceil(sizes.sum() / spc)):

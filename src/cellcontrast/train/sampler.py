@@ -33,10 +33,10 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
-__all__ = ["ClassAwareBatchSampler"]
+__all__ = ["ClassAwareBatchSampler", "ClassPool"]
 
 
-class _ClassPool:
+class ClassPool:
     """Shuffled pool of one class's indices, refilled with a new permutation when exhausted."""
 
     def __init__(self, indices: np.ndarray, rng: np.random.Generator) -> None:
@@ -127,7 +127,7 @@ class ClassAwareBatchSampler(Sampler[list[int]]):
             return []
         rng = np.random.default_rng([self.seed, epoch])
         spc = self.samples_per_class
-        pools = [_ClassPool(idx, rng) for idx in self._class_indices]
+        pools = [ClassPool(idx, rng) for idx in self._class_indices]
 
         # 1. groups of one class each; the pool's first pass covers every cell once.
         groups: list[tuple[int, list[int]]] = []
