@@ -3,8 +3,8 @@ annotator never saw, and how large are the sets?
 
 Reads the folds `bench/heldout_user_path.py` wrote (``OUT/<dataset>/heldout_<donor>/`` with
 ``query.h5ad`` and one annotator per variant, ``<variant>/annotator.onnx``): for each annotator,
-`cc.annotate(query, annotator, coverage=c, conformal_score=s)` at c = 0.90 and 0.95 and both
-scores, on the query cells whose type the reference holds. Prints per fold and on average:
+`cc.annotate(query, annotator, coverage=c, conformal_score=s)` at c = 0.90 and 0.95 and every
+score, on the query cells whose type the reference holds. Prints per fold and on average:
 the empirical coverage (share of cells whose true label is in the set), the mean set size,
 the share of empty sets, and the top-k set that reaches the same coverage on that donor (the
 smallest k; a top-k set reads the test labels to pick k, so it is a yardstick, not a method).
@@ -27,7 +27,7 @@ import pandas as pd
 import cellcontrast as cc
 
 COVERAGES = (0.90, 0.95)
-SCORES = ("aps", "class")
+SCORES = ("lac", "aps", "class")
 
 
 def _fold_rows(fold: Path, variant: str) -> list[dict]:

@@ -38,7 +38,7 @@ def test_coverage_holds_on_exchangeable_probabilities():
     proba = rng.dirichlet(np.full(6, 0.6), size=8000)
     y = np.array([rng.choice(6, p=p) for p in proba])
     calibration = conformity_scores(proba[:4000], y[:4000], classes, source="test")
-    for score in ("aps", "class"):
+    for score in ("lac", "aps", "class"):
         for target in (0.8, 0.9, 0.95):
             member = set_membership(proba[4000:], calibration, target, score, classes)
             covered = member[np.arange(4000), y[4000:]].mean()
@@ -79,7 +79,7 @@ def test_annotate_writes_sets_that_cover_the_target_on_exchangeable_cells(fitted
     model, query = fitted
     out = tmp_path / "o.h5ad"
     assert main(["annotate", str(model), str(query), "--out", str(out), "--coverage", "0.9",
-                 "--probabilities"]) == 0
+                 "--conformal-score", "aps", "--probabilities"]) == 0
     annotated = ad.read_h5ad(out)
     sets = annotated.obs["cellcontrast_prediction_set"].astype(str).str.split("|")
     truth = annotated.obs["cell_type"].astype(str)

@@ -168,11 +168,11 @@ class _Options:
     majority_voting: bool
     min_agreement: float
     coverage: float | None = None
-    conformal_score: str = "aps"
+    conformal_score: str = "lac"
 
 
 def _options(annotator: Annotator, layer, min_confidence, case_insensitive, gene_key, flag_unseen, majority_voting,
-             min_agreement, coverage: float | None = None, conformal_score: str = "aps") -> _Options:
+             min_agreement, coverage: float | None = None, conformal_score: str = "lac") -> _Options:
     score = novelty_score(flag_unseen)
     if coverage is not None:
         check_coverage(coverage, annotator.metadata.get("conformity"), conformal_score)
@@ -276,7 +276,7 @@ def annotate_file(
     case_insensitive: bool = False, probabilities: bool = False, flag_unseen: bool | str = False,
     majority_voting: bool = False, min_agreement: float = 0.0, threads: int = 0,
     label_key: str | None = None, progress: bool | None = None, log=None, inspect=None,
-    workers: int = 1, scheduler: str | None = None, coverage: float | None = None, conformal_score: str = "aps",
+    workers: int = 1, scheduler: str | None = None, coverage: float | None = None, conformal_score: str = "lac",
 ) -> pd.DataFrame:
     """Annotate the cells of an ``.h5ad`` file into a new ``.h5ad`` (and CSV), streaming.
 
@@ -312,7 +312,7 @@ def annotate_file(
         (`cellcontrast.annotation.row_ranges`); the same output.
     coverage, conformal_score
         Conformal prediction sets for this target coverage (``*_prediction_set``, ``*_set_size``)
-        by the ``"aps"`` or ``"class"`` score (`cellcontrast.annotation.conformal`).
+        by the ``"lac"``, ``"aps"`` or ``"class"`` score (`cellcontrast.annotation.conformal`).
 
     Returns
     -------
@@ -356,7 +356,7 @@ def annotate(
     key_added: str = "cellcontrast", copy: bool = False, batch_size: int = 8192, min_overlap: float = 0.5,
     case_insensitive: bool = False, probabilities: bool = False, flag_unseen: bool | str = False,
     majority_voting: bool = False, min_agreement: float = 0.0, threads: int = 0, progress: bool | None = None,
-    coverage: float | None = None, conformal_score: str = "aps",
+    coverage: float | None = None, conformal_score: str = "lac",
 ) -> anndata.AnnData | None:
     """Annotate an AnnData (in memory or backed) with an exported annotator.
 

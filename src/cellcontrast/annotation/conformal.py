@@ -9,16 +9,20 @@ query's cells are exchangeable with the calibration cells, the true label is in 
 probability at least ``c``; across donors that holds only as far as the held-out batches were
 like the new donor, which is why grouped validation supplies them.
 
-Two scores:
+Three scores:
 
+- ``lac`` (least ambiguous set-valued classifier, Sadinle et al. 2019): ``1 - p(true label)``,
+  one threshold for every type. Every label with a probability of at least ``1 - q`` is in the
+  set: the smallest sets on average for the coverage; a set can be empty when no label is that
+  probable (set size 0, a novelty signal).
 - ``aps`` (adaptive prediction sets, Romano et al. 2020, without randomisation): the
   probability mass of the labels ranked at or above the true one. A set is the most probable
   labels whose mass stays within ``q``, and at least the top label: never empty, larger where
   the model hesitates.
-- ``class`` (class-conditional, "Mondrian", Sadinle et al. 2019): ``1 - p(true label)``, with a
-  threshold per class from that class's own calibration cells, so rare types get their own
-  coverage. A set can be empty: no label is plausible, which is reported as set size 0 (a
-  novelty signal: see `annotate --coverage`).
+- ``class`` (class-conditional, "Mondrian"): ``lac``'s score with a threshold per type from that
+  type's own calibration cells, so each type gets its coverage; a type with too few calibration
+  cells for the coverage asked (fewer than about ``1 / (1 - c)``) takes ``lac``'s threshold
+  rather than being put in every set. Sets can be empty, as with ``lac``.
 
 Numpy only: `annotate` stays torch-free.
 """
@@ -31,7 +35,7 @@ import numpy as np
 
 from cellcontrast.core.errors import InputError
 
-SCORES = ("aps", "class")
+SCORES = ("lac", "aps", "class")
 # Calibration cells kept in an annotator (a seeded subsample beyond it: still exchangeable).
 MAX_CALIBRATION = 20_000
 
@@ -51,7 +55,7 @@ def conformity_scores(proba: np.ndarray, y: np.ndarray, classes: list[str], *, s
     aps = (proba * (proba >= p_true[:, None])).sum(axis=1)  # mass ranked at or above the truth
     lac = 1.0 - p_true
     rounded = lambda v: [round(float(s), 6) for s in np.sort(v)]  # noqa: E731
-    return {"source": source, "n": int(len(y)), "aps": rounded(aps),
+    return {"source": source, "n": int(len(y)), "aps": rounded(aps), "lac": rounded(lac),
             "class": {classes[k]: rounded(lac[y == k]) for k in range(len(classes)) if (y == k).any()}}
 
 
@@ -87,8 +91,12 @@ def set_membership(proba: np.ndarray, calibration: dict, coverage: float, score:
         member = np.zeros_like(ranked)
         np.put_along_axis(member, order, ranked, axis=1)
         return member
-    per_class = calibration["class"]
-    thresholds = np.array([1.0 - conformal_quantile(per_class.get(name, []), coverage) for name in classes])
+    lac = calibration.get("lac") or sorted(v for values in calibration["class"].values() for v in values)
+    pooled = conformal_quantile(lac, coverage)
+    if score == "lac":
+        return proba >= 1.0 - pooled - 1e-12
+    per_class = [conformal_quantile(calibration["class"].get(name, []), coverage) for name in classes]
+    thresholds = np.array([1.0 - (q if np.isfinite(q) else pooled) for q in per_class])
     return proba >= thresholds[None, :] - 1e-12
 
 

@@ -206,9 +206,10 @@ def _annotate(sub) -> None:
                    help="write each cell's conformal prediction set for target coverage C (e.g. 0.9): the labels "
                         "that are plausible, calibrated on cells the annotator never trained on (columns "
                         "cellcontrast_prediction_set, cellcontrast_set_size; annotators from `cellcontrast fit`)")
-    p.add_argument("--conformal-score", default="aps", choices=["aps", "class"],
-                   help="aps: the most probable labels until their mass reaches the calibrated level (never "
-                        "empty); class: a threshold per type (an empty set: no label plausible). Default aps")
+    p.add_argument("--conformal-score", default="lac", choices=["lac", "aps", "class"],
+                   help="lac (default): every label at least as probable as the calibrated level, the smallest "
+                        "sets (an empty set: no label plausible); aps: the most probable labels up to a calibrated "
+                        "mass (never empty, larger); class: lac with a threshold per type")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
     p.add_argument("--label-key", default=None, help="obs column with true labels, to print accuracy")
 
