@@ -27,6 +27,30 @@ single-threaded and niced (the command of docs/results/heldout_user_path.md):
         --datasets human,mouse,atlas --atlas-cells 20000 --out-dir /work/heldout-runs \\
         --csv docs/results/heldout_user_path.csv
 
+Two more kinds of fold (``--split``; ``heldout_donor`` in the CSV then holds the fold's name):
+
+- ``--split random``: per dataset one fold, a seeded (``--seed`` 0), per-type stratified split
+  of ALL cells: reference = 80%, query = 20% (``--query-fraction``; per type
+  ``floor(0.2 n + 0.5)`` query cells; types with fewer than ``--min-type-cells`` 5 cells go
+  wholly into the reference). cellcontrast is fitted without ``--batch-key`` (``cc_nobatch``)
+  and, where the dataset has a donor column with 2+ donors in the reference, also with
+  ``--batch-key donor`` (``cc_batchkey``). Datasets: any file stem of /work/shared/data
+  (default: the five, smallest first).
+- ``--split cross-study``: train on one dataset, annotate another (``--pairs REF:QUERY,...``,
+  default the Baron human <-> mouse pancreas pair, both ways). Types are harmonised by name
+  (lower-case, stripped) and scored on the types both hold (the macro F1's labels are those
+  types; a prediction of a reference-only type counts as a miss). Genes are matched
+  case-insensitively: both sets' symbols are upper-cased (mouse ``Ins1`` -> ``INS1``), a symbol
+  that upper-cases to a duplicate within its set is dropped, and BOTH reference and query are
+  restricted to the genes they share, for every method. cellcontrast: ``fit --query QUERY.h5ad
+  --batch-key donor``, then ``annotate`` (``--case-insensitive`` only if the written gene names
+  still differ in case, which the upper-casing rules out).
+
+    PYTHONPATH=src nice -n 10 .venv/bin/python bench/heldout_user_path.py --split random \\
+        --out-dir /work/random-runs --csv docs/results/user_path_random_crossstudy.csv
+    PYTHONPATH=src nice -n 10 .venv/bin/python bench/heldout_user_path.py --split cross-study \\
+        --out-dir /work/random-runs --csv docs/results/user_path_random_crossstudy.csv --append
+
 Outputs under --out-dir: per dataset and fold the reference/query .h5ad, both annotators and
 their model cards, the peers' split folder and JSON, scANVI's predictions, a ``result.json`` per
 step (a rerun reuses finished steps; ``--force`` redoes them), and an MLflow store
@@ -57,6 +81,10 @@ DATASETS = {
     "mouse": DATA / "baron_mouse_pancreas_2donors.h5ad",
     "atlas": None,  # simulated into --out-dir
 }
+RANDOM_DATASETS = ("pbmc68k_reduced_counts_10types", "baron_human_pancreas_4donors", "baron_mouse_pancreas_2donors",
+                   "human_kidney_11types", "cbmc_citeseq_15types")  # smallest first
+CROSS_PAIRS = "baron_human_pancreas_4donors:baron_mouse_pancreas_2donors,baron_mouse_pancreas_2donors:baron_human_pancreas_4donors"
+NO_DONOR = "none"  # the donor of every cell of a set without a donor column
 PEERS = ("celltypist", "svm", "logreg", "knn")
 VARIANTS = {"cc_batchkey": ["--batch-key", "donor"], "cc_nobatch": []}
 LABEL, DONOR = "cell_type", "donor"
@@ -69,7 +97,19 @@ def log(msg: str) -> None:
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", default="human,mouse,atlas", help="comma-separated, in order: human, mouse, atlas")
+    p.add_argument("--split", choices=("donor", "random", "cross-study"), default="donor",
+                   help="donor: leave one donor out; random: one stratified 80/20 fold of all cells per dataset; "
+                        "cross-study: train on one dataset, annotate another (--pairs)")
+    p.add_argument("--datasets", default=None,
+                   help="comma-separated, in order: human, mouse, atlas (--split donor, the default) or file stems of "
+                        f"{DATA} (--split random; default {','.join(RANDOM_DATASETS)})")
+    p.add_argument("--pairs", default=CROSS_PAIRS, help="--split cross-study: REF:QUERY file stems, comma-separated")
+    p.add_argument("--query-fraction", type=float, default=0.2, help="--split random: each type's query share")
+    p.add_argument("--min-type-cells", type=int, default=5,
+                   help="--split random: types with fewer cells go wholly into the reference")
+    p.add_argument("--seed", type=int, default=0, help="--split random: the split's seed")
+    p.add_argument("--append", action="store_true",
+                   help="keep the CSV's rows of other datasets (those this run writes are replaced)")
     p.add_argument("--out-dir", default=str(ROOT.parent / "heldout-runs"), help="working folder (outside the repo)")
     p.add_argument("--csv", default=str(ROOT / "docs/results/heldout_user_path.csv"), help="results CSV to write")
     p.add_argument("--cellcontrast", default=str(Path(sys.executable).with_name("cellcontrast")),
@@ -164,33 +204,98 @@ def load_dataset(name: str, args):
     import anndata as ad
     import scipy.sparse as sp
 
-    path = atlas_path(args) if name == "atlas" else DATASETS[name]
+    path = atlas_path(args) if name == "atlas" else DATASETS.get(name, DATA / f"{name}.h5ad")
     a = ad.read_h5ad(path)
     obs = a.obs
-    donor = obs[DONOR] if DONOR in obs else obs["individual"]  # the simulator calls donors individuals
-    a.obs = obs[[LABEL]].assign(**{DONOR: donor.astype(str).values})
+    if DONOR in obs or "individual" in obs:
+        donor = obs[DONOR] if DONOR in obs else obs["individual"]  # the simulator calls donors individuals
+        donor = donor.astype(str).values
+    else:
+        donor = NO_DONOR
+    a.obs = obs[[LABEL]].assign(**{DONOR: donor})
     a.obs[LABEL] = a.obs[LABEL].astype(str)
     a.X = sp.csr_matrix(a.X, dtype="float32")
     return a, path
 
 
 def write_fold(adata, donor: str, fold_dir: Path) -> dict:
+    """Leave-one-donor-out fold: the reference is every other donor's cells."""
+    mask = (adata.obs[DONOR] == donor).values
+    return write_parts(adata[~mask].copy(), adata[mask].copy(), fold_dir)
+
+
+def random_query_mask(adata, fraction: float, min_cells: int, seed: int):
+    """Per type (sorted), floor(fraction * n + 0.5) random cells (at least 1) to the query; types under
+    min_cells cells stay wholly in the reference."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = adata.obs[LABEL].astype(str).values
+    mask = np.zeros(adata.n_obs, dtype=bool)
+    for t in sorted(set(labels)):
+        idx = np.flatnonzero(labels == t)
+        if idx.size < min_cells:
+            continue
+        n_q = max(1, int(np.floor(fraction * idx.size + 0.5)))
+        mask[rng.permutation(idx)[:n_q]] = True
+    return mask
+
+
+def write_random_fold(adata, fold_dir: Path, args) -> dict:
+    mask = random_query_mask(adata, args.query_fraction, args.min_type_cells, args.seed)
+    ref = adata[~mask].copy()
+    # --batch-key donor only where the reference holds 2+ donors
+    variants = list(VARIANTS) if ref.obs[DONOR].astype(str).nunique() > 1 else ["cc_nobatch"]
+    return write_parts(ref, adata[mask].copy(), fold_dir, variants=variants)
+
+
+def harmonise(adata):
+    """Cross-study: types lower-cased and stripped; gene symbols upper-cased, duplicates after it dropped."""
+    import pandas as pd
+
+    adata.obs[LABEL] = adata.obs[LABEL].astype(str).str.strip().str.lower()
+    upper = pd.Index(adata.var_names.astype(str).str.upper())
+    keep = ~upper.duplicated(keep=False)
+    adata = adata[:, keep].copy()
+    adata.var_names = upper[keep]
+    return adata, int((~keep).sum())
+
+
+def write_cross_fold(ref, query, fold_dir: Path) -> dict:
+    """Cross-study fold: both sets harmonised and restricted to the genes they share (reference order)."""
+    ref, ref_dropped = harmonise(ref)
+    query, query_dropped = harmonise(query)
+    query_genes = set(query.var_names)
+    shared = [g for g in ref.var_names if g in query_genes]
+    fold = write_parts(ref[:, shared].copy(), query[:, shared].copy(), fold_dir, cross=True, variants=["cc_batchkey"])
+    # annotate --case-insensitive only where the written names still differ in case (not after the upper-casing)
+    fold["case_differs"] = list(ref[:, shared].var_names) != list(query[:, shared].var_names)
+    fold["genes"] = {"reference": int(ref.n_vars), "query": int(query.n_vars), "shared": len(shared),
+                     "dropped_as_case_duplicates": {"reference": ref_dropped, "query": query_dropped}}
+    return fold
+
+
+def write_parts(ref, query, fold_dir: Path, cross: bool = False, variants: list[str] | None = None) -> dict:
+    """Write reference.h5ad / query.h5ad (unless there) and describe the fold. Scored: query cells of
+    reference types (cross-study: of the types both hold, the macro F1's labels)."""
     ref_path, query_path = fold_dir / "reference.h5ad", fold_dir / "query.h5ad"
-    ref = adata[adata.obs[DONOR] != donor].copy()
-    query = adata[adata.obs[DONOR] == donor].copy()
     if not ref_path.exists() or not query_path.exists():
         fold_dir.mkdir(parents=True, exist_ok=True)
         ref.write_h5ad(ref_path)
         query.write_h5ad(query_path)
-    ref_types = sorted(ref.obs[LABEL].unique())
-    q_types = query.obs[LABEL]
-    absent = q_types[~q_types.isin(ref_types)]
-    q_types = q_types.astype(str)
-    return {"reference": ref_path, "query": query_path, "ref_types": ref_types,
-            "ref_donors": sorted(ref.obs[DONOR].unique()), "n_ref": ref.n_obs, "n_query": query.n_obs,
+    ref_types = sorted(ref.obs[LABEL].astype(str).unique())
+    q_types = query.obs[LABEL].astype(str)
+    score_types = sorted(set(ref_types) & set(q_types)) if cross else ref_types
+    absent = q_types[~q_types.isin(score_types)]
+    ref_donors = sorted(ref.obs[DONOR].astype(str).unique())
+    if variants is None:  # leave-one-donor-out: both, always (one reference donor: --batch-key falls back)
+        variants = list(VARIANTS)
+    return {"reference": ref_path, "query": query_path, "ref_types": ref_types, "score_types": score_types,
+            "ref_donors": ref_donors, "n_ref": ref.n_obs, "n_query": query.n_obs,
             "n_excluded": int(absent.size),
-            "excluded": {str(k): int(v) for k, v in absent.astype(str).value_counts().items() if v > 0},
-            "truth": q_types, "ref": ref, "query_adata": query}
+            "excluded": {str(k): int(v) for k, v in absent.value_counts().items() if v > 0},
+            "truth": q_types, "ref": ref, "query_adata": query, "variants": variants, "cross": cross,
+            "ref_only_types": sorted(set(ref_types) - set(q_types))}
 
 
 def write_split(fold: dict, split_dir: Path, val_cells: int) -> None:
@@ -205,11 +310,12 @@ def write_split(fold: dict, split_dir: Path, val_cells: int) -> None:
     val_idx = np.sort(rng.choice(ref.n_obs, size=min(val_cells, ref.n_obs), replace=False))
     ref.write_h5ad(split_dir / "train.h5ad")
     ref[val_idx].copy().write_h5ad(split_dir / "val.h5ad")
-    query[query.obs[LABEL].isin(fold["ref_types"]).values].copy().write_h5ad(split_dir / "test.h5ad")
+    query[query.obs[LABEL].isin(fold["score_types"]).values].copy().write_h5ad(split_dir / "test.h5ad")
     (split_dir / "split.json").write_text(json.dumps({
         "classes": fold["ref_types"], "setting": "heldout-user-path", "seed": 0,
         "note": "train = every reference cell; val = a random subset of train (information only); "
-                "test = held-out donor cells of reference types"}, indent=1) + "\n")
+                "test = query cells of the scored types (reference types; cross-study: types both hold)"},
+        indent=1) + "\n")
 
 
 # ------------------------------------------------------------------ methods
@@ -235,7 +341,9 @@ def run_cellcontrast(variant: str, fold: dict, fold_dir: Path, tag: str, args) -
     out_dir = Path(args.out_dir).resolve()
     onnx = vdir / "annotator.onnx"
     cmd = [args.cellcontrast, "fit", "--reference", str(fold["reference"]), "--out", str(onnx),
-           "--experiment", f"heldout-{tag}-{variant}", "--no-register", *VARIANTS[variant]]
+           "--experiment", f"{args.split}-{tag}-{variant}", "--no-register", *VARIANTS[variant]]
+    if fold["cross"]:  # restricts the reference to the query's genes
+        cmd += ["--query", str(fold["query"])]
     rc, fit_s, text = run_cmd(cmd, vdir / "fit.log", out_dir, env=fit_env(out_dir))
     if rc != 0:
         return {"error": f"fit rc {rc}: {text.strip().splitlines()[-1] if text.strip() else ''}", "fit_seconds": fit_s}
@@ -243,11 +351,14 @@ def run_cellcontrast(variant: str, fold: dict, fold_dir: Path, tag: str, args) -
     notes = [ln.strip() for ln in text.splitlines() if ln.lower().startswith(("note", "warning"))]
     cmd = [args.cellcontrast, "annotate", str(onnx), str(fold["query"]), "--out", str(vdir / "annotated.h5ad"),
            "--csv", str(vdir / "annotated.csv")]
+    if fold["cross"] and fold.get("case_differs"):
+        cmd.append("--case-insensitive")
     rc, ann_s, text2 = run_cmd(cmd, vdir / "annotate.log", out_dir, env=fit_env(out_dir))
     if rc != 0:
         return {"error": f"annotate rc {rc}: {text2.strip().splitlines()[-1]}", "fit_seconds": fit_s}
     pred = pd.read_csv(vdir / "annotated.csv", index_col=0)["cellcontrast_label"].astype(str)
     res = {"chain": m.group(1) if m else None, "selection": m.group(2) if m else None, "notes": notes,
+           "case_insensitive": "--case-insensitive" in cmd,
            "fit_seconds": fit_s, "annotate_seconds": ann_s, "pred": pred.to_dict()}
     save_json(done, res)
     return res
@@ -360,7 +471,7 @@ def scanvi_worker(args) -> int:
 
 def score_rows(dataset: str, fold: dict, donor: str, results: dict) -> list[dict]:
     truth = fold["truth"]
-    keep = truth.isin(fold["ref_types"])
+    keep = truth.isin(fold["score_types"])
     scored = truth[keep]
     base = {"dataset": dataset, "heldout_donor": donor, "reference_donors": "+".join(fold["ref_donors"]),
             "n_reference": fold["n_ref"], "n_query": fold["n_query"], "n_scored": int(keep.sum()),
@@ -373,7 +484,7 @@ def score_rows(dataset: str, fold: dict, donor: str, results: dict) -> list[dict
                    note=res.get("note", ""))
         if res.get("pred") is not None:
             pred = [res["pred"].get(str(c), "<missing>") for c in scored.index]
-            row["macro_f1"] = round(macro_f1(scored.tolist(), pred, fold["ref_types"]), 4)
+            row["macro_f1"] = round(macro_f1(scored.tolist(), pred, fold["score_types"]), 4)
             row["accuracy"] = round(sum(p == t for p, t in zip(pred, scored, strict=True)) / len(pred), 4)
         rows.append(row)
     return rows
@@ -381,7 +492,7 @@ def score_rows(dataset: str, fold: dict, donor: str, results: dict) -> list[dict
 
 def fold_methods(fold: dict, fold_dir: Path, tag: str, args) -> dict:
     out = {}
-    for variant in VARIANTS:
+    for variant in fold["variants"]:
         log(f"{tag}: cellcontrast fit {'--batch-key donor' if VARIANTS[variant] else '(no --batch-key)'}")
         r = run_cellcontrast(variant, fold, fold_dir, tag, args)
         note = "; ".join(r.get("notes", [])) if "error" not in r else r["error"]
@@ -415,7 +526,7 @@ def fold_methods(fold: dict, fold_dir: Path, tag: str, args) -> dict:
     return out
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], caption: str = "the held-out donor's cells of reference types") -> str:
     import pandas as pd
 
     df = pd.DataFrame(rows)
@@ -425,7 +536,7 @@ def markdown(rows: list[dict]) -> str:
     lines = []
     for dataset, d in df.groupby("dataset", sort=False):
         folds = list(dict.fromkeys(d["heldout_donor"]))
-        lines += [f"**{dataset}** (macro F1 on the held-out donor's cells of reference types)", "",
+        lines += [f"**{dataset}** (macro F1 on {caption})", "",
                   "| method | " + " | ".join(folds) + " | mean |", "|---" * (len(folds) + 2) + "|"]
         for m in methods:
             dm = d[d["method"] == m].set_index("heldout_donor")
@@ -440,11 +551,19 @@ def markdown(rows: list[dict]) -> str:
                 f"{vals.mean():.3f} ({len(vals)}/{len(folds)})" if len(vals) else "-")
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {mean} |")
         lines.append("")
+        cc = d[d["method"].str.startswith("cc_")]
+        if not cc.empty:
+            lines += [f"cellcontrast on {dataset}: chosen chain, fit and annotate wall seconds", "",
+                      "| fold | variant | chain | fit s | annotate s |", "|---|---|---|---|---|"]
+            for _, r in cc.iterrows():
+                fit = "-" if pd.isna(r["train_seconds"]) else f"{r['train_seconds']:.0f}"
+                ann = "-" if pd.isna(r["predict_seconds"]) else f"{r['predict_seconds']:.1f}"
+                lines.append(f"| {r['heldout_donor']} | {r['method']} | {r['chain']} | {fit} | {ann} |")
+            lines.append("")
     return "\n".join(lines)
 
 
 def main(args) -> int:
-    import pandas as pd
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -454,7 +573,95 @@ def main(args) -> int:
         + ", ".join(f"{v}={os.environ.get(v)}" for v in THREAD_VARS))
     rows: list[dict] = []
     csv = Path(args.csv)
-    for dataset in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+    if args.split == "random":
+        rows = run_random(args, out_dir, csv)
+    elif args.split == "cross-study":
+        rows = run_cross(args, out_dir, csv)
+    else:
+        rows = run_donor(args, out_dir, csv)
+    caption = {"donor": "the held-out donor's cells of reference types",
+               "random": "the 20% query cells (seed 0, stratified per type)",
+               "cross-study": "the query set's cells of the types both sets hold"}[args.split]
+    table = markdown(rows, caption)
+    print(table)
+    (csv.with_suffix(f".{args.split}.table.md" if args.split != "donor" else ".table.md")).write_text(table + "\n")
+    log(f"wrote {csv}")
+    return 0
+
+
+def save_rows(rows: list[dict], csv: Path, args) -> None:
+    """Write the CSV; with --append, the rows of datasets this run did not write are kept (before ours)."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    if args.append and csv.exists() and not df.empty:
+        old = pd.read_csv(csv)
+        old = old[~old["dataset"].isin(set(df["dataset"]))]
+        df = pd.concat([old, df], ignore_index=True)
+    csv.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(csv, index=False)
+
+
+def run_fold(dataset: str, fold_name: str, fold: dict, fold_dir: Path, tag: str, args) -> list[dict]:
+    """Every method on one written fold; its scored rows. fold.json records the wall time once."""
+    t0 = time.perf_counter()
+    log(f"{tag}: reference {fold['n_ref']} cells of {fold['ref_donors']}, query {fold['n_query']} cells, "
+        f"{fold['n_excluded']} not scored {fold['excluded']}; variants {fold['variants']}")
+    results = fold_methods(fold, fold_dir, tag, args)
+    new = score_rows(dataset, fold, fold_name, results)
+    for r in new:
+        log(f"{tag}: {r['method']:>12} macro F1 {r['macro_f1']}" + (f" chain {r['chain']}" if r["chain"] else "")
+            + (f"  [{r['note']}]" if r["macro_f1"] is None else ""))
+    seconds = time.perf_counter() - t0
+    recorded = None if args.force else load_json(fold_dir / "fold.json")
+    if recorded is None:
+        save_json(fold_dir / "fold.json", {"seconds": seconds})
+    log(f"{tag}: fold done in {seconds:.0f} s" + (f" (computed in {recorded['seconds']:.0f} s)" if recorded else ""))
+    return new
+
+
+def run_random(args, out_dir: Path, csv: Path) -> list[dict]:
+    rows: list[dict] = []
+    names = [d.strip() for d in (args.datasets or ",".join(RANDOM_DATASETS)).split(",") if d.strip()]
+    fold_name = f"random{round(100 * (1 - args.query_fraction))}/{round(100 * args.query_fraction)}-seed{args.seed}"
+    for dataset in names:
+        adata, path = load_dataset(dataset, args)
+        log(f"{dataset}: {path.name}, {adata.n_obs} cells x {adata.n_vars} genes, "
+            f"donors {sorted(adata.obs[DONOR].unique())}")
+        fold_dir = out_dir / dataset / f"random_q{round(100 * args.query_fraction)}_seed{args.seed}"
+        fold = write_random_fold(adata, fold_dir, args)
+        rows += run_fold(dataset, fold_name, fold, fold_dir, f"{dataset}-random", args)
+        save_rows(rows, csv, args)
+    return rows
+
+
+def run_cross(args, out_dir: Path, csv: Path) -> list[dict]:
+    rows: list[dict] = []
+    pairs = [tuple(x.strip().split(":")) for x in args.pairs.split(",") if x.strip()]
+    short = {n: n.split("_")[1] if n.startswith("baron_") else n for pair in pairs for n in pair}
+    dataset = "cross-study " + " / ".join(dict.fromkeys(f"{a}<->{b}" for a, b in
+                                                        (tuple(sorted(p)) for p in pairs)))
+    for ref_name, query_name in pairs:
+        ref, _ = load_dataset(ref_name, args)
+        query, _ = load_dataset(query_name, args)
+        fold_name = f"{short[ref_name]}->{short[query_name]}"
+        tag = f"{short[ref_name]}_to_{short[query_name]}"
+        fold_dir = out_dir / "cross_study" / tag
+        fold = write_cross_fold(ref, query, fold_dir)
+        log(f"{tag}: genes {fold['genes']}; scored types {fold['score_types']}; reference-only "
+            f"{fold['ref_only_types']}; query-only {fold['excluded']}")
+        save_json(fold_dir / "genes.json", {**fold["genes"], "score_types": fold["score_types"],
+                                            "ref_only_types": fold["ref_only_types"], "query_only": fold["excluded"]})
+        rows += run_fold(dataset, fold_name, fold, fold_dir, tag, args)
+        save_rows(rows, csv, args)
+    return rows
+
+
+def run_donor(args, out_dir: Path, csv: Path) -> list[dict]:
+    import pandas as pd
+
+    rows: list[dict] = []
+    for dataset in [d.strip() for d in (args.datasets or "human,mouse,atlas").split(",") if d.strip()]:
         adata, path = load_dataset(dataset, args)
         donors = sorted(adata.obs[DONOR].unique())
         log(f"{dataset}: {path.name}, {adata.n_obs} cells x {adata.n_vars} genes, donors {donors}")
@@ -485,11 +692,7 @@ def main(args) -> int:
                 save_json(fold_dir / "fold.json", {"seconds": seconds})
             fold_times.append(recorded["seconds"] if recorded else seconds)
             log(f"{tag}: fold done in {seconds:.0f} s" + (f" (computed in {recorded['seconds']:.0f} s)" if recorded else ""))
-    table = markdown(rows)
-    print(table)
-    (csv.with_suffix(".table.md")).write_text(table + "\n")
-    log(f"wrote {csv} and {csv.with_suffix('.table.md')}")
-    return 0
+    return rows
 
 
 if __name__ == "__main__":
