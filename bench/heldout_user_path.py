@@ -328,12 +328,18 @@ def fit_env(out_dir: Path) -> dict:
     return env
 
 
+
+def cached_step(folder: Path, force: bool) -> tuple[Path, dict | None]:
+    """A step's ``result.json`` and what it holds when finished (None with ``--force``)."""
+    done = folder / "result.json"
+    return done, (None if force else load_json(done))
+
 def run_cellcontrast(variant: str, fold: dict, fold_dir: Path, tag: str, args) -> dict:
     import pandas as pd
 
     vdir = fold_dir / variant
-    done = vdir / "result.json"
-    if not args.force and (res := load_json(done)):
+    done, res = cached_step(vdir, args.force)
+    if res:
         return res
     if vdir.exists():
         shutil.rmtree(vdir)
@@ -368,8 +374,8 @@ def run_peers(fold: dict, fold_dir: Path, args) -> dict:
     import pandas as pd
 
     pdir = fold_dir / "peers"
-    done = pdir / "result.json"
-    if not args.force and (res := load_json(done)):
+    done, res = cached_step(pdir, args.force)
+    if res:
         return res
     write_split(fold, pdir / "split", args.val_cells)
     cmd = [args.bench_python, str(ROOT / "bench/peers.py"), "--split-dir", str(pdir / "split"),
@@ -392,8 +398,8 @@ def run_scanvi(fold: dict, fold_dir: Path, args) -> dict:
     import pandas as pd
 
     sdir = fold_dir / "scanvi"
-    done = sdir / "result.json"
-    if not args.force and (res := load_json(done)):
+    done, res = cached_step(sdir, args.force)
+    if res:
         return res
     sdir.mkdir(parents=True, exist_ok=True)
     cmd = [args.bench_python, str(Path(__file__).resolve()), "--scanvi-worker",
