@@ -74,12 +74,15 @@ docs: $(STAMP)
 docs-serve: $(STAMP)
 	CELLCONTRAST_DOCS_CACHE=true $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
 
-# Peers (CellTypist 1.7.1 cannot train with scikit-learn >= 1.8) live in their own venv.
+# Peers (CellTypist 1.7.1 cannot train with scikit-learn >= 1.8; scANVI) live in their own venv.
 BENCH_VENV := .venv-bench
 $(BENCH_VENV)/.installed:
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install -q "celltypist==1.7.1" "scikit-learn==1.7.2" anndata scanpy 2>&1 | grep -v "is ignored" || true
-	$(BENCH_VENV)/bin/python -c "import celltypist, sklearn; assert sklearn.__version__ == '1.7.2'"
+	@# scANVI for bench/heldout_user_path.py; torch pinned to the CPU wheel as in the project's venv
+	$(BENCH_VENV)/bin/pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
+	$(BENCH_VENV)/bin/pip install -q "scvi-tools==1.4.2" "torch==2.13.0" "scikit-learn==1.7.2" 2>&1 | grep -v "is ignored" || true
+	$(BENCH_VENV)/bin/python -c "import celltypist, sklearn, scvi; assert sklearn.__version__ == '1.7.2'"
 	touch $@
 
 bench-venv: $(BENCH_VENV)/.installed
