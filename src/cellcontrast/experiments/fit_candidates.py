@@ -20,7 +20,6 @@ from cellcontrast.model.ensemble import (
     candidate,
     ensemble_chain,
     module_thresholds,
-    thresholds,
 )
 from cellcontrast.model.fit import FittedChains, fit_chains
 from cellcontrast.model.grouped import (
@@ -32,6 +31,7 @@ from cellcontrast.model.grouped import (
     refit_on_every_cell,
 )
 from cellcontrast.train.calibration import fit_temperature
+from cellcontrast.train.evaluation import annotate_thresholds
 from cellcontrast.train.open_set import energy
 
 PREFER = [*CHAINS_SIMPLEST_FIRST, ENSEMBLE]
@@ -118,10 +118,8 @@ def build_chosen(found: Candidates, folds: BatchFolds | None, chosen: str, offer
         built = [refit_on_every_cell(reference, found.grouped, name, **options) for name in members]
     if chosen == ENSEMBLE:
         return _ensemble(offered, built, folds, found), (found.y, offered["probabilities"])
-    chain = built[0]
-    if folds is None:
-        return chain, (found.y, found.probas[chosen])
-    return chain, out_of_fold_predictions(found.grouped, chosen, chain.metrics["temperature"])
+    # grouped: the refit's temperature is the one these out-of-fold probabilities were scaled by
+    return built[0], (found.y, found.probas[chosen])
 
 
 def _ensemble(offered: dict, built: list[Chain], folds: BatchFolds | None, found: Candidates) -> Chain:
@@ -136,7 +134,8 @@ def _ensemble(offered: dict, built: list[Chain], folds: BatchFolds | None, found
         oof = found.grouped.out_of_fold
         energies = sum(w * energy(oof[name]["logits"], m.metrics["temperature"])
                        for name, w, m in zip(offered["members"], offered["weights"], built, strict=True))
-        metrics.update(thresholds(offered["probabilities"], energies, oof[offered["members"][0]]["expression"]))
+        metrics.update(annotate_thresholds(offered["probabilities"], energies,
+                                           oof[offered["members"][0]]["expression"]))
         chain.config["fit"].update({"folds": [{"held_out": ",".join(held), "n_val": int(val.size)}
                                               for held, _, val in folds.folds]})
     chain.config["metrics"] = metrics

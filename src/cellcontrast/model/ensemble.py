@@ -17,6 +17,7 @@ import torch
 from cellcontrast.model.chain import Chain
 from cellcontrast.nn.ensemble import EnsembleModule
 from cellcontrast.train.calibration import expected_calibration_error, nll
+from cellcontrast.train.evaluation import annotate_thresholds
 from cellcontrast.train.metrics import classification_metrics, macro_f1_standard_error
 
 ENSEMBLE = "ensemble"
@@ -81,19 +82,9 @@ def ensemble_chain(members: list[Chain], weights: list[float], names: list[str],
     return Chain(module, config)
 
 
-def thresholds(probabilities: np.ndarray, energies: np.ndarray, expression: np.ndarray | None) -> dict:
-    """What `annotate` reads, from validation: ``--min-confidence auto`` flags 5% of the cells,
-    ``--flag-unseen`` (energy) 5%, ``--flag-unseen expression`` 1% (as `train.evaluation`)."""
-    out = {"val_confidence_q05": float(np.quantile(probabilities.max(1), 0.05)),
-           "val_energy_q95": float(np.quantile(energies, 0.95))}
-    if expression is not None and expression.size:
-        out["val_expression_q99"] = float(np.quantile(expression, 0.99))
-    return out
-
-
 @torch.no_grad()
 def module_thresholds(module: EnsembleModule, counts, batch_size: int = 4096) -> dict:
-    """`thresholds` of the ensemble itself on validation counts (the stratified split)."""
+    """`annotate_thresholds` of the ensemble itself on validation counts (the stratified split)."""
     probs, energies, expression = [], [], []
     module.eval()
     for start in range(0, counts.shape[0], batch_size):
@@ -104,5 +95,5 @@ def module_thresholds(module: EnsembleModule, counts, batch_size: int = 4096) ->
         energies.append(module.energy(x).numpy())
         if module.novelty is not None:
             expression.append(module.unexplained_expression(x, p).numpy())
-    return thresholds(np.concatenate(probs), np.concatenate(energies),
-                      np.concatenate(expression) if expression else None)
+    return annotate_thresholds(np.concatenate(probs), np.concatenate(energies),
+                               np.concatenate(expression) if expression else None)

@@ -31,6 +31,7 @@ from cellcontrast.model.chain import Chain
 from cellcontrast.model.fit import MIN_CELLS_PER_TYPE, FittedChains, chain_name, fit_chains
 from cellcontrast.nn.chain import predict_logits
 from cellcontrast.train.calibration import expected_calibration_error, fit_temperature
+from cellcontrast.train.evaluation import annotate_thresholds
 from cellcontrast.train.metrics import classification_metrics
 from cellcontrast.train.open_set import energy, unexplained_expression
 
@@ -242,10 +243,7 @@ def out_of_fold_metrics(grouped: GroupedFit, name: str, n_classes: int) -> dict:
     row = grouped.scores.set_index("chain").loc[name]
     metrics.update({k: float(row[k]) for k in row.index if k.startswith("val_")})
     metrics["val_ece"] = expected_calibration_error(proba, y)
-    metrics["val_confidence_q05"] = float(np.quantile(proba.max(1), 0.05))
-    metrics["val_energy_q95"] = float(np.quantile(energy(logits, temperature), 0.95))
-    if part["expression"].size:
-        metrics["val_expression_q99"] = float(np.quantile(part["expression"], 0.99))
+    metrics.update(annotate_thresholds(proba, energy(logits, temperature), part["expression"]))
     return metrics
 
 

@@ -43,11 +43,18 @@ def evaluate(chain: ChainModule, X: dict, y: dict[str, np.ndarray], n_classes: i
     if "test" in X:
         metrics.update({f"test_{k}": v for k, v in coverage_metrics(proba["test"], y["test"]).items()})
     if "val" in X and len(proba["val"]):
-        # the annotator's `--min-confidence auto`: the top probability that flags 5% of validation
-        metrics["val_confidence_q05"] = float(np.quantile(proba["val"].max(axis=1), 0.05))
-        # the annotator's `--flag-unseen`: the energy above which 5% of validation cells lie
-        val_energy = energy(predict_logits(chain, X["val"]), float(chain.temperature))
-        metrics["val_energy_q95"] = float(np.quantile(val_energy, 0.95))
-        if getattr(chain, "novelty", None) is not None:  # `--flag-unseen expression`: 1% of validation above it
-            metrics["val_expression_q99"] = float(np.quantile(unexplained_expression(chain, X["val"]), 0.99))
+        expression = unexplained_expression(chain, X["val"]) if getattr(chain, "novelty", None) is not None else None
+        metrics.update(annotate_thresholds(proba["val"], energy(predict_logits(chain, X["val"]),
+                                                                float(chain.temperature)), expression))
     return metrics, proba
+
+
+def annotate_thresholds(probabilities: np.ndarray, energies: np.ndarray, expression: np.ndarray | None) -> dict:
+    """The thresholds `annotate` reads, from validation cells: ``--min-confidence auto`` (the top
+    probability that flags 5% of them), ``--flag-unseen`` (the energy above which 5% lie) and
+    ``--flag-unseen expression`` (1% above it; only where the chain has the score)."""
+    out = {"val_confidence_q05": float(np.quantile(probabilities.max(axis=1), 0.05)),
+           "val_energy_q95": float(np.quantile(energies, 0.95))}
+    if expression is not None and expression.size:
+        out["val_expression_q99"] = float(np.quantile(expression, 0.99))
+    return out
