@@ -137,3 +137,41 @@ def test_components_under_grouped_validation_take_cross_batch_positives(referenc
     assert result.chain.config["params"]["mlp"]["positives"] == "cross_batch"
     plain = cc.fit_annotator(reference, "cell_type", chains="lr+mlp", params=params, experiment=None, ensemble=False)
     assert plain.chain.config["params"]["mlp"]["positives"] == "labels"
+
+
+def test_cross_validation_folds_validate_every_cell_once_with_every_type_in_each():
+    labels = np.array(["a"] * 23 + ["b"] * 7 + ["c"] * 5)
+    obs = _obs(np.zeros(labels.size), labels)
+    folds = grouped.stratified_folds(obs, 5, seed=1)
+    validated = np.concatenate([val for _, _, val in folds.folds])
+    assert np.array_equal(np.sort(validated), np.arange(labels.size))  # each cell validated exactly once
+    for _, train, val in folds.folds:
+        assert not set(train) & set(val) and train.size + val.size == labels.size
+        assert set(labels[val]) == {"a", "b", "c"}  # 5+ cells a type: every fold holds every type
+    assert folds.groups is None and not folds.single_batch_types  # no cross-batch positives from random folds
+    again = grouped.stratified_folds(obs, 5, seed=1)
+    assert all(np.array_equal(v1, v2) for (_, _, v1), (_, _, v2) in zip(folds.folds, again.folds, strict=True))
+
+
+def test_val_folds_choose_on_cross_validation_and_refit_on_every_cell(reference, tmp_path):
+    out = tmp_path / "a.onnx"
+    params = {**FAST, "mlp": {"max_epochs": 2}}
+    result = cc.fit_annotator(reference, "cell_type", chains="lr+mlp", params=params, val_folds=3, out=out,
+                              experiment=None, ensemble=False)
+    fit = result.chain.config["fit"]
+    assert fit["validation"] == "grouped" and len(fit["folds"]) == 3 and result.n_cells["train"] == reference.n_obs
+    assert result.validation[0].size == reference.n_obs  # thresholds from every cell, each predicted out of fold
+    assert "3 cross-validation folds" in fit["chosen_by"]
+    assert "3 stratified cross-validation folds" in (tmp_path / "a.card.md").read_text()
+    assert result.chain.config["params"]["mlp"]["positives"] == "labels"  # random folds share batches
+
+
+def test_val_folds_with_a_batch_key_or_below_two_are_refused(reference, tmp_path, capsys):
+    path, out = tmp_path / "ref.h5ad", tmp_path / "a.onnx"
+    reference.write_h5ad(path)
+    base = ["fit", "--reference", str(path), "--out", str(out), "--chains", "lr"]
+    assert main([*base, "--batch-key", "individual", "--val-folds", "5"]) == 2
+    assert "both set the validation; give one" in capsys.readouterr().err
+    assert main([*base, "--val-folds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "needs at least 2 folds" in err and "Traceback" not in err and not out.exists()

@@ -157,11 +157,11 @@ def fit(args: argparse.Namespace) -> None:
     result = fit_annotator(open_h5ad(args.reference), args.label_key, chains=args.chains, layer=args.layer,
                            filters=parse_filters(args.filter), seed=args.seed, params=params,
                            val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                           batch_key=args.batch_key, genes=genes, genes_source=f"--query {args.query}",
+                           batch_key=args.batch_key, val_folds=args.val_folds, genes=genes, genes_source=f"--query {args.query}",
                            ensemble=not args.no_ensemble, out=args.out, experiment=args.experiment, register=not args.no_register)
     val = result.chain.metrics.get("val_macro_f1", float("nan"))
     if result.fold_scores is not None:
-        val_text = f"mean over held-out {args.batch_key} macro F1 {val:.4f}"
+        val_text = f"mean over held-out {result.chain.config['fit']['batch_key']} macro F1 {val:.4f}"
     else:
         val_text = f"validation macro F1 {val:.4f}"
     test = f", test macro F1 {result.test_metrics['test_macro_f1']:.4f}" if result.test_metrics else ""

@@ -92,6 +92,9 @@ def _fit(sub) -> None:
     p.add_argument("--batch-key", default=None,
                    help="obs column of batches (donor, study): every choice is scored on batches the candidate did "
                         "not train on (leave-one-batch-out), then the chosen chain is refitted on every cell")
+    p.add_argument("--val-folds", type=int, default=None,
+                   help="without --batch-key: choose on this many stratified cross-validation folds instead of one "
+                        "validation part (every cell validated once), then refit on every cell")
     p.add_argument("--no-ensemble", action="store_true",
                    help="do not offer the ensemble of the two best chains (weighted on validation) as a candidate")
     p.add_argument("--query", default=None,

@@ -17,3 +17,7 @@ LABEL = "cell_type"
 ALL_GENES = "all"
 # LR's ``n_hvg: auto``: its ``auto_hvg`` most dispersed genes and every gene, the better on validation.
 AUTO_GENES = "auto"
+
+# The pseudo-batch column of `fit --val-folds` (model.grouped.stratified_folds): named so in
+# notes and the model card.
+CV_FOLD = "cross-validation fold"

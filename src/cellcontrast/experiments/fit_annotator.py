@@ -24,7 +24,7 @@ import pandas as pd
 
 from cellcontrast.annotation.conformal import conformity_scores
 from cellcontrast.core.errors import InputError
-from cellcontrast.core.names import CHAINS_SIMPLEST_FIRST, LABEL
+from cellcontrast.core.names import CHAINS_SIMPLEST_FIRST, CV_FOLD, LABEL
 from cellcontrast.data.atlas import prepare_atlas
 from cellcontrast.experiments.fit_candidates import (
     build_chosen,
@@ -43,6 +43,7 @@ from cellcontrast.model.grouped import (
     batch_folds,
     print_note,
     say_fallbacks,
+    stratified_folds,
 )
 from cellcontrast.train.attribution import gene_weights
 
@@ -119,6 +120,7 @@ def fit_annotator(
     val_fraction: float = 0.1,
     test_fraction: float = 0.0,
     batch_key: str | None = None,
+    val_folds: int | None = None,
     genes: Iterable[str] | None = None,
     out: str | Path | None = None,
     experiment: str | None = "cellcontrast-fit",
@@ -145,6 +147,9 @@ def fit_annotator(
         An obs column of batches (donors, studies): every choice is scored on batches the
         candidate did not train on, then the chosen chain is refitted on every cell
         (`cellcontrast.model.grouped`; a key with one value: stratified, with a note).
+    val_folds
+        Without ``batch_key``: choose on this many stratified cross-validation folds instead of
+        one validation part (every cell validated once), then refit on every cell as above.
     genes, genes_source
         A known query's genes: train on those only (`cellcontrast.model.gene_panel`; genes the
         reference never detects are left out always); how messages name them.
@@ -165,10 +170,10 @@ def fit_annotator(
     """
     names = parse_chains(chains)
     atlas, reference, test, folds, note = _prepare(adata, labels_key, layer, filters, genes, genes_source,
-                                                   seed, val_fraction, test_fraction, batch_key, out)
-    if folds is not None:  # the components' positives: a type's cells from other batches (train/cross_batch.py)
+                                                   seed, val_fraction, test_fraction, batch_key, val_folds, out)
+    if batch_key and folds is not None:  # the components' positives: a type's cells from other batches (train/cross_batch.py)
         params = {**(params or {}), **{c: {"positives": "cross_batch", **(params or {}).get(c, {})} for c in ("mlp", "mls")}}
-    tracker = _Tracker(experiment, names, reference, seed, test_fraction, batch_key)
+    tracker = _Tracker(experiment, names, reference, seed, test_fraction, batch_key or (val_folds and CV_FOLD))
     options = {"seed": seed, "params": params, "labels_key": labels_key, "layer": layer}
     with tracker:
         found = train_candidates(reference, folds, names, val_fraction=val_fraction, **options)
@@ -176,7 +181,7 @@ def fit_annotator(
         tracker.log_chains(found.scores, params)
         chosen_name = choose(found, folds)
         chain, validation = build_chosen(found, folds, chosen_name, offered, reference, **options)
-        _describe(chain, names, folds, batch_key, note, validation, reference, seed)
+        _describe(chain, names, folds, note, validation, reference, seed)
         fit = chain.config["fit"]
         sizes = {"reference": atlas.n_obs, "train": fit["n_train"], "val": fit["n_val"],
                  "test": 0 if test is None else test.n_obs}
@@ -198,9 +203,11 @@ def _write(result: FittedAnnotator, out: Path, tracker, register: bool) -> None:
 
 
 def _prepare(adata, labels_key, layer, filters, genes, genes_source, seed, val_fraction, test_fraction, batch_key,
-             out):
-    """The checked reference, its genes (`gene_panel`), the test part, the batch folds and
-    the fallback note (printed)."""
+             val_folds, out):
+    """The checked reference, its genes (`gene_panel`), the test part, the batch or
+    cross-validation folds and the fallback note (printed)."""
+    if batch_key and val_folds:
+        raise InputError(f"--batch-key {batch_key} and --val-folds {val_folds} both set the validation; give one")
     if not 0.0 <= test_fraction < 0.5:
         raise InputError(f"--test-fraction {test_fraction} must lie in [0, 0.5)")
     if out is not None and Path(out).suffix.lower() != ".onnx":
@@ -209,12 +216,14 @@ def _prepare(adata, labels_key, layer, filters, genes, genes_source, seed, val_f
     atlas = gene_panel(atlas, genes, source=genes_source)
     reference, test = _hold_out_test(atlas, test_fraction, seed)
     folds = batch_folds(reference.obs, batch_key, val_fraction=val_fraction, seed=seed) if batch_key else None
+    if val_folds:
+        folds = stratified_folds(reference.obs, val_folds, seed=seed)
     note = say_fallbacks(folds, batch_key) if batch_key else None
     print_note(note)
     return atlas, reference, test, folds, note
 
 
-def _describe(chain: Chain, names: list[str], folds, batch_key: str | None, note: str | None, validation,
+def _describe(chain: Chain, names: list[str], folds, note: str | None, validation,
               reference: anndata.AnnData, seed: int) -> None:
     """What the annotator records beside its weights: the chains it was chosen among and how,
     the conformity scores of `annotate --coverage` (cells the chain never trained on), and
@@ -224,7 +233,7 @@ def _describe(chain: Chain, names: list[str], folds, batch_key: str | None, note
     if note:
         chain.config["fit"]["validation_note"] = note.removeprefix("note: ")
     if folds is not None or chain.config.get("base") == ENSEMBLE:  # a single chain's are its own validation's
-        source = (f"held-out {batch_key} (grouped validation, {len(folds.folds)} folds)" if folds is not None
+        source = (f"held-out {folds.batch_key} (grouped validation, {len(folds.folds)} folds)" if folds is not None
                   else "the validation part (stratified: the reference's own batches)")
         chain.config["conformity"] = conformity_scores(validation[1], validation[0], chain.classes, source=source,
                                                        seed=seed)
@@ -234,8 +243,10 @@ def _describe(chain: Chain, names: list[str], folds, batch_key: str | None, note
 def _chosen_by(folds) -> str:
     if folds is None:
         return f"one standard error of the best {SELECTION_METRIC}"
-    return (f"the simplest chain within one paired standard error (over {len(folds.folds)} folds of held-out "
-            f"{folds.batch_key}) of the best fold-mean {SELECTION_METRIC}; refitted on every cell")
+    over = (f"{len(folds.folds)} cross-validation folds" if folds.batch_key == CV_FOLD
+            else f"{len(folds.folds)} folds of held-out {folds.batch_key}")
+    return (f"the simplest chain within one paired standard error (over {over}) of the best fold-mean "
+            f"{SELECTION_METRIC}; refitted on every cell")
 
 
 class _Tracker:

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from cellcontrast.core.files import atomic_path
+from cellcontrast.core.names import CV_FOLD
 
 
 def _calibration(y: np.ndarray, proba: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
@@ -74,7 +75,7 @@ def _fold_table(result) -> str:
     return f"""
 ## Validation by held-out {fit.get('batch_key')}
 
-Each row: every chain trained on the other batches, its choices made on this one (macro F1).
+Each row: every chain trained on the other folds' cells, its choices made on this one (macro F1).
 
 | held out | cells | {' | '.join(names)} |
 |---|---|{'---|' * len(names)}
@@ -84,6 +85,10 @@ Each row: every chain trained on the other batches, its choices made on this one
 
 def _validation_line(result) -> str:
     fit = result.chain.config.get("fit", {})
+    if fit.get("validation") == "grouped" and fit.get("batch_key") == CV_FOLD:
+        return (f"- Validation: {len(fit.get('folds', []))} stratified cross-validation folds (every cell validated "
+                "once); the chosen chain refitted on every cell, its temperature and thresholds from the folds' "
+                "held-out cells")
     if fit.get("validation") == "grouped":
         return (f"- Validation: grouped by `{fit['batch_key']}`, {len(fit.get('folds', []))} folds; the chosen chain "
                 "refitted on every cell, its temperature and thresholds from the folds' held-out cells")

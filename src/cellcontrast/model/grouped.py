@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from cellcontrast.core.errors import InputError
-from cellcontrast.core.names import ALL_GENES, LABEL, LINEAR_BASES
+from cellcontrast.core.names import ALL_GENES, CV_FOLD, LABEL, LINEAR_BASES
 from cellcontrast.model.chain import Chain
 from cellcontrast.model.fit import MIN_CELLS_PER_TYPE, FittedChains, chain_name, fit_chains
 from cellcontrast.nn.chain import predict_logits
@@ -91,6 +91,28 @@ def batch_folds(obs: pd.DataFrame, batch_key: str, *, val_fraction: float = 0.1,
                 held_out[to_train], train_mask[to_train] = False, True
         folds.append((held, np.flatnonzero(train_mask), np.flatnonzero(held_out)))
     return BatchFolds(batch_key, folds, classes, single, batches)
+
+
+def stratified_folds(obs: pd.DataFrame, n_folds: int, *, seed: int = 0) -> BatchFolds:
+    """``n_folds`` stratified folds of random cells, as batch folds: each type's cells dealt in
+    turn from a seeded shuffle, so every fold holds every type with ``n_folds``+ cells.
+
+    One 10% validation part of a small reference holds one or two cells of its rare types, and
+    the chain chosen on it is chosen by those cells (README, "Choosing the chain"); cross-validation
+    scores every cell once. Cells share batches across folds: no cross-batch positives (``groups``
+    None)."""
+    if n_folds < 2:
+        raise InputError(f"--val-folds {n_folds}: cross-validation needs at least 2 folds")
+    labels = obs[LABEL].astype(str).to_numpy()
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(labels.size, dtype=np.int64)
+    for name in sorted(set(labels)):
+        rows = rng.permutation(np.flatnonzero(labels == name))
+        fold_of[rows] = (np.arange(rows.size) + rng.integers(n_folds)) % n_folds
+    folded = obs[[LABEL]].assign(**{CV_FOLD: [f"fold {k + 1}" for k in fold_of]})
+    folds = batch_folds(folded, CV_FOLD, seed=seed, max_folds=n_folds)
+    folds.groups = None
+    return folds
 
 
 def _fold_groups(names: list[str], sizes: pd.Series, max_folds: int) -> list[list[str]]:

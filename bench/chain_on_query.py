@@ -1,0 +1,80 @@
+"""Was it the choice or the chains? Every candidate chain of `fit`, alone, scored on a user-path query.
+
+`fit` trains its chains and keeps one by the one-SE rule on validation. Where the annotator
+trails a peer on a fold of `bench/heldout_user_path.py`, this script tells whether another
+candidate would have done better on the query (then the choice is the cause) or none would
+(then the chains are): for each chain of ``--chains`` it runs the public API the user path runs,
+``cc.fit_annotator(reference, chains=[chain], ensemble=False, batch_key=...)`` then
+``cc.annotate(query, annotator)``, and prints the chain's selection score beside its macro F1 on
+the query (no Unassigned calls, as the CLI's default; the benchmark's metric: the scored types present in truth or prediction).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python bench/chain_on_query.py \\
+        --fold-dir /work/random-runs/cbmc_citeseq_15types/random_q20_seed0 --csv chains.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import anndata as ad
+import pandas as pd
+from sklearn.metrics import f1_score
+
+import cellcontrast as cc
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--fold-dir", type=Path, required=True, help="holds reference.h5ad and query.h5ad")
+    p.add_argument("--chains", default="lr,svm,scdae")
+    p.add_argument("--batch-key", help="as `fit --batch-key` (e.g. donor)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--csv", type=Path, help="append one row per chain here")
+    return p.parse_args(argv)
+
+
+def score_types(fold_dir: Path, reference: ad.AnnData) -> list[str]:
+    genes = fold_dir / "genes.json"  # cross-study folds score the types both sets hold
+    if genes.exists():
+        return json.loads(genes.read_text())["score_types"]
+    return sorted(reference.obs["cell_type"].astype(str).unique())
+
+
+def main(args) -> int:
+    reference = ad.read_h5ad(args.fold_dir / "reference.h5ad")
+    query = ad.read_h5ad(args.fold_dir / "query.h5ad")
+    types = score_types(args.fold_dir, reference)
+    truth = query.obs["cell_type"].astype(str)
+    scored = truth.isin(types).to_numpy()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for chain in [c.strip() for c in args.chains.split(",") if c.strip()]:
+            t0 = time.perf_counter()
+            fitted = cc.fit_annotator(reference, chains=[chain], ensemble=False, batch_key=args.batch_key,
+                                      seed=args.seed, out=Path(tmp) / f"{chain}.onnx", register=False,
+                                      experiment=None)
+            fit_s = time.perf_counter() - t0
+            labels = cc.annotate(query, fitted.files["onnx"], min_confidence=0.0, copy=True).obs["cellcontrast_label"].astype(str)
+            t, p = truth[scored].tolist(), labels[scored].tolist()
+            present = sorted((set(t) | set(p)) & set(types))
+            # with a batch key, val_macro_f1 is the mean over the held-out batches
+            selection = fitted.scores.set_index("chain").loc[chain, "val_macro_f1"]
+            rows.append({"fold": f"{args.fold_dir.parent.name}/{args.fold_dir.name}", "batch_key": args.batch_key or "",
+                         "chain": chain, "selection_score": round(float(selection), 4),
+                         "query_macro_f1": round(float(f1_score(t, p, labels=present, average="macro",
+                                                                zero_division=0)), 4),
+                         "fit_seconds": round(fit_s, 1)})
+            print(rows[-1], flush=True)
+    table = pd.DataFrame(rows)
+    print(table.to_markdown(index=False))
+    if args.csv:
+        table.to_csv(args.csv, mode="a", header=not args.csv.exists(), index=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(parse()))
