@@ -16,6 +16,7 @@ import cellcontrast as cc
 from cellcontrast.annotation.conformal import (
     conformal_quantile,
     conformity_scores,
+    cross_fitted_membership,
     prediction_sets,
     set_membership,
 )
@@ -46,6 +47,22 @@ def test_coverage_holds_on_exchangeable_probabilities():
             assert covered <= target + 0.06  # and not trivially (every label)
     aps = set_membership(proba[4000:], calibration, 0.9, "aps", classes)
     assert aps.sum(axis=1).min() >= 1  # never empty
+
+
+def test_cross_fitted_sets_are_calibrated_on_the_other_groups_only():
+    rng = np.random.default_rng(2)
+    classes = [f"t{k}" for k in range(5)]
+    proba = rng.dirichlet(np.full(5, 0.6), size=3000)
+    y = np.array([rng.choice(5, p=p) for p in proba])
+    groups = np.repeat([0, 1, 2], 1000)
+    member = cross_fitted_membership(proba, y, groups, classes, 0.9)
+    assert abs(member[np.arange(3000), y].mean() - 0.9) < 0.03
+    others = conformity_scores(proba[groups != 1], y[groups != 1], classes, source="t")
+    assert np.array_equal(member[groups == 1], set_membership(proba[groups == 1], others, 0.9, "lac", classes))
+    y_changed = y.copy()
+    y_changed[groups == 1] = 0  # the group's own labels never enter its calibration
+    assert np.array_equal(cross_fitted_membership(proba, y_changed, groups, classes, 0.9)[groups == 1],
+                          member[groups == 1])
 
 
 def test_sets_list_labels_in_probability_order_and_empty_sets_have_size_zero():
@@ -88,6 +105,18 @@ def test_annotate_writes_sets_that_cover_the_target_on_exchangeable_cells(fitted
     assert (annotated.obs["cellcontrast_set_size"] >= 1).all()
     assert annotated.uns["cellcontrast"]["coverage"] == 0.9
     assert "validation part" in annotated.uns["cellcontrast"]["conformity_source"]
+
+
+def test_the_card_shows_coverage_by_type_and_plots_show_set_sizes(fitted, tmp_path):
+    model, query = fitted
+    card = model.with_suffix("").with_name("a.card.md").read_text()
+    assert "| set coverage | mean set size (predicted as it) |" in card
+    assert "each\nrandom half calibrated on the other" in card
+    pytest.importorskip("umap")
+    out, plots = tmp_path / "o.h5ad", tmp_path / "plots"
+    assert main(["annotate", str(model), str(query), "--out", str(out), "--coverage", "0.9", "--plots",
+                 str(plots)]) == 0
+    assert (plots / "set_sizes.png").stat().st_size > 5_000
 
 
 def test_the_sets_come_from_onnxruntime_alone_and_equal_pythons(fitted, tmp_path):

@@ -110,3 +110,17 @@ def prediction_sets(proba: np.ndarray, calibration: dict, coverage: float, score
     labels = np.array(["|".join(names[row[keep]]) for row, keep in zip(order, ranked_member, strict=True)],
                       dtype=object)
     return labels, member.sum(axis=1).astype(np.int32)
+
+
+def cross_fitted_membership(proba: np.ndarray, y: np.ndarray, groups: np.ndarray, classes: list[str],
+                            coverage: float, score: str = "lac") -> np.ndarray:
+    """Each cell's set calibrated on the cells of the *other* groups only (boolean ``[cells,
+    classes]``): what a new batch's cells would get, measurable on labelled cells without
+    scoring the calibration cells themselves (the model card's coverage by type)."""
+    proba, y, groups = np.asarray(proba, dtype=np.float64), np.asarray(y), np.asarray(groups)
+    member = np.zeros(proba.shape, dtype=bool)
+    for g in np.unique(groups):
+        held = groups == g
+        calibration = conformity_scores(proba[~held], y[~held], classes, source="other groups")
+        member[held] = set_membership(proba[held], calibration, coverage, score, classes)
+    return member

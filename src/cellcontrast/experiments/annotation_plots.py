@@ -1,7 +1,8 @@
 """`annotate --plots DIR`: what an annotated query looks like. The cells in 2-D (UMAP of the
 square-root class probabilities, the space majority voting clusters in; at most
 ``MAX_LAYOUT_CELLS`` cells, drawn with a seed) coloured by label and by confidence, the count
-per label, and, given the query's own labels, a contingency heatmap and per-label accuracy."""
+per label, with ``--coverage`` the prediction-set sizes (overall and per label), and, given the
+query's own labels, a contingency heatmap and per-label accuracy."""
 
 from __future__ import annotations
 
@@ -70,6 +71,22 @@ def _contingency(plt, given: pd.Series, predicted: pd.Series):
     return fig
 
 
+def _set_sizes(plt, size: np.ndarray, labels: pd.Series, label_col: str):
+    """How many labels each cell's prediction set holds (0: none plausible, a novelty signal),
+    and the mean per label: where the annotation is ambiguous."""
+    per_label = pd.Series(size, index=labels.index).groupby(labels.to_numpy()).mean().sort_values()
+    fig, (ax_hist, ax_label) = plt.subplots(1, 2, figsize=(13, 0.25 * len(per_label) + 2.5), layout="constrained",
+                                           gridspec_kw={"width_ratios": [4, 6]})
+    counts = np.bincount(size.astype(int))
+    ax_hist.bar(np.arange(counts.size), counts)
+    ax_hist.set(xlabel="labels in the prediction set", ylabel="cells", title="Prediction-set sizes",
+                xticks=np.arange(counts.size))
+    ax_label.barh(per_label.index, per_label.to_numpy())
+    ax_label.set(xlabel="mean set size", title=f"Mean set size per {label_col}")
+    ax_label.tick_params(axis="y", labelsize=7)
+    return fig
+
+
 def write_plots(out_dir: str | Path, obs: pd.DataFrame, probabilities: np.ndarray, *,
                 label_key: str | None = None, seed: int = 0) -> list[Path]:
     """Write the PNG files into ``out_dir`` (each atomically); returns their paths."""
@@ -95,6 +112,9 @@ def write_plots(out_dir: str | Path, obs: pd.DataFrame, probabilities: np.ndarra
     ax.set(xlabel="cells", title=f"Cells per {label_col}")
     ax.tick_params(axis="y", labelsize=7)
     paths.append(_save(fig, out_dir / "label_counts.png"))
+    if f"{PREFIX}set_size" in obs:
+        paths.append(_save(_set_sizes(plt, obs[f"{PREFIX}set_size"].to_numpy(), labels, label_col),
+                           out_dir / "set_sizes.png"))
     if label_key is not None:
         given = obs[label_key].astype(str)
         paths.append(_save(_contingency(plt, given, labels), out_dir / "contingency.png"))

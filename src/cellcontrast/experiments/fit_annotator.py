@@ -87,6 +87,7 @@ class FittedAnnotator:
     # validation every fold's held-out cells; and the per-fold table (grouped validation only)
     validation: tuple[np.ndarray, np.ndarray] | None = None
     fold_scores: pd.DataFrame | None = None
+    validation_groups: np.ndarray | None = None  # each validation cell's fold (grouped validation)
 
 
 def _hold_out_test(atlas: anndata.AnnData, test_fraction: float, seed: int):
@@ -187,7 +188,8 @@ def fit_annotator(
                  "test": 0 if test is None else test.n_obs}
         result = FittedAnnotator(chain, chosen_name, found.scores, sizes,
                                  reference.obs[LABEL].value_counts().reindex(chain.classes),
-                                 _test_metrics(chain, test), validation=validation, fold_scores=found.fold_scores)
+                                 _test_metrics(chain, test), validation=validation, fold_scores=found.fold_scores,
+                                 validation_groups=found.fold_of_cell)
         if out is not None:
             _write(result, Path(out), tracker, register)
     return result

@@ -1,6 +1,7 @@
 """The model card `fit_annotator` writes beside the ONNX file: Markdown with the classes and
 their training counts, the genes, every chain's validation scores and the choice, per-class
-validation F1; a PNG with the validation confusion matrix and the calibration curve."""
+validation F1 and prediction-set coverage; a PNG with the validation confusion matrix, the
+calibration curve, the coverage by type and the set size per predicted label."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cellcontrast.annotation.conformal import cross_fitted_membership
 from cellcontrast.core.files import atomic_path
 from cellcontrast.core.names import CV_FOLD
 
@@ -21,7 +23,43 @@ def _calibration(y: np.ndarray, proba: np.ndarray, n_bins: int = 10) -> pd.DataF
                                     cells=("correct", "size"))
 
 
-def _figure(path: Path, classes: list[str], y: np.ndarray, proba: np.ndarray) -> None:
+# The coverage the card's prediction sets are shown at (`annotate --coverage`, default score).
+CARD_COVERAGE = 0.9
+
+
+def held_out_sets(result, coverage: float = CARD_COVERAGE) -> pd.DataFrame:
+    """Per class: validation cells, the share whose prediction set holds their type (coverage),
+    cells predicted as it and their mean set size. Each fold's cells get sets calibrated on the
+    other folds' (grouped validation: held-out batches), or each random half's on the other half's."""
+    y, proba = result.validation
+    classes = result.chain.classes
+    groups = result.validation_groups
+    if groups is None:
+        groups = np.random.default_rng(result.chain.config.get("fit", {}).get("seed", 0)).permutation(len(y)) % 2
+    member = cross_fitted_membership(proba, y, groups, classes, coverage)
+    known = y >= 0
+    covered = member[np.flatnonzero(known), y[known]]
+    predicted, size = proba.argmax(1), member.sum(1)
+    frame = pd.DataFrame({"class": np.asarray(classes)[y[known]], "covered": covered})
+    by_class = frame.groupby("class")["covered"].agg(["size", "mean"])
+    sizes = pd.Series(size).groupby(np.asarray(classes)[predicted]).agg(["size", "mean"])
+    return pd.DataFrame({"cells": by_class["size"], "coverage": by_class["mean"], "predicted": sizes["size"],
+                         "mean_set_size": sizes["mean"]}).reindex(classes)
+
+
+def _sets_panels(ax_cov, ax_size, sets: pd.DataFrame, coverage: float) -> None:
+    fontsize = max(4, 9 - len(sets) // 15)
+    ax_cov.barh(sets.index[::-1], sets["coverage"].to_numpy()[::-1])
+    ax_cov.axvline(coverage, color="grey", linestyle="--", linewidth=1)
+    ax_cov.set(xlim=(0, 1), xlabel=f"share of cells whose set holds their type (target {coverage:.2f})",
+               title="Coverage by type (held-out cells)")
+    ax_size.barh(sets.index[::-1], sets["mean_set_size"].to_numpy()[::-1])
+    ax_size.set(xlabel="mean labels in the set", title="Set size per predicted label")
+    for ax in (ax_cov, ax_size):
+        ax.tick_params(axis="y", labelsize=fontsize)
+
+
+def _figure(path: Path, classes: list[str], y: np.ndarray, proba: np.ndarray, sets: pd.DataFrame) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,7 +70,8 @@ def _figure(path: Path, classes: list[str], y: np.ndarray, proba: np.ndarray) ->
     matrix = confusion(y, proba.argmax(1), len(classes)).astype(float)
     matrix /= np.maximum(matrix.sum(1, keepdims=True), 1)
     side = min(14, 4 + 0.18 * len(classes))
-    fig, (ax_cm, ax_cal) = plt.subplots(1, 2, figsize=(side + 5, side), gridspec_kw={"width_ratios": [side, 5]})
+    fig, (ax_cm, ax_cal, ax_cov, ax_size) = plt.subplots(1, 4, figsize=(side + 17, side),
+                                                         gridspec_kw={"width_ratios": [side, 5, 4, 4]})
     image = ax_cm.imshow(matrix, cmap="viridis", vmin=0, vmax=1)
     ticks = np.arange(len(classes))
     ax_cm.set_xticks(ticks, classes, rotation=90, fontsize=max(4, 9 - len(classes) // 15))
@@ -44,6 +83,7 @@ def _figure(path: Path, classes: list[str], y: np.ndarray, proba: np.ndarray) ->
     ax_cal.plot(cal["confidence"], cal["accuracy"], marker="o")
     ax_cal.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title="Calibration (validation)")
     ax_cal.set_aspect("equal")
+    _sets_panels(ax_cov, ax_size, sets, CARD_COVERAGE)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -96,7 +136,11 @@ def _validation_line(result) -> str:
         f" ({fit['validation_note']})" if fit.get("validation_note") else "")
 
 
-def _markdown(result, y: np.ndarray, proba: np.ndarray, png: Path) -> str:
+def _num(value: float, digits: int) -> str:
+    return "-" if not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _markdown(result, y: np.ndarray, proba: np.ndarray, png: Path, sets: pd.DataFrame) -> str:
     from cellcontrast.train.metrics import per_class_f1
 
     chain, classes = result.chain, result.chain.classes
@@ -107,8 +151,11 @@ def _markdown(result, y: np.ndarray, proba: np.ndarray, png: Path) -> str:
             + " | ".join(f"{row[c]:.4f}" for c in cols) + " |" for name, row in scores[cols].iterrows()]
     table = "\n".join([f"| chain | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|", *rows])
     f1 = per_class_f1(y, proba.argmax(1), classes).set_index("class")["f1"] if len(y) else pd.Series(dtype=float)
-    classes_md = "\n".join(f"| {name} | {int(result.class_counts.get(name, 0))} | {f1.get(name, float('nan')):.3f} |"
+    classes_md = "\n".join(f"| {name} | {int(result.class_counts.get(name, 0))} | {f1.get(name, float('nan')):.3f} | "
+                           f"{_num(sets.at[name, 'coverage'], 3)} | {_num(sets.at[name, 'mean_set_size'], 2)} |"
                            for name in classes)
+    covered = (sets["coverage"] * sets["cells"]).sum() / max(sets["cells"].sum(), 1)
+    mean_size = (sets["mean_set_size"] * sets["predicted"]).sum() / max(sets["predicted"].sum(), 1)
     test = result.test_metrics
     test_md = (f"Held-out test part ({test['n_test']} cells, reported only): macro F1 {test['test_macro_f1']:.4f}, "
                f"top-1 {test['test_top1']:.4f}, top-3 {test['test_top3']:.4f}.\n" if test else
@@ -130,8 +177,12 @@ def _markdown(result, y: np.ndarray, proba: np.ndarray, png: Path) -> str:
 {test_md}{_fold_table(result)}
 ## Classes
 
-| class | training + validation cells | validation F1 |
-|---|---|---|
+Prediction sets (`annotate --coverage {CARD_COVERAGE}`, score `lac`) on the held-out cells, each
+{'fold' if result.validation_groups is not None else 'random half'} calibrated on the other{'s' if result.validation_groups is not None else ''}:
+coverage {covered:.3f}, mean set size {mean_size:.2f}.
+
+| class | training + validation cells | validation F1 | set coverage | mean set size (predicted as it) |
+|---|---|---|---|---|
 {classes_md}
 
 ![validation confusion matrix and calibration]({png.name})
@@ -144,7 +195,8 @@ def write_model_card(result, out: Path) -> dict[str, Path]:
     stem = out.with_suffix("")
     md, png = Path(f"{stem}.card.md"), Path(f"{stem}.card.png")
     y, proba = result.validation
-    _figure(png, result.chain.classes, y, proba)
+    sets = held_out_sets(result)
+    _figure(png, result.chain.classes, y, proba, sets)
     with atomic_path(md) as tmp:
-        tmp.write_text(_markdown(result, y, proba, png))
+        tmp.write_text(_markdown(result, y, proba, png, sets))
     return {"card": md, "card_png": png}
