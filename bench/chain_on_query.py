@@ -33,6 +33,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--chains", default="lr,svm,scdae")
     p.add_argument("--batch-key", help="as `fit --batch-key` (e.g. donor)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--params", help="JSON of hyperparameters keyed by model name, as `fit --params` "
+                                    "(e.g. '{\"scdae\": {\"contrastive_weight\": 0.5}}')")
+    p.add_argument("--tag", default="", help="a name for this run's rows (e.g. the params)")
     p.add_argument("--csv", type=Path, help="append one row per chain here")
     return p.parse_args(argv)
 
@@ -56,14 +59,14 @@ def main(args) -> int:
             t0 = time.perf_counter()
             fitted = cc.fit_annotator(reference, chains=[chain], ensemble=False, batch_key=args.batch_key,
                                       seed=args.seed, out=Path(tmp) / f"{chain}.onnx", register=False,
-                                      experiment=None)
+                                      experiment=None, params=json.loads(args.params) if args.params else None)
             fit_s = time.perf_counter() - t0
             labels = cc.annotate(query, fitted.files["onnx"], min_confidence=0.0, copy=True).obs["cellcontrast_label"].astype(str)
             t, p = truth[scored].tolist(), labels[scored].tolist()
             present = sorted((set(t) | set(p)) & set(types))
             # with a batch key, val_macro_f1 is the mean over the held-out batches
             selection = fitted.scores.set_index("chain").loc[chain, "val_macro_f1"]
-            rows.append({"fold": f"{args.fold_dir.parent.name}/{args.fold_dir.name}", "batch_key": args.batch_key or "",
+            rows.append({"fold": f"{args.fold_dir.parent.name}/{args.fold_dir.name}", "batch_key": args.batch_key or "", "tag": args.tag,
                          "chain": chain, "selection_score": round(float(selection), 4),
                          "query_macro_f1": round(float(f1_score(t, p, labels=present, average="macro",
                                                                 zero_division=0)), 4),

@@ -172,8 +172,8 @@ def fit_annotator(
     names = parse_chains(chains)
     atlas, reference, test, folds, note = _prepare(adata, labels_key, layer, filters, genes, genes_source,
                                                    seed, val_fraction, test_fraction, batch_key, val_folds, out)
-    if batch_key and folds is not None:  # the components' positives: a type's cells from other batches (train/cross_batch.py)
-        params = {**(params or {}), **{c: {"positives": "cross_batch", **(params or {}).get(c, {})} for c in ("mlp", "mls")}}
+    if batch_key and folds is not None:
+        params = _cross_batch_positives(params)
     tracker = _Tracker(experiment, names, reference, seed, test_fraction, batch_key or (val_folds and CV_FOLD))
     options = {"seed": seed, "params": params, "labels_key": labels_key, "layer": layer}
     with tracker:
@@ -183,16 +183,26 @@ def fit_annotator(
         chosen_name = choose(found, folds)
         chain, validation = build_chosen(found, folds, chosen_name, offered, reference, **options)
         _describe(chain, names, folds, note, validation, reference, seed)
-        fit = chain.config["fit"]
-        sizes = {"reference": atlas.n_obs, "train": fit["n_train"], "val": fit["n_val"],
-                 "test": 0 if test is None else test.n_obs}
-        result = FittedAnnotator(chain, chosen_name, found.scores, sizes,
-                                 reference.obs[LABEL].value_counts().reindex(chain.classes),
-                                 _test_metrics(chain, test), validation=validation, fold_scores=found.fold_scores,
-                                 validation_groups=found.fold_of_cell)
+        result = _result(chain, chosen_name, found, validation, atlas, reference, test)
         if out is not None:
             _write(result, Path(out), tracker, register)
     return result
+
+
+def _cross_batch_positives(params: dict | None) -> dict:
+    """Contrastive positives (components, a fine-tuned encoder): a type's cells from other
+    batches (train/cross_batch.py), unless the params say otherwise."""
+    return {**(params or {}), **{m: {"positives": "cross_batch", **(params or {}).get(m, {})}
+                                 for m in ("mlp", "mls", "actinn", "scdae")}}
+
+
+def _result(chain: Chain, chosen: str, found, validation, atlas, reference, test) -> FittedAnnotator:
+    fit = chain.config["fit"]
+    sizes = {"reference": atlas.n_obs, "train": fit["n_train"], "val": fit["n_val"],
+             "test": 0 if test is None else test.n_obs}
+    return FittedAnnotator(chain, chosen, found.scores, sizes, reference.obs[LABEL].value_counts().reindex(chain.classes),
+                           _test_metrics(chain, test), validation=validation, fold_scores=found.fold_scores,
+                           validation_groups=found.fold_of_cell)
 
 
 def _write(result: FittedAnnotator, out: Path, tracker, register: bool) -> None:

@@ -157,7 +157,7 @@ def fit_chains(atlas: anndata.AnnData, chains: list[tuple[str, str]], *, seed: i
     and ``layer`` are only recorded in the configs. ``split``: (train rows, validation rows,
     classes) given by the caller (grouped validation, `model.grouped`) instead of a stratified
     draw; the same row may sit in both (a refit that trains on every cell). ``groups``: each
-    cell's batch, for components with ``positives="cross_batch"``."""
+    cell's batch, for components (and a fine-tuned encoder) with ``positives="cross_batch"``."""
     params = params or {}
     check_params(params)
     for base, component in chains:
@@ -173,7 +173,8 @@ def fit_chains(atlas: anndata.AnnData, chains: list[tuple[str, str]], *, seed: i
                 or (own_head and not getattr(model, "head_fitted", True)):
             model = bases[base] = fit_base(X["train"], y["train"], X["val"], y["val"], len(classes), base,
                                            params.get(base), seed, log, for_component=not own_head,
-                                           fit_head=own_head)
+                                           fit_head=own_head,
+                                           train_groups=None if groups is None else np.asarray(groups)[train])
         module = build_chain(model) if component == "none" else build_chain(model, *fit_component(
             model, X["train"], y["train"], X["val"], y["val"], len(classes), component, params.get(component), seed, log,
             train_groups=None if groups is None else np.asarray(groups)[train]))

@@ -15,6 +15,7 @@ from torch import nn
 from cellcontrast.core.names import ALL_GENES, AUTO_GENES, LINEAR_BASES
 from cellcontrast.nn.bases import BASE_MODELS, BaseModel, ScDAE
 from cellcontrast.nn.preprocessing import ActinnPreprocess, LRPreprocess, ScdaePreprocess
+from cellcontrast.train.contrastive_tuning import tuned_net
 from cellcontrast.train.loops import (
     EncoderHead,
     FeatureSource,
@@ -32,7 +33,7 @@ from cellcontrast.train.recipes import resolve_params
 
 def fit_base(train_counts, train_y: np.ndarray, val_counts, val_y: np.ndarray, n_classes: int,
              base: str, params: dict | None = None, seed: int = 0, log: Log | None = None,
-             for_component: bool = False, fit_head: bool = True) -> BaseModel:
+             for_component: bool = False, fit_head: bool = True, train_groups: np.ndarray | None = None) -> BaseModel:
     """Step 1: fit the preprocessing on train, then train the base model by its recipe.
 
     Returns the model in eval mode, with ``train_params`` (the resolved params) attached so
@@ -63,10 +64,10 @@ def fit_base(train_counts, train_y: np.ndarray, val_counts, val_y: np.ndarray, n
     train = FeatureSource(train_counts, model.preprocess)
     val = FeatureSource(val_counts, model.preprocess)
     if base == "scdae":
-        _fit_scdae(model, train, train_y, val, val_y, n_classes, p, seed, log)
+        _fit_scdae(model, train, train_y, val, val_y, n_classes, p, seed, log, train_groups)
     else:
-        train_classifier(EncoderHead(model.encoder, model.head), train, train_y, val, val_y,
-                         n_classes, p, seed, log, stage=base)
+        net, extra = tuned_net(model.encoder, model.head, model.embed_dim, train_y, p, train_groups)
+        train_classifier(net, train, train_y, val, val_y, n_classes, p, seed, log, stage=base, extra_loss=extra)
     model.train_params = p
     model.eval()
     return model
@@ -188,7 +189,7 @@ def _phase_epochs(p: dict, key: str) -> int:
 
 
 def _fit_scdae(model: ScDAE, train: FeatureSource, train_y, val: FeatureSource, val_y,
-               n_classes: int, p: dict, seed: int, log: Log | None) -> None:
+               n_classes: int, p: dict, seed: int, log: Log | None, train_groups: np.ndarray | None = None) -> None:
     generator = torch.Generator().manual_seed(seed)
     autoencoder = nn.ModuleDict({"encoder": model.encoder, "decoder": model.decoder})
 
@@ -222,9 +223,10 @@ def _fit_scdae(model: ScDAE, train: FeatureSource, train_y, val: FeatureSource, 
     # trained on the frozen encoder's (noise-free, eval-mode) codes. Either way this phase's
     # recipe is the head recipe that step 4 reuses.
     classifier_recipe = head_recipe("scdae", p)
-    if p.get("classifier_trains_encoder"):
-        best = train_classifier(EncoderHead(model.encoder, model.head), train, train_y, val,
-                                val_y, n_classes, classifier_recipe, seed, log, stage="scdae_classifier")
+    if p.get("classifier_trains_encoder"):  # with contrastive_weight > 0, CE + the contrastive term
+        net, extra = tuned_net(model.encoder, model.head, model.embed_dim, train_y, p, train_groups)
+        best = train_classifier(net, train, train_y, val, val_y, n_classes, classifier_recipe, seed, log,
+                                stage="scdae_classifier", extra_loss=extra)
     else:
         codes_train = FeatureSource(apply_module(model.encoder, train))
         codes_val = FeatureSource(apply_module(model.encoder, val))
@@ -240,7 +242,7 @@ def _fit_scdae(model: ScDAE, train: FeatureSource, train_y, val: FeatureSource, 
         recipe = {"lr": p["finetune_lr"], "batch_size": p["batch_size"], "epochs": finetune_epochs,
                   "patience": p["patience"], "l2": p["l2"], "max_steps": p.get("max_steps")}
         train_classifier(whole, train, train_y, val, val_y, n_classes, recipe, seed + 1, log,
-                         stage="scdae_finetune", extra_loss=lambda x: whole.reconstruction_loss,
+                         stage="scdae_finetune", extra_loss=lambda x, index: whole.reconstruction_loss,
                          best_score=best)
         model.set_dropout(0.0)
 

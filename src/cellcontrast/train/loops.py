@@ -186,13 +186,14 @@ def state_copy(module: nn.Module) -> dict:
 def train_classifier(net: nn.Module, train: FeatureSource, train_y: np.ndarray, val: FeatureSource,
                      val_y: np.ndarray, n_classes: int, recipe: dict, seed: int,
                      log: Log | None = None, stage: str = "classifier",
-                     extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                      best_score: tuple | None = None) -> tuple:
     """Cross-entropy training of ``net`` (features -> logits); keeps the best epoch on val.
 
     Selection: highest (val macro F1, val accuracy, -val loss); exact ties keep the earlier epoch. Training
     stops after ``patience`` epochs without improvement (``None``: run every epoch).
     ``best_score`` seeds the comparison (the state ``net`` already has, for fine-tuning).
+    ``extra_loss(x, index)`` is added to each minibatch's loss (``index``: its training rows).
     Returns the best (macro F1, accuracy); ``net`` is left holding the best state, eval mode.
     """
     generator = torch.Generator().manual_seed(seed)
@@ -214,7 +215,7 @@ def train_classifier(net: nn.Module, train: FeatureSource, train_y: np.ndarray, 
             x = train.rows(index)
             loss = F.cross_entropy(net(x), y_train[index])
             if extra_loss is not None:
-                loss = loss + extra_loss(x)
+                loss = loss + extra_loss(x, index)
             if l2:
                 loss = loss + l2 * _weight_penalty(net)
             optimizer.zero_grad(set_to_none=True)

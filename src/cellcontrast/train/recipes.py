@@ -28,6 +28,11 @@ NO_VIEWS = {"views": 0, "view_keep": 0.5, "view_dropout": 0.1, "view_positives":
             "positives": "labels"}
 
 
+# The encoder fine-tuned under CE + contrastive_weight x eq. 1 (train/contrastive_tuning.py) while
+# ACTINN trains, or scDAE's classifier phase trains its encoder; 0: the base's own recipe.
+# positives "cross_batch" (`fit --batch-key`): a type's cells from other batches only.
+ENCODER_CONTRASTIVE = {"contrastive_weight": 0.0, "contrastive_temperature": 0.1, "positives": "labels"}
+
 DEFAULT_PARAMS: dict[str, dict] = {
     # Logistic regression: one linear layer on standardised HVG expression; cross-entropy plus
     # l2 * sum(W^2) / 2 on the weights (not the bias), Adam, epoch picked on val macro F1.
@@ -73,7 +78,7 @@ DEFAULT_PARAMS: dict[str, dict] = {
     "actinn": {"hidden_dims": [100, 50, 25], "low_percentile": 1.0, "high_percentile": 99.0,
                "lr": 1e-4, "l2": 0.005, "lr_decay": 0.95, "lr_decay_steps": 1000,
                "batch_size": 128, "epochs": 50, "patience": None, "min_steps": 3000,
-               "component_head_lr": 1e-3},
+               "component_head_lr": 1e-3, **ENCODER_CONTRASTIVE},
     # scDAE (cbi-bioinfo/scDAE): RMSProp 1e-3 for the autoencoder, Adam 1e-3 for the classifier
     # and fine-tuning, noise sd 0.4. The original runs 3000/3000/1000 epochs with ~1,300-cell
     # batches, drops 70% (keep_prob 0.3) and picks on TEST; our budgets are ~100x smaller, at
@@ -92,7 +97,8 @@ DEFAULT_PARAMS: dict[str, dict] = {
               "noise_sd": 0.4, "dropout": 0.3, "finetune_ae_dropout": 0.0,
               "ae_lr": 1e-3, "lr": 1e-3, "finetune_lr": 1e-3, "l2": 0.0, "batch_size": 256,
               "ae_epochs": 3, "classifier_epochs": 25, "finetune_epochs": 2, "patience": 10,
-              "epochs": None, "min_steps": 500, "max_steps": 1200, "classifier_trains_encoder": True},
+              "epochs": None, "min_steps": 500, "max_steps": 1200, "classifier_trains_encoder": True,
+              **ENCODER_CONTRASTIVE},
     # Contrastive components. hidden_dim/out_dim None: d (the paper's R^d -> R^d), capped at
     # 256/128 when d > 256 (LR). samples_per_class: cells of one class per batch block.
     # select "centroid": keep the epoch with the best val nearest-centroid macro F1 of h(z)
@@ -153,6 +159,12 @@ def resolve_params(name: str, params: dict | None) -> dict:
         if p.get("solver", "lbfgs") not in ("lbfgs", "adam") or (name == "svm" and p.get("solver") == "adam"):
             raise ValueError(f"{name}.solver must be lbfgs{' or adam' if name == 'lr' else ''}, not {p['solver']!r}")
         _check_l2_path(f"{name}.l2_path", p.get("l2_path", DEFAULT_PARAMS[name]["l2_path"]))
+    if name in ("actinn", "scdae"):
+        p = params or {}
+        if p.get("positives", "labels") not in ("labels", "cross_batch"):
+            raise ValueError(f"{name}.positives must be labels or cross_batch, not {p['positives']!r}")
+        if p.get("contrastive_weight", 0.0) < 0 or p.get("contrastive_temperature", 0.1) <= 0:
+            raise ValueError(f"{name}.contrastive_weight must be >= 0 and contrastive_temperature > 0")
     if name in ("mlp", "mls"):
         p = params or {}
         if p.get("head_solver", "lbfgs") not in ("lbfgs", "adam"):
