@@ -200,3 +200,11 @@ def mlflow_server():
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+@pytest.fixture(autouse=True)
+def _one_validation_part(monkeypatch):
+    """`fit_annotator` cross-validates references up to CV_MAX_CELLS cells by default, which is
+    every test reference: five fits instead of one. Tests of other behaviour take the one-part
+    path; tests/model/test_grouped.py covers the default (it restores the constant)."""
+    monkeypatch.setattr("cellcontrast.experiments.fit_annotator.CV_MAX_CELLS", 0)

@@ -175,3 +175,15 @@ def test_val_folds_with_a_batch_key_or_below_two_are_refused(reference, tmp_path
     assert main([*base, "--val-folds", "1"]) == 2
     err = capsys.readouterr().err
     assert "needs at least 2 folds" in err and "Traceback" not in err and not out.exists()
+
+
+def test_a_small_reference_is_cross_validated_by_default_and_a_large_one_is_not(reference, monkeypatch):
+    from cellcontrast.experiments import fit_annotator as module
+
+    monkeypatch.setattr(module, "CV_MAX_CELLS", reference.n_obs)  # the shipped rule, at this size
+    small = cc.fit_annotator(reference, "cell_type", chains="lr", params=FAST, experiment=None, ensemble=False)
+    assert small.chain.config["fit"]["batch_key"] == "cross-validation fold"
+    assert len(small.chain.config["fit"]["folds"]) == module.CV_FOLDS
+    monkeypatch.setattr(module, "CV_MAX_CELLS", reference.n_obs - 1)
+    large = cc.fit_annotator(reference, "cell_type", chains="lr", params=FAST, experiment=None, ensemble=False)
+    assert large.fold_scores is None and large.n_cells["val"] < reference.n_obs // 5  # one stratified part

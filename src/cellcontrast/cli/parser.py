@@ -44,6 +44,15 @@ def _confidence(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor auto") from None
 
 
+def _val_folds(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number nor auto") from None
+
+
 def _split(sub) -> None:
     p = sub.add_parser("split", help="downsample an atlas to a setting and split it 80/10/10")
     p.add_argument("--atlas", required=True, help="input .h5ad with raw counts")
@@ -92,9 +101,10 @@ def _fit(sub) -> None:
     p.add_argument("--batch-key", default=None,
                    help="obs column of batches (donor, study): every choice is scored on batches the candidate did "
                         "not train on (leave-one-batch-out), then the chosen chain is refitted on every cell")
-    p.add_argument("--val-folds", type=int, default=None,
+    p.add_argument("--val-folds", type=_val_folds, default="auto",
                    help="without --batch-key: choose on this many stratified cross-validation folds instead of one "
-                        "validation part (every cell validated once), then refit on every cell")
+                        "validation part (every cell validated once), then refit on every cell; 0: one part; "
+                        "auto (default): 5 folds up to 10,000 reference cells, one part above")
     p.add_argument("--no-ensemble", action="store_true",
                    help="do not offer the ensemble of the two best chains (weighted on validation) as a candidate")
     p.add_argument("--query", default=None,
