@@ -36,6 +36,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-types", type=int, default=4, help="per-type rows shown per comparison")
     p.add_argument("--csv", type=Path, help="write one row per fold and comparison here")
+    p.add_argument("--variants", default=",".join(CC_VARIANTS),
+                   help="cellcontrast folders of each fold to compare (each with annotated.csv)")
     return p.parse_args(argv)
 
 
@@ -43,7 +45,7 @@ def fold_dirs(run_dir: Path) -> list[Path]:
     return sorted(p.parent.parent for p in run_dir.glob("*/*/peers/predictions.csv"))
 
 
-def read_fold(fold_dir: Path) -> tuple[pd.Series, list[str], dict[str, pd.Series]]:
+def read_fold(fold_dir: Path, variants=CC_VARIANTS) -> tuple[pd.Series, list[str], dict[str, pd.Series]]:
     """Truth of the scored query cells, the scored types, and every method's labels on them."""
     import anndata as ad
 
@@ -57,7 +59,7 @@ def read_fold(fold_dir: Path) -> tuple[pd.Series, list[str], dict[str, pd.Series
         score_types = sorted(ref.obs["cell_type"].astype(str).unique())
     truth = truth[truth.isin(score_types)]
     preds: dict[str, pd.Series] = {}
-    for variant in CC_VARIANTS:
+    for variant in variants:
         f = fold_dir / variant / "annotated.csv"
         if f.exists():
             preds[variant] = pd.read_csv(f, index_col=0)["cellcontrast_label"].astype(str)
@@ -137,8 +139,9 @@ def main(args) -> int:
     rows = []
     for fold_dir in fold_dirs(args.run_dir):
         fold = f"{fold_dir.parent.name}/{fold_dir.name}"
-        truth, score_types, preds = read_fold(fold_dir)
-        for variant in CC_VARIANTS:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        truth, score_types, preds = read_fold(fold_dir, variants)
+        for variant in variants:
             if variant not in preds:
                 continue
             row, types = compare(fold, truth, score_types, preds, variant, args)
