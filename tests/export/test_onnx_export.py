@@ -491,3 +491,32 @@ def test_cli_model_dir_takes_the_out_dir_of_one_train(tmp_path, fake_chain_modul
     assert main(["export", "--model-dir", str(tmp_path / "m"), "--out", str(other), "--no-register"]) == 2
     err = capsys.readouterr().err
     assert "holds 2 chains" in err and "lr-mlp" in err and "lr-none" in err and not other.exists()
+
+
+@pytest.mark.parametrize(("base", "component"), [("scdae", "mlp"), ("lr", "mls")])
+def test_a_centroid_head_is_the_nearest_class_centroid_and_exports(base, component, trained_data, tmp_path):
+    """``head_solver: centroid``: the head scores each class by the cosine to the unit-norm mean
+    of its training cells' component outputs (times 1/tau), and ONNX gives torch's probabilities."""
+    import torch.nn.functional as F
+
+    from cellcontrast.nn.chain import predict_proba
+    from cellcontrast.train.chain import fit_chain
+    from cellcontrast.train.evaluation import calibrate
+
+    (xt, yt), (xv, yv), (xq, _) = trained_data["train"], trained_data["val"], trained_data["query"]
+    n_classes = len(trained_data["classes"])
+    params = {**TRAIN_PARAMS, component: {**TRAIN_PARAMS[component], "head_solver": "centroid"}}
+    chain = fit_chain(xt, yt, xv, yv, n_classes, base, component, params, seed=0)
+    with torch.no_grad():
+        e_train = chain.embed(torch.as_tensor(xt.toarray()))
+        e_query = chain.embed(torch.as_tensor(xq.toarray()))
+    centroids = F.normalize(torch.stack([e_train[torch.as_tensor(yt) == k].mean(0) for k in range(n_classes)]), dim=1)
+    nearest = (e_query @ centroids.T).argmax(1).numpy()
+    calibrate(chain, {"val": xv}, {"val": yv})
+    torch.set_grad_enabled(True)
+    want = predict_proba(chain, xq)
+    assert np.array_equal(want.argmax(1), nearest)
+    path = export_chain_to_onnx(chain, {"genes": trained_data["genes"], "class_names": trained_data["classes"]},
+                                tmp_path / "m.onnx")
+    got = _session(path).run(["probabilities"], {"counts": xq.toarray()})[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -56,7 +56,7 @@ def fit_component(base_model: BaseModel, train_counts, train_y: np.ndarray, val_
                         train_groups=train_groups)
     head = train_head_on_component(base_model, h, z_train, train_y, z_val, val_y, n_classes,
                                    p.get("head"), seed, log, stage=f"{component}_head",
-                                   solver=p["head_solver"], l2_path=p["head_l2_path"])
+                                   solver=p["head_solver"], l2_path=p["head_l2_path"], scale=1.0 / p["temperature"])
     return h, head
 
 
@@ -204,17 +204,21 @@ def train_head_on_component(base_model: BaseModel, h: nn.Module, z_train: torch.
                             train_y: np.ndarray, z_val: torch.Tensor, val_y: np.ndarray,
                             n_classes: int, head_params: dict | None = None, seed: int = 0,
                             log: Log | None = None, stage: str = "component_head",
-                            solver: str = "lbfgs", l2_path: list[float] | None = None) -> nn.Module:
+                            solver: str = "lbfgs", l2_path: list[float] | None = None,
+                            scale: float = 10.0) -> nn.Module:
     """Step 4: a fresh head on the frozen h(z); h itself only runs in eval mode under no_grad.
 
     A linear head (LR, ACTINN) is fitted by L-BFGS along ``l2_path`` (the mlp recipe's
     ``COMPONENT_HEAD_L2_PATH`` by default) when ``solver`` is "lbfgs"; otherwise, and always for scDAE's
     MLP head, it is trained with the base model's head recipe (``head_params`` overrides it).
+    "centroid": nothing is trained (`centroid_head`), for any base.
     """
-    if solver not in ("lbfgs", "adam"):
-        raise ValueError(f"head solver must be lbfgs or adam, not {solver!r}")
+    if solver not in ("lbfgs", "adam", "centroid"):
+        raise ValueError(f"head solver must be lbfgs, adam or centroid, not {solver!r}")
     train_y, val_y = np.asarray(train_y, dtype=int), np.asarray(val_y, dtype=int)
     e_train, e_val = apply_module(h, FeatureSource(z_train)), apply_module(h, FeatureSource(z_val))
+    if solver == "centroid":
+        return centroid_head(e_train, train_y, n_classes, scale)
     if solver == "lbfgs" and isinstance(base_model.head, LinearHead):
         head = fresh_head(base_model, h.out_dim, n_classes)
         path = list(l2_path or COMPONENT_HEAD_L2_PATH)
@@ -231,6 +235,24 @@ def train_head_on_component(base_model: BaseModel, h: nn.Module, z_train: torch.
     train_classifier(head, FeatureSource(e_train), train_y, FeatureSource(e_val), val_y, n_classes,
                      recipe, seed, log, stage=stage)
     return head
+
+
+def centroid_head(e_train: torch.Tensor, train_y: np.ndarray, n_classes: int, scale: float) -> LinearHead:
+    """The nearest-class-centroid classifier on the component's output as a linear head:
+    logit_k = scale * <h(z), c_k>, c_k the unit-norm mean of class k's training outputs (cosine
+    similarity: h(z) is unit-norm per latent space). Only means are fitted, so a rare type's few
+    cells set its centroid as surely as a frequent type's many (no softmax head to overfit);
+    ``scale`` (1 / the contrastive temperature) puts the logits on the scale the component was
+    trained at, and the chain's temperature calibrates them. A linear head: the exported graph
+    needs nothing new."""
+    y = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
+    sums = torch.zeros(n_classes, e_train.shape[1]).index_add_(0, y, e_train.float())
+    head = LinearHead(e_train.shape[1], n_classes)
+    with torch.no_grad():
+        head.linear.weight.copy_(F.normalize(sums, dim=1) * float(scale))
+        head.linear.bias.zero_()
+    head.requires_grad_(False)
+    return head.eval()
 
 
 def fresh_head(base_model: BaseModel, in_dim: int, n_classes: int) -> nn.Module:

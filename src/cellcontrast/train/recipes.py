@@ -113,7 +113,8 @@ DEFAULT_PARAMS: dict[str, dict] = {
     # architecture). A shared ReLU hidden layer (256, or 1024) overfitted: LR+MLS scarce s0
     # 0.44 with hidden 256 vs 0.58 linear; ACTINN and scDAE+MLS were also better linear.
     # class_hidden_dim > 0 gives each class its own hidden layer (einsum); 16 did not help.
-    # head_solver "lbfgs": step 4's linear head (LR, ACTINN; scDAE's head is an MLP and keeps
+    # head_solver "centroid": no head is trained; the nearest class centroid on h(z) (cosine,
+    # train/component.py centroid_head), for any base. head_solver "lbfgs": step 4's linear head (LR, ACTINN; scDAE's head is an MLP and keeps
     # its recipe) is fitted to its optimum by L-BFGS along head_l2_path, the l2 picked on val,
     # as LR's own fit. h(z) is unit-norm, so the logits need large weights: the path goes down
     # to 1e-6. With the base's Adam recipe ("adam") that head stayed far from converged and gave
@@ -167,8 +168,8 @@ def resolve_params(name: str, params: dict | None) -> dict:
             raise ValueError(f"{name}.contrastive_weight must be >= 0 and contrastive_temperature > 0")
     if name in ("mlp", "mls"):
         p = params or {}
-        if p.get("head_solver", "lbfgs") not in ("lbfgs", "adam"):
-            raise ValueError(f"{name}.head_solver must be lbfgs or adam, not {p['head_solver']!r}")
+        if p.get("head_solver", "lbfgs") not in ("lbfgs", "adam", "centroid"):
+            raise ValueError(f"{name}.head_solver must be lbfgs, adam or centroid, not {p['head_solver']!r}")
         _check_l2_path(f"{name}.head_l2_path", p.get("head_l2_path", DEFAULT_PARAMS[name]["head_l2_path"]))
         if p.get("positives", "labels") not in ("labels", "cross_batch"):
             raise ValueError(f"{name}.positives must be labels or cross_batch, not {p['positives']!r}")
