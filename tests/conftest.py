@@ -202,9 +202,12 @@ def mlflow_server():
             server.wait()
 
 
-@pytest.fixture(autouse=True)
-def _one_validation_part(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def _one_validation_part():
     """`fit_annotator` cross-validates references up to CV_MAX_CELLS cells by default, which is
     every test reference: five fits instead of one. Tests of other behaviour take the one-part
-    path; tests/model/test_grouped.py covers the default (it restores the constant)."""
-    monkeypatch.setattr("cellcontrast.experiments.fit_annotator.CV_MAX_CELLS", 0)
+    path (session-wide, so module fixtures that fit see it too); tests/model/test_grouped.py
+    covers the default (it sets the constant back)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("cellcontrast.experiments.fit_annotator.CV_MAX_CELLS", 0)
+        yield

@@ -259,8 +259,10 @@ def _describe(chain: Chain, names: list[str], folds, note: str | None, validatio
     if note:
         chain.config["fit"]["validation_note"] = note.removeprefix("note: ")
     if folds is not None or chain.config.get("base") == ENSEMBLE:  # a single chain's are its own validation's
-        source = (f"held-out {folds.batch_key} (grouped validation, {len(folds.folds)} folds)" if folds is not None
-                  else "the validation part (stratified: the reference's own batches)")
+        source = ("the validation part (stratified: the reference's own batches)" if folds is None
+                  else f"the held-out cells of {len(folds.folds)} stratified cross-validation folds (the reference's "
+                       "own batches)" if folds.batch_key == CV_FOLD
+                  else f"held-out {folds.batch_key} (grouped validation, {len(folds.folds)} folds)")
         chain.config["conformity"] = conformity_scores(validation[1], validation[0], chain.classes, source=source,
                                                        seed=seed)
     chain.config["gene_weights"] = [float(f"{w:.4g}") for w in gene_weights(chain.module, reference.X, seed=seed)]
