@@ -32,11 +32,16 @@ install: $(STAMP)
 
 run: $(STAMP)
 ifeq ($(PROFILE),quick)
-	time $(MAKE) --no-print-directory quick
+	@mkdir -p quick && rm -f quick/stage_times.csv
+	time env CELLCONTRAST_STAGE_TIMES=quick/stage_times.csv $(MAKE) --no-print-directory quick
+	@$(BIN)/python -m cellcontrast.cli.stage_times quick/stage_times.csv
 else
 	@test -d .dvc || $(BIN)/dvc init -q
 	$(BIN)/dvc config core.analytics false
-	time $(BIN)/dvc repro
+	@# every cellcontrast command appends its wall time; the table prints at the end
+	@mkdir -p reports && rm -f reports/stage_times.csv
+	time env CELLCONTRAST_STAGE_TIMES=reports/stage_times.csv $(BIN)/dvc repro
+	@test ! -f reports/stage_times.csv || $(BIN)/python -m cellcontrast.cli.stage_times reports/stage_times.csv
 endif
 
 # PROFILE=quick: the same steps on a small atlas, outside DVC (outputs under quick/).

@@ -6,6 +6,7 @@ import json
 import math
 import statistics
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -234,3 +235,13 @@ def test_calibration_report_files_and_validation_choice(results, tmp_path):
 def test_no_calibration_columns_no_calibration_files(written):
     assert "calibration_md" not in written
     assert report.calibration_data(_results()) is None
+
+
+def test_run_times_say_where_the_grid_time_goes(results, tmp_path):
+    timed = results.assign(train_seconds=np.where(results["base"].eq("scdae") & results["component"].eq("none"),
+                                                  30.0, 1.0))
+    paths = report.make_report(timed, tmp_path, log_to_mlflow=False)
+    lines = paths["run_times_md"].read_text().splitlines()
+    n_seeds = len(SEEDS)
+    assert f"| scdae | {n_seeds} | {30 * n_seeds} | 30.0 |" in lines[4]  # the costliest first
+    assert report.run_times(timed.drop(columns="train_seconds")) is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 
 from cellcontrast.cli.commands import COMMANDS
@@ -26,8 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow's INFO lines (creating the store's tables, a new experiment) are not the user's
     # business; read when mlflow is first imported, which the commands do lazily.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    started = time.perf_counter()
     try:
         COMMANDS[args.command](args)
+        if os.environ.get("CELLCONTRAST_STAGE_TIMES"):  # `make run`: each stage's wall time (cli/stage_times.py)
+            from cellcontrast.cli.stage_times import record
+
+            record(args.command, list(sys.argv[1:] if argv is None else argv), time.perf_counter() - started)
     except InputError as err:
         print(f"cellcontrast {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -276,7 +276,8 @@ def make_report(results: pd.DataFrame, out_dir, log_to_mlflow: bool = True,
 
     Names: ``table1_md``, ``table1_csv``, ``figure2_png``, ``figure2_csv``, ``metrics_json``, and
     when the runs logged calibration metrics ``calibration_md``, ``calibration_csv``,
-    ``calibration_png`` (temperature, ECE before/after, accuracy vs coverage), and when the
+    ``calibration_png`` (temperature, ECE before/after, accuracy vs coverage), ``run_times_md``
+    (each setting and chain's training seconds, when the rows carry them), and when the
     splits had unseen types (``--unseen-types``) ``unseen_md``, ``unseen_csv``.
     With `log_to_mlflow`, logs them to one MLflow run "report" (tag ``kind=report``).
     """
@@ -312,6 +313,11 @@ def make_report(results: pd.DataFrame, out_dir, log_to_mlflow: bool = True,
         with atomic_path(paths["calibration_png"]) as tmp:
             calibration_figure(calibration).savefig(tmp, format="png", dpi=110)
 
+    times = run_times(df)
+    if times is not None:
+        paths["run_times_md"] = out / "run_times.md"
+        _write_text(paths["run_times_md"], run_times_markdown(times))
+
     unseen = unseen_frame(df)
     if unseen is not None:
         paths.update({"unseen_md": out / "unseen.md", "unseen_csv": out / "unseen.csv"})
@@ -322,6 +328,24 @@ def make_report(results: pd.DataFrame, out_dir, log_to_mlflow: bool = True,
     if log_to_mlflow:
         _log_to_mlflow(paths, metrics, df, experiment)
     return paths
+
+
+def run_times(results: pd.DataFrame) -> pd.DataFrame | None:
+    """Each (setting, chain)'s training time over its runs (``train_seconds`` of the grid's rows),
+    most expensive first: where the grid's time goes (None when the rows carry no times)."""
+    if "train_seconds" not in results or results["train_seconds"].isna().all():
+        return None
+    frame = results.assign(chain=results["base"] + results["component"].map(lambda c: "" if c == "none" else f" + {c}"))
+    times = frame.groupby(["setting", "chain"])["train_seconds"].agg(runs="count", total="sum", mean="mean")
+    return times.sort_values("total", ascending=False).reset_index()
+
+
+def run_times_markdown(times: pd.DataFrame) -> str:
+    total = times["total"].sum()
+    rows = [f"| {r.setting} | {r.chain} | {r.runs} | {r.total:.0f} | {r.mean:.1f} | {r.total / total:.0%} |"
+            for r in times.itertuples()]
+    return "\n".join([f"# Where the grid's time goes ({total:.0f} task seconds; MLflow: each run's train_seconds)", "",
+                      "| setting | chain | runs | seconds | per run | share |", "|---|---|---|---|---|---|", *rows]) + "\n"
 
 
 def _log_to_mlflow(paths: dict[str, Path], metrics: dict, results: pd.DataFrame, experiment: str) -> None:
