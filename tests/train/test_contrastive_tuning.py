@@ -72,3 +72,29 @@ def test_bad_contrastive_settings_are_refused(bad):
 
     with pytest.raises(ValueError):
         resolve_params("scdae", bad)
+
+
+def test_a_list_of_weights_is_chosen_on_validation_and_recorded(cells, monkeypatch):
+    from cellcontrast.model.fit import base_choices
+    from cellcontrast.model.grouped import refit_params
+    from cellcontrast.train import base_model
+
+    x, y, xv, yv, groups = cells
+    seen = []
+    real = base_model.rank_scores
+
+    def spy(scores):
+        seen.append(real(scores))
+        return seen[-1]
+
+    monkeypatch.setattr(base_model, "rank_scores", spy)
+    model = fit_base(x, y, xv, yv, 4, "scdae", {**SCDAE, "contrastive_weight": [0.0, 1.0]}, seed=0,
+                     train_groups=groups)
+    assert len(seen) == 2  # one fit per weight, each scored on validation
+    chosen = model.train_params["contrastive_weight"]
+    assert chosen == (1.0 if seen[1] > seen[0] else 0.0)  # the better on validation, the first on a tie
+    assert base_choices(model) == {"contrastive_weight": chosen}
+    # a grouped refit takes the folds' most frequent weight, with nothing left to choose
+    fixed = refit_params("scdae", {"scdae": {"contrastive_weight": [0.0, 1.0]}},
+                         [{"contrastive_weight": 1.0}, {"contrastive_weight": 1.0}, {"contrastive_weight": 0.0}])
+    assert fixed["scdae"]["contrastive_weight"] == 1.0

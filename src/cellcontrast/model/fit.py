@@ -135,8 +135,8 @@ def base_choices(model) -> dict:
     """What validation chose inside a base's recipe (LR: its genes, scaling and L2), so that
     a refit on every cell can reuse the choices (`model.grouped`)."""
     p = getattr(model, "train_params", None) or {}
-    if getattr(model, "name", None) not in LINEAR_BASES:
-        return {}
+    if getattr(model, "name", None) not in LINEAR_BASES:  # a fine-tuned encoder's weight (from a list)
+        return {"contrastive_weight": p["contrastive_weight"]} if "contrastive_weight" in p else {}
     return {"n_hvg": p.get("n_hvg"), "standardize": bool(model.preprocess.standardize),
             "chosen_l2": p.get("chosen_l2")}
 

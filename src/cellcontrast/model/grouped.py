@@ -208,9 +208,15 @@ def choose_on_folds(fold_scores: pd.DataFrame, prefer: list[str]) -> tuple[str, 
 def refit_params(base: str, params: dict | None, choices: list[dict]) -> dict:
     """``params`` with the base's inner choices fixed to what the folds chose: a linear base's genes and
     scaling by majority (ties to the first fold's), its L2 as the folds' geometric mean (one
-    value, so the refit has nothing left to choose on validation)."""
+    value, so the refit has nothing left to choose on validation); a list of
+    ``contrastive_weight`` (ACTINN, scDAE) as the folds' most frequent choice."""
     params = {k: dict(v) for k, v in (params or {}).items()}
     made = [c for c in choices if c]
+    if base not in LINEAR_BASES and made and isinstance(params.get(base, {}).get("contrastive_weight"), list):
+        # a fine-tuned encoder's weight, chosen on the held-out batches: the folds' most frequent
+        weights = pd.Series([float(c["contrastive_weight"]) for c in made])
+        params[base]["contrastive_weight"] = float(weights.mode().iloc[0])
+        return params
     if base not in LINEAR_BASES or not made:
         return params
     genes = pd.Series([str(c["n_hvg"]) for c in made]).mode().iloc[0]

@@ -24,9 +24,11 @@ from cellcontrast.train.loops import (
     fit_linear_lbfgs,
     linear_features,
     n_epochs,
+    rank_scores,
     refit_linear_lbfgs,
     shuffled_batches,
     train_classifier,
+    val_scores,
 )
 from cellcontrast.train.recipes import resolve_params
 
@@ -45,6 +47,9 @@ def fit_base(train_counts, train_y: np.ndarray, val_counts, val_y: np.ndarray, n
     """
     p = resolve_params(base, params)
     train_y, val_y = np.asarray(train_y, dtype=int), np.asarray(val_y, dtype=int)
+    if isinstance(p.get("contrastive_weight"), list):  # the weight chosen on validation
+        return _best_contrastive_weight(train_counts, train_y, val_counts, val_y, n_classes, base, p, seed, log,
+                                        train_groups)
     if base in LINEAR_BASES:
         if for_component:  # the components' recipes were set on z-scored HVGs
             p = {**p, "standardize": True if p["standardize"] == "auto" else p["standardize"],
@@ -71,6 +76,21 @@ def fit_base(train_counts, train_y: np.ndarray, val_counts, val_y: np.ndarray, n
     model.train_params = p
     model.eval()
     return model
+
+
+def _best_contrastive_weight(train_counts, train_y, val_counts, val_y, n_classes: int, base: str, p: dict,
+                             seed: int, log: Log | None, train_groups) -> BaseModel:
+    """One fit per ``contrastive_weight`` of the list (same seed), the best on validation kept
+    (macro F1, then accuracy, then loss; the first on a tie, so list 0 first to prefer the
+    plain recipe); its weight is recorded as the one chosen."""
+    best = None
+    for weight in p["contrastive_weight"]:
+        model = fit_base(train_counts, train_y, val_counts, val_y, n_classes, base, {**p, "contrastive_weight": weight},
+                         seed, log, train_groups=train_groups)
+        score = rank_scores(val_scores(val_y, apply_module(model, FeatureSource(val_counts)), n_classes))
+        if best is None or score > best[0]:
+            best = (score, model)
+    return best[1]
 
 
 def _fit_lr(train_counts, train_y, val_counts, val_y, n_classes: int, p: dict, seed: int,

@@ -230,7 +230,7 @@ def train_classifier(net: nn.Module, train: FeatureSource, train_y: np.ndarray, 
             log(stage, epoch, {"loss": total / max(seen, 1), **scores})
         # Ties in F1 and accuracy go to the lower val loss: on easy data F1 reaches 1.0 in the
         # first epoch, whose barely trained model gives near-uniform confidences.
-        score = _rank(scores)
+        score = rank_scores(scores)
         if best_score is None or score > best_score:
             best_score, best_state, stale = score, state_copy(net), 0
         else:
@@ -294,7 +294,7 @@ def fit_linear_lbfgs(net: EncoderHead, train: FeatureSource | SparseAffineSource
         scores = val_scores(np.asarray(val_y), linear_logits(net, val), n_classes)
         if log is not None:
             log(stage, step, {"loss": train_loss, "l2": l2, **scores})
-        score = _rank(scores)
+        score = rank_scores(scores)
         if best_score is None or score > best_score:
             best_score, best_state, best_l2, stale = score, state_copy(net), l2, 0
         else:
@@ -319,14 +319,14 @@ def refit_linear_lbfgs(net: EncoderHead, train: FeatureSource | SparseAffineSour
     scores = val_scores(np.asarray(val_y), linear_logits(net, val), n_classes)
     if log is not None:
         log("lr_refit", 0, {"loss": train_loss, "l2": l2, **scores})
-    if _rank(scores) < kept_score:
+    if rank_scores(scores) < kept_score:
         net.load_state_dict(kept)
         l2 = kept_l2
     net.eval()
     return l2
 
 
-def _rank(scores: dict) -> tuple:
+def rank_scores(scores: dict) -> tuple:
     """How the L-BFGS fits compare on validation: macro F1, then accuracy, then -loss."""
     return scores["val_macro_f1"], scores["val_accuracy"], -scores["val_loss"]
 

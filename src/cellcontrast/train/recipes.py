@@ -164,8 +164,12 @@ def resolve_params(name: str, params: dict | None) -> dict:
         p = params or {}
         if p.get("positives", "labels") not in ("labels", "cross_batch"):
             raise ValueError(f"{name}.positives must be labels or cross_batch, not {p['positives']!r}")
-        if p.get("contrastive_weight", 0.0) < 0 or p.get("contrastive_temperature", 0.1) <= 0:
-            raise ValueError(f"{name}.contrastive_weight must be >= 0 and contrastive_temperature > 0")
+        weights = p.get("contrastive_weight", 0.0)
+        weights = weights if isinstance(weights, list) else [weights]
+        if not weights or any(not isinstance(w, numbers.Real) or isinstance(w, bool) or w < 0 for w in weights) \
+                or p.get("contrastive_temperature", 0.1) <= 0:
+            raise ValueError(f"{name}.contrastive_weight must be a number >= 0 or a list of them (chosen on "
+                             "validation), and contrastive_temperature > 0")
     if name in ("mlp", "mls"):
         p = params or {}
         if p.get("head_solver", "lbfgs") not in ("lbfgs", "adam", "centroid"):
@@ -199,7 +203,7 @@ def _check_n_hvg(name: str, value) -> None:
 def _check_value(name: str, key: str, default, value) -> None:
     """A value of the default's kind: a number for a number (whole for a whole number, not
     negative unless the default is), true/false for a flag. None and lists are not checked."""
-    if value is None or default is None or not isinstance(default, bool | numbers.Real):
+    if value is None or isinstance(value, list) or default is None or not isinstance(default, bool | numbers.Real):
         return
     if isinstance(default, bool):
         if not isinstance(value, bool):
