@@ -41,8 +41,11 @@ def test_a_failed_second_rename_takes_the_first_back(tmp_path):
 # sent its signal (the test then writes `<marker>.sent`), so that the signal lands exactly
 # between the two renames of the pair however busy the machine is.
 CHILD = textwrap.dedent("""
-    import os, sys, time
+    import os, signal, sys, time
     from pathlib import Path
+    # Ctrl-C as at a terminal: a shell that starts jobs in the background (`cmd &`, as CI
+    # runners may) hands them SIGINT ignored, and Python then never installs its handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     real_replace, marker = os.replace, Path(sys.argv[1])
     sent = marker.with_name(marker.name + ".sent")
 
