@@ -60,10 +60,11 @@ def table(rows: pd.DataFrame, peers: pd.DataFrame) -> pd.DataFrame:
         base = base_of(variant)
         if variant == base or base not in test.index:
             continue
-        gap = test.loc[variant] - test.loc[base]
+        gap = (test.loc[variant] - test.loc[base]).dropna()  # paired: folds where both ran
         out.loc[variant, "vs base"] = gap.mean()
-        out.loc[variant, "vs base se"] = gap.std(ddof=1) / np.sqrt(gap.notna().sum())
-        out.loc[variant, "ranked above base"] = f"{int((selection.loc[variant] > selection.loc[base]).sum())} of {len(donors)}"
+        out.loc[variant, "vs base se"] = gap.std(ddof=1) / np.sqrt(len(gap)) if len(gap) > 1 else np.nan
+        both = (selection.loc[variant] - selection.loc[base]).dropna()
+        out.loc[variant, "ranked above base"] = f"{int((both > 0).sum())} of {len(both)}"
     methods = peers.pivot(index="method", columns="heldout_donor", values="macro_f1").reindex(columns=donors)
     if "cc_batchkey" in methods.index:  # what `fit --batch-key donor` ships with its default chains
         out.loc["shipped: fit --batch-key (default chains)", donors] = methods.loc["cc_batchkey"]
@@ -108,7 +109,7 @@ def main(args) -> int:
     peers = pd.read_csv(args.peers_csv)
     peers = peers[peers["dataset"] == args.dataset]
     out = table(rows, peers)
-    print(out.to_markdown(floatfmt=".4f"))
+    print(out.to_markdown(floatfmt=".3f"))
     if args.png:
         figure(out, args.png, args.dataset)
         print(f"wrote {args.png}")
