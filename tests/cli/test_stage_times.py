@@ -30,4 +30,5 @@ def test_a_stage_is_named_by_what_it_served():
     argv = ["--atlas", "data/atlas.h5ad", "--setting", "default", "--seed", "3", "--out-dir", "data/splits/default/seed3"]
     assert stage_of("split", argv) == "split default 3 seed3"
     assert stage_of("split", ["--setting", "scarce", "--tuning"]) == "split scarce tuning"
+    assert stage_of("split", ["--setting", "scarce", "--tuning", "--out-dir", "s/scarce/tuning"]) == "split scarce tuning"
     assert stage_of("grid", []) == "grid"

@@ -29,7 +29,7 @@ def stage_of(command: str, argv: list[str]) -> str:
         if option in argv and argv.index(option) + 1 < len(argv):
             value = argv[argv.index(option) + 1]
             parts.append(Path(value).name if option.startswith("--out") else value)
-    if "--tuning" in argv:
+    if "--tuning" in argv and "tuning" not in parts:
         parts.append("tuning")
     return " ".join(parts)
 
