@@ -35,22 +35,20 @@ def _simulate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _confidence(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor auto") from None
+def _or_auto(cast, kind: str):
+    """An argparse type: ``auto``, or ``cast(text)`` (refused in one line naming ``kind``)."""
+    def parse(text: str):
+        if text == "auto":
+            return text
+        try:
+            return cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is neither {kind} nor auto") from None
+    return parse
 
 
-def _val_folds(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number nor auto") from None
+_confidence = _or_auto(float, "a number")
+_val_folds = _or_auto(int, "a whole number")
 
 
 def _split(sub) -> None:

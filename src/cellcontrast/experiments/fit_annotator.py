@@ -239,11 +239,12 @@ def _prepare(adata, labels_key, layer, filters, genes, genes_source, seed, val_f
     atlas = prepare_atlas(adata, label_key=labels_key, layer=layer, filters=filters, source="the reference")
     atlas = gene_panel(atlas, genes, source=genes_source)
     reference, test = _hold_out_test(atlas, test_fraction, seed)
-    folds = batch_folds(reference.obs, batch_key, val_fraction=val_fraction, seed=seed) if batch_key else None
-    if not batch_key and val_folds == "auto":
-        val_folds = CV_FOLDS if reference.n_obs <= CV_MAX_CELLS else 0
-    if not batch_key and val_folds:
-        folds = stratified_folds(reference.obs, val_folds, seed=seed)
+    if batch_key:
+        folds = batch_folds(reference.obs, batch_key, val_fraction=val_fraction, seed=seed)
+    else:
+        if val_folds == "auto":
+            val_folds = CV_FOLDS if reference.n_obs <= CV_MAX_CELLS else 0
+        folds = stratified_folds(reference.obs, val_folds, seed=seed) if val_folds else None
     note = say_fallbacks(folds, batch_key) if batch_key else None
     print_note(note)
     return atlas, reference, test, folds, note
