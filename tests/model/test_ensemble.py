@@ -10,7 +10,8 @@ import torch
 
 import cellcontrast as cc
 from cellcontrast.data.simulate import simulate_atlas
-from cellcontrast.model.ensemble import ENSEMBLE, best_weight, candidate, ensemble_chain
+from cellcontrast.experiments.fit_candidates import ENERGY_SOURCE
+from cellcontrast.model.ensemble import ENSEMBLE, best_weight, candidate, ensemble_chain, with_energy_of
 from cellcontrast.model.grouped import choose_on_folds
 
 FAST = {"lr": {"n_hvg": 60, "l2_path": [1e-2, 1e-3]}, "svm": {"n_hvg": 60, "l2_path": [1e-2, 1e-3]},
@@ -55,6 +56,44 @@ def test_the_ensemble_exports_to_one_onnx_graph_equal_to_torch(reference, tmp_pa
     assert annotator.metadata["base"] == ENSEMBLE and "energy" in annotator.novelty_scores
     with pytest.raises(cc.InputError, match="kept as its ONNX file"):
         chain.save(tmp_path / "folder")
+
+
+def test_the_energy_comes_from_another_chain_while_the_rest_stays_the_chosen_ones(reference, tmp_path):
+    svm, lr = (cc.fit(reference, "cell_type", base=base, params=FAST) for base in ("svm", "lr"))
+    chain = with_energy_of(svm, lr, "lr")
+    x = torch.as_tensor(reference.X[:64].toarray(), dtype=torch.float32)
+    t = lr.module.temperature
+    with torch.no_grad():
+        assert torch.equal(chain.module(x), svm.module(x))
+        assert torch.equal(chain.module.logits(x), svm.module.logits(x))  # the attribution's
+        lr_energy = (-t * torch.logsumexp(lr.module.logits(x) / t, dim=-1)).numpy()
+        np.testing.assert_allclose(chain.module.energy(x).numpy(), lr_energy, rtol=1e-6)
+    assert chain.metrics["val_energy_q95"] == lr.metrics["val_energy_q95"] != svm.metrics["val_energy_q95"]
+    assert chain.metrics["val_macro_f1"] == svm.metrics["val_macro_f1"] and chain.config["energy_from"] == "lr"
+    annotator = cc.Annotator.load(chain.export(tmp_path / "svm.onnx"))
+    probs, energy = annotator.predict(x.numpy(), "energy")
+    np.testing.assert_allclose(probs, svm.predict_proba(reference[:64]), atol=1e-5)
+    np.testing.assert_allclose(energy, lr_energy, atol=1e-4)
+    assert annotator.metadata["base"] == "svm"
+    # an ensemble keeps its weights; LR joins it for the energy only
+    mixed = ensemble_chain([svm, lr], [0.4, 0.6], ["svm", "scdae"], {"val_energy_q95": 0.0})
+    joined = with_energy_of(mixed, lr, "lr")
+    assert joined.module.weights.tolist() == pytest.approx([0.4, 0.6, 0.0])
+    assert joined.module.energy_weights.tolist() == [0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("batch_key", [None, "individual"])
+def test_fit_reads_the_energy_of_its_lr_candidate_whatever_it_chooses(reference, batch_key):
+    weak_lr = {**FAST, "lr": {**FAST["lr"], "l2_path": [30.0]}}  # so that svm is chosen
+    result = cc.fit_annotator(reference, "cell_type", chains="lr,svm", params=weak_lr, experiment=None,
+                              ensemble=False, batch_key=batch_key)
+    assert result.chosen == "svm" and result.chain.config["energy_from"] == "lr"
+    lr_row = result.scores.set_index("chain").loc["lr"]
+    if batch_key is None:  # the split's LR, its validation quantile
+        assert result.chain.metrics["val_energy_q95"] == lr_row["val_energy_q95"]
+    assert result.chain.metrics["val_energy_q95"] != result.scores.set_index("chain").loc["svm", "val_energy_q95"]
+    alone = cc.fit_annotator(reference, "cell_type", chains="svm", params=FAST, experiment=None)
+    assert "energy_from" not in alone.chain.config
 
 
 def test_fit_offers_the_ensemble_and_chooses_it_by_the_same_rule(reference):

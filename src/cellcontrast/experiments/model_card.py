@@ -90,10 +90,17 @@ def _figure(path: Path, classes: list[str], y: np.ndarray, proba: np.ndarray, se
     plt.close(fig)
 
 
+def _energy_line(chain) -> str:
+    source = chain.config.get("energy_from")
+    where = f"the {source} chain's, trained beside it" if source else "the chosen chain's"
+    return (f"\n- `--flag-unseen` energy: {where}; threshold {chain.metrics.get('val_energy_q95', float('nan')):.3f} "
+            "(95% of the validated cells below it)")
+
+
 def _genes_used(chain) -> str:
     """What the base's preprocessing kept (n_hvg "auto" chose it on validation); an
     ensemble's, member by member."""
-    modules = getattr(chain.module, "members", None) or [chain.module]
+    modules = getattr(chain.module, "weighted_members", None) or [chain.module]
     used = ["all" if int(m.preprocess.n_selected) == len(chain.genes) else str(int(m.preprocess.n_selected))
             for m in modules]
     return used[0] if len(used) == 1 else " / ".join(used) + f" (members {', '.join(chain.config['members'])})"
@@ -168,7 +175,7 @@ def _markdown(result, y: np.ndarray, proba: np.ndarray, png: Path, sets: pd.Data
 - Cells: {result.n_cells['reference']} in the reference; {result.n_cells['train']} trained, {result.n_cells['val']} validated{f", {result.n_cells['test']} held out for the test" if result.n_cells['test'] else ''}; seed {fit.get('seed', 0)}
 - Genes: {len(chain.genes)} in the reference, {_genes_used(chain)} used by the base
 - Classes: {len(classes)}; temperature {chain.metrics.get('temperature', float('nan')):.3f};
-  `--min-confidence auto` threshold {chain.metrics.get('val_confidence_q05', float('nan')):.3f}
+  `--min-confidence auto` threshold {chain.metrics.get('val_confidence_q05', float('nan')):.3f}{_energy_line(chain)}
 
 ## Chains on validation
 

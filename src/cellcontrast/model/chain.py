@@ -64,8 +64,9 @@ class Chain:
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``chain.pt`` and ``config.json`` into ``folder`` (atomically); returns it."""
-        if self.config.get("base") == "ensemble":
-            raise InputError("an ensemble annotator is kept as its ONNX file (Chain.export), not as a chain folder")
+        if not isinstance(self.module, ChainModule):
+            raise InputError("an ensemble annotator, or one whose energy is another chain's, is kept as its ONNX "
+                             "file (Chain.export), not as a chain folder")
         return save_chain(self.module, self.config, folder)
 
     def export(self, path: str | os.PathLike) -> Path:

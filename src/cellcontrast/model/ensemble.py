@@ -82,6 +82,27 @@ def ensemble_chain(members: list[Chain], weights: list[float], names: list[str],
     return Chain(module, config)
 
 
+def with_energy_of(chain: Chain, source: Chain, name: str) -> Chain:
+    """``chain`` with the ``--flag-unseen`` energy of ``source`` (its threshold too); the
+    probabilities, the expression score and the attribution stay ``chain``'s.
+
+    An ensemble keeps its members and weights (``source`` joins with weight 0 unless it is one);
+    a single chain becomes a module of ``[chain, source]`` with weights ``[1, 0]``."""
+    module = chain.module
+    if isinstance(module, EnsembleModule):
+        names = list(chain.config["members"])
+        members, weights = list(module.members), module.weights.tolist()
+        if name not in names:
+            members, weights, names = [*members, source.module], [*weights, 0.0], [*names, name]
+    else:
+        members, weights, names = [module, source.module], [1.0, 0.0], [chain.config.get("base"), name]
+    energy_weights = [float(n == name) for n in names]
+    config = dict(chain.config)
+    config["metrics"] = {**chain.metrics, "val_energy_q95": float(source.metrics["val_energy_q95"])}
+    config["energy_from"] = name
+    return Chain(EnsembleModule(members, weights, energy_weights=energy_weights), config)
+
+
 @torch.no_grad()
 def module_thresholds(module: EnsembleModule, counts, batch_size: int = 4096) -> dict:
     """`annotate_thresholds` of the ensemble itself on validation counts (the stratified split)."""
