@@ -101,7 +101,6 @@ def worker_celltypist(folder: str, sgd: bool) -> dict:
     import celltypist
     import numpy as np
     import scipy.sparse as sp
-
     from peers import log_normalise
 
     def normalised(path):
