@@ -262,7 +262,7 @@ def _describe(chain: Chain, names: list[str], folds, note: str | None, validatio
     if folds is not None or chain.config.get("base") == ENSEMBLE:  # a single chain's are its own validation's
         source = ("the validation part (stratified: the reference's own batches)" if folds is None
                   else f"the held-out cells of {len(folds.folds)} stratified cross-validation folds (the reference's "
-                       "own batches)" if folds.batch_key == CV_FOLD
+                       "own batches)" if folds.cross_validation
                   else f"held-out {folds.batch_key} (grouped validation, {len(folds.folds)} folds)")
         chain.config["conformity"] = conformity_scores(validation[1], validation[0], chain.classes, source=source,
                                                        seed=seed)
@@ -272,7 +272,7 @@ def _describe(chain: Chain, names: list[str], folds, note: str | None, validatio
 def _chosen_by(folds) -> str:
     if folds is None:
         return f"one standard error of the best {SELECTION_METRIC}"
-    over = (f"{len(folds.folds)} cross-validation folds" if folds.batch_key == CV_FOLD
+    over = (f"{len(folds.folds)} cross-validation folds" if folds.cross_validation
             else f"{len(folds.folds)} folds of held-out {folds.batch_key}")
     return (f"the simplest chain within one paired standard error (over {over}) of the best fold-mean "
             f"{SELECTION_METRIC}; refitted on every cell")

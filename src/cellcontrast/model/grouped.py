@@ -50,6 +50,11 @@ class BatchFolds:
     single_batch_types: list[str] = field(default_factory=list)
     groups: np.ndarray | None = None  # each cell's batch (for cross-batch contrastive positives)
 
+    @property
+    def cross_validation(self) -> bool:
+        """Stratified cross-validation folds (`stratified_folds`) rather than the user's batches."""
+        return self.batch_key == CV_FOLD
+
 
 def batch_folds(obs: pd.DataFrame, batch_key: str, *, val_fraction: float = 0.1, seed: int = 0,
                 max_folds: int = MAX_FOLDS) -> BatchFolds | None:
