@@ -11,7 +11,13 @@ import torch
 import cellcontrast as cc
 from cellcontrast.data.simulate import simulate_atlas
 from cellcontrast.experiments.fit_candidates import ENERGY_SOURCE
-from cellcontrast.model.ensemble import ENSEMBLE, best_weight, candidate, ensemble_chain, with_energy_of
+from cellcontrast.model.ensemble import (
+    ENSEMBLE,
+    best_weight,
+    candidate,
+    ensemble_chain,
+    with_energy_of,
+)
 from cellcontrast.model.grouped import choose_on_folds
 
 FAST = {"lr": {"n_hvg": 60, "l2_path": [1e-2, 1e-3]}, "svm": {"n_hvg": 60, "l2_path": [1e-2, 1e-3]},
@@ -87,7 +93,7 @@ def test_fit_reads_the_energy_of_its_lr_candidate_whatever_it_chooses(reference,
     weak_lr = {**FAST, "lr": {**FAST["lr"], "l2_path": [30.0]}}  # so that svm is chosen
     result = cc.fit_annotator(reference, "cell_type", chains="lr,svm", params=weak_lr, experiment=None,
                               ensemble=False, batch_key=batch_key)
-    assert result.chosen == "svm" and result.chain.config["energy_from"] == "lr"
+    assert result.chosen == "svm" and result.chain.config["energy_from"] == ENERGY_SOURCE == "lr"
     lr_row = result.scores.set_index("chain").loc["lr"]
     if batch_key is None:  # the split's LR, its validation quantile
         assert result.chain.metrics["val_energy_q95"] == lr_row["val_energy_q95"]

@@ -158,7 +158,8 @@ def fit(args: argparse.Namespace) -> None:
                            filters=parse_filters(args.filter), seed=args.seed, params=params,
                            val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                            batch_key=args.batch_key, val_folds=args.val_folds, genes=genes, genes_source=f"--query {args.query}",
-                           ensemble=not args.no_ensemble, out=args.out, experiment=args.experiment, register=not args.no_register)
+                           ensemble=not args.no_ensemble, out=args.out, experiment=args.experiment, register=not args.no_register,
+                           workers=args.workers, scheduler=args.scheduler)
     val = result.chain.metrics.get("val_macro_f1", float("nan"))
     if result.fold_scores is not None:
         val_text = f"mean over held-out {result.chain.config['fit']['batch_key']} macro F1 {val:.4f}"

@@ -14,6 +14,8 @@ chain is exported, logged and registered.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +140,8 @@ def fit_annotator(
     register: bool = True,
     genes_source: str = "genes=",
     ensemble: bool = True,
+    workers: int = 1,
+    scheduler: str | None = None,
 ) -> FittedAnnotator:
     """Train the chains on a labelled reference, choose one on validation, export it.
 
@@ -163,22 +167,19 @@ def fit_annotator(
         one validation part (every cell validated once), then refit on every cell as above; 0:
         one part. ``"auto"``: ``CV_FOLDS`` folds up to ``CV_MAX_CELLS`` reference cells, one part above.
     genes, genes_source
-        A known query's genes: train on those only (`cellcontrast.model.gene_panel`; genes the
-        reference never detects are left out always); how messages name them.
+        A known query's genes, trained on only (`cellcontrast.model.gene_panel`); how messages name them.
     out, experiment, register
         The ``.onnx`` file to write (the model card beside it); MLflow experiment of the parent
         run (None: no tracking); register the exported model.
     ensemble
         Offer the ensemble of the two best chains (`cellcontrast.model.ensemble`) too.
+    workers, scheduler
+        The folds at once on a local Dask cluster of ``workers`` processes or on a running
+        scheduler (``tcp://HOST:8786``): the same annotator as on one process.
 
     Returns
     -------
-    FittedAnnotator
-
-    Raises
-    ------
-    InputError
-        For bad input (no such column, one type, unknown chains; `docs/reference/refusals.md`).
+    FittedAnnotator; `InputError` for bad input (`docs/reference/refusals.md`).
     """
     names = parse_chains(chains)
     atlas, reference, test, folds, note = _prepare(adata, labels_key, layer, filters, genes, genes_source,
@@ -189,7 +190,8 @@ def fit_annotator(
                        batch_key or (CV_FOLD if folds is not None else None))
     options = {"seed": seed, "params": params, "labels_key": labels_key, "layer": layer}
     with tracker:
-        found = train_candidates(reference, folds, names, val_fraction=val_fraction, **options)
+        with fold_executor(folds, workers, scheduler) as executor:  # closed before the refit
+            found = train_candidates(reference, folds, names, val_fraction=val_fraction, executor=executor, **options)
         offered = offer_ensemble(found, folds) if ensemble else None
         tracker.log_chains(found.scores, params)
         chosen_name = choose(found, folds)
@@ -199,6 +201,27 @@ def fit_annotator(
         if out is not None:
             _write(result, Path(out), tracker, register)
     return result
+
+
+@contextlib.contextmanager
+def fold_executor(folds, workers: int, scheduler: str | None):
+    """Where the validation folds train: here (None), or as tasks of a local Dask cluster of
+    ``workers`` processes or of a running ``scheduler``, all folds at once. One validation part
+    has nothing to spread: it trains here, with a note."""
+    if workers < 1:
+        raise InputError(f"--workers {workers} must be at least 1")
+    if workers == 1 and not scheduler:
+        yield None
+        return
+    if folds is None:
+        print("note: --workers/--scheduler spread validation folds; this fit has one validation part (above "
+              f"{CV_MAX_CELLS:,} cells without --batch-key) and trains here", file=sys.stderr)
+        yield None
+        return
+    from cellcontrast.core.engine import task_executor
+
+    with task_executor(workers, scheduler, pin=True) as executor:
+        yield executor
 
 
 def _cross_batch_positives(params: dict | None) -> dict:

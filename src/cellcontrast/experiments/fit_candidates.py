@@ -5,6 +5,7 @@ chain built for export (refitted on every cell after grouped validation)."""
 from __future__ import annotations
 
 import sys
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import anndata
@@ -71,8 +72,10 @@ def _scores(chains: dict[str, Chain]) -> pd.DataFrame:
 
 
 def train_candidates(reference: anndata.AnnData, folds: BatchFolds | None, names: list[str], *, seed: int,
-                     params: dict | None, val_fraction: float, labels_key: str, layer: str | None) -> Candidates:
-    """Train every chain (a progress bar counts them, fold by fold)."""
+                     params: dict | None, val_fraction: float, labels_key: str, layer: str | None,
+                     executor: Executor | None = None) -> Candidates:
+    """Train every chain (a progress bar counts them, fold by fold); with an ``executor``, the
+    folds at once as its tasks."""
     pairs = [(n.partition("+")[0], n.partition("+")[2] or "none") for n in names]
     kw = {"seed": seed, "params": params, "val_fraction": val_fraction, "labels_key": labels_key, "layer": layer}
     total = len(names) * (len(folds.folds) if folds else 1)
@@ -80,7 +83,7 @@ def train_candidates(reference: anndata.AnnData, folds: BatchFolds | None, names
         if folds is None:
             split = fit_chains(reference, pairs, progress=lambda name: bar.update(), **kw)
         else:
-            grouped = fit_folds(reference, folds, pairs, progress=lambda name: bar.update(), **kw)
+            grouped = fit_folds(reference, folds, pairs, progress=lambda name: bar.update(), executor=executor, **kw)
     if folds is None:
         cells = reference[np.sort(split.val)]
         y = pd.Categorical(cells.obs[LABEL].astype(str), categories=split.classes).codes

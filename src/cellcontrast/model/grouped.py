@@ -18,6 +18,7 @@ in a note and in the model card). A key with a single value falls back to strati
 from __future__ import annotations
 
 import sys
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import anndata
@@ -148,30 +149,60 @@ class GroupedFit:
 
 def fit_folds(atlas: anndata.AnnData, folds: BatchFolds, chains: list[tuple[str, str]], *, seed: int = 0,
               params: dict | None = None, val_fraction: float = 0.1, labels_key: str = LABEL,
-              layer: str | None = None, progress=None) -> GroupedFit:
+              layer: str | None = None, progress=None, executor: Executor | None = None) -> GroupedFit:
     """Train every chain on each fold's training batches, its choices made on the held-out
-    batches; collect what the final chain's choice, temperature and thresholds need."""
+    batches; collect what the final chain's choice, temperature and thresholds need.
+
+    ``executor``: the folds are trained as its tasks, at once (``fit --workers/--scheduler``);
+    each is seeded as here, so the result does not depend on where it ran."""
+    kw = {"seed": seed, "params": params, "val_fraction": val_fraction, "labels_key": labels_key, "layer": layer}
+    if executor is None:
+        done = [fit_one_fold(atlas, chains, fold, folds.classes, folds.groups, progress=progress, **kw)
+                for fold in folds.folds]
+    else:
+        futures = [executor.submit(fit_one_fold, atlas, chains, fold, folds.classes, folds.groups, **kw)
+                   for fold in folds.folds]
+        done = []
+        for future in futures:
+            done.append(future.result())
+            for name, _ in done[-1]:
+                if progress is not None:
+                    progress(name)
     rows, oof, choices = [], {}, {}
-    for k, (held, train, val) in enumerate(folds.folds):
-        fitted: FittedChains = fit_chains(atlas, chains, seed=seed, params=params, val_fraction=val_fraction,
-                                          labels_key=labels_key, layer=layer, split=(train, val, folds.classes),
-                                          progress=progress, groups=folds.groups)
+    for k, ((held, train, val), fitted) in enumerate(zip(folds.folds, done, strict=True)):
         y = pd.Categorical(atlas.obs[LABEL].iloc[val].astype(str), categories=folds.classes).codes
-        for name, chain in fitted.chains.items():
-            metrics = {k: v for k, v in chain.metrics.items() if k.startswith("val_")}
+        for name, found in fitted:
             rows.append({"held_out": ",".join(held), "n_train": int(train.size), "n_val": int(val.size),
-                         "chain": name, **metrics})
+                         "chain": name, **found["metrics"]})
             part = oof.setdefault(name, {"y": [], "logits": [], "expression": [], "rows": [], "fold": []})
             part["y"].append(y)
             part["fold"].append(np.full(val.size, k))
             part["rows"].append(val)
-            part["logits"].append(predict_logits(chain.module, atlas.X[val]))
-            if chain.module.novelty is not None:
-                part["expression"].append(unexplained_expression(chain.module, atlas.X[val]))
-            choices.setdefault(name, []).append(chain.config["fit"].get("choices") or {})
+            part["logits"].append(found["logits"])
+            if found["expression"] is not None:
+                part["expression"].append(found["expression"])
+            choices.setdefault(name, []).append(found["choices"])
     fold_scores = pd.DataFrame(rows)
     pooled = {name: {k: np.concatenate(v) if v else np.zeros(0) for k, v in part.items()} for name, part in oof.items()}
     return GroupedFit(folds, fold_scores, _fold_means(fold_scores), pooled, choices)
+
+
+def fit_one_fold(atlas: anndata.AnnData, chains: list[tuple[str, str]], fold, classes: list[str],
+                 groups: np.ndarray | None, *, progress=None, **kw) -> list[tuple[str, dict]]:
+    """One fold's chains, as what the choice needs (validation metrics, the held-out cells'
+    logits and expression scores, the inner choices): small enough to come back from a worker."""
+    _, train, val = fold
+    fitted: FittedChains = fit_chains(atlas, chains, split=(train, val, classes), progress=progress, groups=groups,
+                                      **kw)
+    out = []
+    for name, chain in fitted.chains.items():
+        module = chain.module
+        out.append((name, {
+            "metrics": {k: v for k, v in chain.metrics.items() if k.startswith("val_")},
+            "logits": predict_logits(module, atlas.X[val]),
+            "expression": None if module.novelty is None else unexplained_expression(module, atlas.X[val]),
+            "choices": chain.config["fit"].get("choices") or {}}))
+    return out
 
 
 def _fold_means(fold_scores: pd.DataFrame) -> pd.DataFrame:
