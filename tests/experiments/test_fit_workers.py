@@ -1,5 +1,5 @@
-"""`fit --workers`: the validation folds trained at once on a local Dask cluster give the
-annotator one process gives."""
+"""`fit --workers`: the validation folds (or, with one validation part, the bases) trained at
+once on a local Dask cluster give the annotator one process gives."""
 
 from __future__ import annotations
 
@@ -26,6 +26,18 @@ def test_folds_on_two_workers_give_the_annotator_of_one_process(reference):
     np.testing.assert_allclose(spread.chain.predict_proba(reference[:200]), here.chain.predict_proba(reference[:200]),
                                atol=1e-6)
     assert spread.chain.metrics["val_energy_q95"] == pytest.approx(here.chain.metrics["val_energy_q95"], abs=1e-6)
+
+
+def test_bases_on_two_workers_give_the_chains_of_one_process(reference):
+    kw = {"chains": "lr,svm,lr+mlp", "params": {**FAST, "mlp": {"max_epochs": 2}}, "experiment": None,
+          "val_folds": 0, "ensemble": False}
+    here = cc.fit_annotator(reference, "cell_type", **kw)
+    spread = cc.fit_annotator(reference, "cell_type", workers=2, **kw)
+    assert spread.scores["chain"].tolist() == here.scores["chain"].tolist() == ["lr", "svm", "lr+mlp"]
+    np.testing.assert_allclose(spread.scores["val_macro_f1"], here.scores["val_macro_f1"], atol=1e-9)
+    assert spread.chosen == here.chosen
+    np.testing.assert_allclose(spread.chain.predict_proba(reference[:200]), here.chain.predict_proba(reference[:200]),
+                               atol=1e-6)
 
 
 def test_workers_below_one_are_refused_in_one_line(reference):

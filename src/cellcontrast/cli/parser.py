@@ -113,10 +113,10 @@ def _fit(sub) -> None:
     p.add_argument("--experiment", default="cellcontrast-fit", help="MLflow experiment of the parent run")
     p.add_argument("--no-register", action="store_true", help="do not register the annotator in MLflow")
     p.add_argument("--workers", type=int, default=1,
-                   help="train the validation folds (--batch-key, --val-folds) at once on a local Dask cluster of "
-                        "this many processes")
+                   help="train the validation folds (--batch-key, --val-folds), or with one validation part the "
+                        "bases, at once on a local Dask cluster of this many processes")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="train the validation folds on a running Dask scheduler (tcp://HOST:8786)")
+                   help="train the validation folds (or the bases) on a running Dask scheduler (tcp://HOST:8786)")
     _atlas_options(p)
 
 

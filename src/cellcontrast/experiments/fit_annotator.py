@@ -15,7 +15,6 @@ chain is exported, logged and registered.
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,8 +173,8 @@ def fit_annotator(
     ensemble
         Offer the ensemble of the two best chains (`cellcontrast.model.ensemble`) too.
     workers, scheduler
-        The folds at once on a local Dask cluster of ``workers`` processes or on a running
-        scheduler (``tcp://HOST:8786``): the same annotator as on one process.
+        The folds (or the bases) at once on a local Dask cluster of ``workers`` processes or a
+        running scheduler (``tcp://HOST:8786``): the same annotator as on one process.
 
     Returns
     -------
@@ -190,7 +189,7 @@ def fit_annotator(
                        batch_key or (CV_FOLD if folds is not None else None))
     options = {"seed": seed, "params": params, "labels_key": labels_key, "layer": layer}
     with tracker:
-        with fold_executor(folds, workers, scheduler) as executor:  # closed before the refit
+        with fold_executor(workers, scheduler) as executor:  # closed before the refit
             found = train_candidates(reference, folds, names, val_fraction=val_fraction, executor=executor, **options)
         offered = offer_ensemble(found, folds) if ensemble else None
         tracker.log_chains(found.scores, params)
@@ -204,18 +203,13 @@ def fit_annotator(
 
 
 @contextlib.contextmanager
-def fold_executor(folds, workers: int, scheduler: str | None):
-    """Where the validation folds train: here (None), or as tasks of a local Dask cluster of
-    ``workers`` processes or of a running ``scheduler``, all folds at once. One validation part
-    has nothing to spread: it trains here, with a note."""
+def fold_executor(workers: int, scheduler: str | None):
+    """Where the candidates train: here (None), or as tasks of a local Dask cluster of
+    ``workers`` processes or of a running ``scheduler``: the validation folds at once, or with
+    one validation part each base's chains."""
     if workers < 1:
         raise InputError(f"--workers {workers} must be at least 1")
     if workers == 1 and not scheduler:
-        yield None
-        return
-    if folds is None:
-        print("note: --workers/--scheduler spread validation folds; this fit has one validation part (above "
-              f"{CV_MAX_CELLS:,} cells without --batch-key) and trains here", file=sys.stderr)
         yield None
         return
     from cellcontrast.core.engine import task_executor

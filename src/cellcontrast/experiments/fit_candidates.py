@@ -75,13 +75,13 @@ def train_candidates(reference: anndata.AnnData, folds: BatchFolds | None, names
                      params: dict | None, val_fraction: float, labels_key: str, layer: str | None,
                      executor: Executor | None = None) -> Candidates:
     """Train every chain (a progress bar counts them, fold by fold); with an ``executor``, the
-    folds at once as its tasks."""
+    folds at once as its tasks (one split: each base's chains as a task)."""
     pairs = [(n.partition("+")[0], n.partition("+")[2] or "none") for n in names]
     kw = {"seed": seed, "params": params, "val_fraction": val_fraction, "labels_key": labels_key, "layer": layer}
     total = len(names) * (len(folds.folds) if folds else 1)
     with tqdm(total=total, desc="fit chains", unit="chain", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
         if folds is None:
-            split = fit_chains(reference, pairs, progress=lambda name: bar.update(), **kw)
+            split = fit_chains(reference, pairs, progress=lambda name: bar.update(), executor=executor, **kw)
         else:
             grouped = fit_folds(reference, folds, pairs, progress=lambda name: bar.update(), executor=executor, **kw)
     if folds is None:

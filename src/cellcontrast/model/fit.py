@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import anndata
@@ -131,6 +132,22 @@ class FittedChains:
     classes: list[str]
 
 
+def _fit_on_executor(executor: Executor, atlas, chains, split, progress, **kw) -> FittedChains:
+    """One task per base with its chains (a base is trained once for the chains on it)."""
+    by_base: dict[str, list[tuple[str, str]]] = {}
+    for base, component in chains:
+        by_base.setdefault(base, []).append((base, component))
+    futures = [executor.submit(fit_chains, atlas, group, split=split, **kw) for group in by_base.values()]
+    trained: dict[str, Chain] = {}
+    for future in futures:
+        trained.update(future.result().chains)
+        if progress is not None:
+            for name in future.result().chains:
+                progress(name)
+    ordered = {chain_name(b, c): trained[chain_name(b, c)] for b, c in chains}
+    return FittedChains(ordered, *split)
+
+
 def base_choices(model) -> dict:
     """What validation chose inside a base's recipe (LR: its genes, scaling and L2), so that
     a refit on every cell can reuse the choices (`model.grouped`)."""
@@ -148,7 +165,7 @@ def chain_name(base: str, component: str) -> str:
 def fit_chains(atlas: anndata.AnnData, chains: list[tuple[str, str]], *, seed: int = 0, params: dict | None = None,
                val_fraction: float = 0.1, labels_key: str = LABEL, layer: str | None = None,
                progress=None, log=None, split: tuple[np.ndarray, np.ndarray, list[str]] | None = None,
-               groups: np.ndarray | None = None) -> FittedChains:
+               groups: np.ndarray | None = None, executor: Executor | None = None) -> FittedChains:
     """Train several chains on one prepared reference (``prepare_atlas``): one split for all,
     each base trained once and shared by the chains on it (as the grid does), unless a
     component needs it refitted (``needs_component_base``; LR then fits only its scaling,
@@ -157,12 +174,18 @@ def fit_chains(atlas: anndata.AnnData, chains: list[tuple[str, str]], *, seed: i
     and ``layer`` are only recorded in the configs. ``split``: (train rows, validation rows,
     classes) given by the caller (grouped validation, `model.grouped`) instead of a stratified
     draw; the same row may sit in both (a refit that trains on every cell). ``groups``: each
-    cell's batch, for components (and a fine-tuned encoder) with ``positives="cross_batch"``."""
+    cell's batch, for components (and a fine-tuned encoder) with ``positives="cross_batch"``.
+    ``executor``: the chains of each base train as one of its tasks, the bases at once (the
+    split drawn here, every task seeded as here: the chains one process trains)."""
     params = params or {}
     check_params(params)
     for base, component in chains:
         _check_choice(base, component, val_fraction)
     train, val, classes = stratified_validation(atlas.obs[LABEL], val_fraction, seed) if split is None else split
+    if executor is not None:
+        return _fit_on_executor(executor, atlas, chains, (train, val, classes), progress,
+                                seed=seed, params=params, val_fraction=val_fraction, labels_key=labels_key,
+                                layer=layer, groups=groups)
     codes = pd.Categorical(atlas.obs[LABEL].astype(str), categories=classes).codes.astype(np.int64)
     X = {"train": atlas.X[train], "val": atlas.X[val]}
     y = {"train": codes[train], "val": codes[val]}
