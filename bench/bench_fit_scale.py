@@ -129,8 +129,9 @@ def worker_celltypist(folder: str, sgd: bool) -> dict:
 
 def _run(name: str, cmd: list[str], cap_s: float, env: dict | None = None) -> dict:
     row = measure(name, ["timeout", "--signal=KILL", str(int(cap_s)), *cmd], env=env)
-    if row["rc"] == 137 or row["rc"] == -9:
-        row["error"] = f"killed: over the {cap_s / 60:.0f}-minute cap or out of memory"
+    if row["rc"] in (137, -9):  # SIGKILL: the cap's, or the kernel's when memory ran out
+        row["error"] = (f"killed at the {cap_s / 60:.0f}-minute cap" if row["wall_s"] >= cap_s - 1 else
+                        f"killed after {row['wall_s']:.0f} s at {row['rss_mib'] / 1024:.1f} GiB: out of memory")
     return row
 
 
