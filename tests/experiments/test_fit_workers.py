@@ -1,5 +1,5 @@
-"""`fit --workers`: the validation folds (or, with one validation part, the bases) trained at
-once on a local Dask cluster give the annotator one process gives."""
+"""`fit --workers` / `--scheduler`: the validation folds (or, with one validation part, the
+bases) trained at once on a Dask cluster give the annotator one process gives."""
 
 from __future__ import annotations
 
@@ -17,10 +17,13 @@ def reference():
     return simulate_atlas(n_cells=700, n_types=5, n_genes=100, n_individuals=3, seed=3)
 
 
-def test_folds_on_two_workers_give_the_annotator_of_one_process(reference):
+def test_folds_on_a_running_scheduler_give_the_annotator_of_one_process(reference):
+    from distributed import LocalCluster
+
     kw = {"chains": "lr,svm", "params": FAST, "experiment": None, "batch_key": "individual", "ensemble": False}
     here = cc.fit_annotator(reference, "cell_type", **kw)
-    spread = cc.fit_annotator(reference, "cell_type", workers=2, **kw)
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
+        spread = cc.fit_annotator(reference, "cell_type", scheduler=cluster.scheduler_address, **kw)
     assert spread.chosen == here.chosen
     np.testing.assert_allclose(spread.fold_scores["val_macro_f1"], here.fold_scores["val_macro_f1"], atol=1e-9)
     np.testing.assert_allclose(spread.chain.predict_proba(reference[:200]), here.chain.predict_proba(reference[:200]),
