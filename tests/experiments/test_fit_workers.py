@@ -12,6 +12,18 @@ from cellcontrast.data.simulate import simulate_atlas
 FAST = {"lr": {"n_hvg": 60, "l2_path": [1e-2, 1e-3]}, "svm": {"n_hvg": 60, "l2_path": [1e-2, 1e-3]}}
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tasks take the submitting process's torch threads; one keeps two workers on two cores
+    from oversubscribing them (the equality holds at any count)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def reference():
     return simulate_atlas(n_cells=700, n_types=5, n_genes=100, n_individuals=3, seed=3)

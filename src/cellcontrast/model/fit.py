@@ -132,12 +132,20 @@ class FittedChains:
     classes: list[str]
 
 
+def _fit_task(threads: int, *args, **kw) -> FittedChains:
+    """`fit_chains` on a worker with the submitting process's torch threads (a sum split over
+    other threads rounds differently; a Dask worker starts with one)."""
+    torch.set_num_threads(threads)
+    return fit_chains(*args, **kw)
+
+
 def _fit_on_executor(executor: Executor, atlas, chains, split, progress, **kw) -> FittedChains:
     """One task per base with its chains (a base is trained once for the chains on it)."""
     by_base: dict[str, list[tuple[str, str]]] = {}
     for base, component in chains:
         by_base.setdefault(base, []).append((base, component))
-    futures = [executor.submit(fit_chains, atlas, group, split=split, **kw) for group in by_base.values()]
+    futures = [executor.submit(_fit_task, torch.get_num_threads(), atlas, group, split=split, **kw)
+               for group in by_base.values()]
     trained: dict[str, Chain] = {}
     for future in futures:
         trained.update(future.result().chains)

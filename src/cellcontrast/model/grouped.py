@@ -160,8 +160,10 @@ def fit_folds(atlas: anndata.AnnData, folds: BatchFolds, chains: list[tuple[str,
         done = [fit_one_fold(atlas, chains, fold, folds.classes, folds.groups, progress=progress, **kw)
                 for fold in folds.folds]
     else:
-        futures = [executor.submit(fit_one_fold, atlas, chains, fold, folds.classes, folds.groups, **kw)
-                   for fold in folds.folds]
+        # the submitting process's torch threads: a sum split over other threads rounds
+        # differently, and an L-BFGS path can end elsewhere (a Dask worker starts with one)
+        futures = [executor.submit(fit_one_fold, atlas, chains, fold, folds.classes, folds.groups,
+                                   threads=torch.get_num_threads(), **kw) for fold in folds.folds]
         done = []
         for future in futures:
             done.append(future.result())
@@ -188,9 +190,12 @@ def fit_folds(atlas: anndata.AnnData, folds: BatchFolds, chains: list[tuple[str,
 
 
 def fit_one_fold(atlas: anndata.AnnData, chains: list[tuple[str, str]], fold, classes: list[str],
-                 groups: np.ndarray | None, *, progress=None, **kw) -> list[tuple[str, dict]]:
+                 groups: np.ndarray | None, *, progress=None, threads: int | None = None, **kw) -> list[tuple[str, dict]]:
     """One fold's chains, as what the choice needs (validation metrics, the held-out cells'
-    logits and expression scores, the inner choices): small enough to come back from a worker."""
+    logits and expression scores, the inner choices): small enough to come back from a worker.
+    ``threads``: torch's, set first (a task on a worker)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     _, train, val = fold
     fitted: FittedChains = fit_chains(atlas, chains, split=(train, val, classes), progress=progress, groups=groups,
                                       **kw)
