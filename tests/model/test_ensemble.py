@@ -81,7 +81,9 @@ def test_the_energy_comes_from_another_chain_while_the_rest_stays_the_chosen_one
     np.testing.assert_allclose(probs, svm.predict_proba(reference[:64]), atol=1e-5)
     np.testing.assert_allclose(energy, lr_energy, atol=1e-4)
     assert annotator.metadata["base"] == "svm"
-    # an ensemble keeps its weights; LR joins it for the energy only
+    component = cc.fit(reference, "cell_type", base="lr", component="mlp", params={**FAST, "mlp": {"max_epochs": 2}})
+    assert with_energy_of(component, lr, "lr").module.energy_weights.tolist() == [0.0, 1.0]
+        # an ensemble keeps its weights; LR joins it for the energy only
     mixed = ensemble_chain([svm, lr], [0.4, 0.6], ["svm", "scdae"], {"val_energy_q95": 0.0})
     joined = with_energy_of(mixed, lr, "lr")
     assert joined.module.weights.tolist() == pytest.approx([0.4, 0.6, 0.0])

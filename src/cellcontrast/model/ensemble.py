@@ -94,9 +94,9 @@ def with_energy_of(chain: Chain, source: Chain, name: str) -> Chain:
         members, weights = list(module.members), module.weights.tolist()
         if name not in names:
             members, weights, names = [*members, source.module], [*weights, 0.0], [*names, name]
-    else:
-        members, weights, names = [module, source.module], [1.0, 0.0], [chain.config.get("base"), name]
-    energy_weights = [float(n == name) for n in names]
+        energy_weights = [float(n == name) for n in names]
+    else:  # by position: a component chain's base may bear the source's name (lr+mlp and lr)
+        members, weights, energy_weights = [module, source.module], [1.0, 0.0], [0.0, 1.0]
     config = dict(chain.config)
     config["metrics"] = {**chain.metrics, "val_energy_q95": float(source.metrics["val_energy_q95"])}
     config["energy_from"] = name

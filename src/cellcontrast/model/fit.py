@@ -132,11 +132,12 @@ class FittedChains:
     classes: list[str]
 
 
-def _fit_task(threads: int, *args, **kw) -> FittedChains:
-    """`fit_chains` on a worker with the submitting process's torch threads (a sum split over
-    other threads rounds differently; a Dask worker starts with one)."""
+def on_threads(threads: int, task, *args, **kw):
+    """``task(*args, **kw)`` with torch on ``threads`` threads: what an executor runs, given the
+    submitting process's count, so that a worker (Dask starts each with one) sums as it would
+    (a sum split over other threads rounds differently and an L-BFGS path can end elsewhere)."""
     torch.set_num_threads(threads)
-    return fit_chains(*args, **kw)
+    return task(*args, **kw)
 
 
 def _fit_on_executor(executor: Executor, atlas, chains, split, progress, **kw) -> FittedChains:
@@ -144,14 +145,14 @@ def _fit_on_executor(executor: Executor, atlas, chains, split, progress, **kw) -
     by_base: dict[str, list[tuple[str, str]]] = {}
     for base, component in chains:
         by_base.setdefault(base, []).append((base, component))
-    futures = [executor.submit(_fit_task, torch.get_num_threads(), atlas, group, split=split, **kw)
+    futures = [executor.submit(on_threads, torch.get_num_threads(), fit_chains, atlas, group, split=split, **kw)
                for group in by_base.values()]
     trained: dict[str, Chain] = {}
     for future in futures:
-        trained.update(future.result().chains)
-        if progress is not None:
-            for name in future.result().chains:
-                progress(name)
+        chains_done = future.result().chains
+        trained.update(chains_done)
+        for name in chains_done if progress is not None else ():
+            progress(name)
     ordered = {chain_name(b, c): trained[chain_name(b, c)] for b, c in chains}
     return FittedChains(ordered, *split)
 

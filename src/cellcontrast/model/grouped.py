@@ -29,7 +29,13 @@ import torch
 from cellcontrast.core.errors import InputError
 from cellcontrast.core.names import ALL_GENES, CV_FOLD, LABEL, LINEAR_BASES
 from cellcontrast.model.chain import Chain
-from cellcontrast.model.fit import MIN_CELLS_PER_TYPE, FittedChains, chain_name, fit_chains
+from cellcontrast.model.fit import (
+    MIN_CELLS_PER_TYPE,
+    FittedChains,
+    chain_name,
+    fit_chains,
+    on_threads,
+)
 from cellcontrast.nn.chain import predict_logits
 from cellcontrast.train.calibration import expected_calibration_error, fit_temperature
 from cellcontrast.train.evaluation import annotate_thresholds
@@ -160,10 +166,8 @@ def fit_folds(atlas: anndata.AnnData, folds: BatchFolds, chains: list[tuple[str,
         done = [fit_one_fold(atlas, chains, fold, folds.classes, folds.groups, progress=progress, **kw)
                 for fold in folds.folds]
     else:
-        # the submitting process's torch threads: a sum split over other threads rounds
-        # differently, and an L-BFGS path can end elsewhere (a Dask worker starts with one)
-        futures = [executor.submit(fit_one_fold, atlas, chains, fold, folds.classes, folds.groups,
-                                   threads=torch.get_num_threads(), **kw) for fold in folds.folds]
+        futures = [executor.submit(on_threads, torch.get_num_threads(), fit_one_fold, atlas, chains, fold,
+                                   folds.classes, folds.groups, **kw) for fold in folds.folds]
         done = []
         for future in futures:
             done.append(future.result())
@@ -190,12 +194,9 @@ def fit_folds(atlas: anndata.AnnData, folds: BatchFolds, chains: list[tuple[str,
 
 
 def fit_one_fold(atlas: anndata.AnnData, chains: list[tuple[str, str]], fold, classes: list[str],
-                 groups: np.ndarray | None, *, progress=None, threads: int | None = None, **kw) -> list[tuple[str, dict]]:
+                 groups: np.ndarray | None, *, progress=None, **kw) -> list[tuple[str, dict]]:
     """One fold's chains, as what the choice needs (validation metrics, the held-out cells'
-    logits and expression scores, the inner choices): small enough to come back from a worker.
-    ``threads``: torch's, set first (a task on a worker)."""
-    if threads is not None:
-        torch.set_num_threads(threads)
+    logits and expression scores, the inner choices): small enough to come back from a worker."""
     _, train, val = fold
     fitted: FittedChains = fit_chains(atlas, chains, split=(train, val, classes), progress=progress, groups=groups,
                                       **kw)
