@@ -188,3 +188,24 @@ def test_rebuild_from_config_and_state(name, data):
     x = dense(train[:7])
     assert torch.equal(module(x), rebuilt(x))
     assert isinstance(module.describe(), str) and module.describe()
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+@pytest.mark.parametrize("n_hvg", [50, "all"])
+def test_lr_from_streamed_moments_equals_the_fit_on_the_same_cells(data, standardize, n_hvg):
+    """`fit` on a reference read in chunks takes its genes, means and sds from summed chunks."""
+    from cellcontrast.nn.preprocessing import GeneMoments
+
+    counts = sp.csr_matrix(data[0])
+    moments = GeneMoments(counts.shape[1])
+    for start in range(0, counts.shape[0], 70):  # uneven chunks
+        moments.add(counts[start:start + 70])
+    whole = LRPreprocess.fit(counts, n_hvg=n_hvg, standardize=standardize)
+    streamed = LRPreprocess.from_moments(moments, n_hvg, standardize=standardize)
+    assert torch.equal(whole.gene_index, streamed.gene_index)
+    assert torch.allclose(whole.mean, streamed.mean, atol=1e-6) and torch.allclose(whole.std, streamed.std, atol=1e-6)
+    # cells taken out again: the fit on the rest
+    moments.add(counts[:40], sign=-1)
+    rest = LRPreprocess.fit(counts[40:], n_hvg=n_hvg, standardize=standardize)
+    again = LRPreprocess.from_moments(moments, n_hvg, standardize=standardize)
+    assert torch.equal(rest.gene_index, again.gene_index) and torch.allclose(rest.mean, again.mean, atol=1e-6)

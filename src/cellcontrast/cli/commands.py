@@ -154,12 +154,15 @@ def fit(args: argparse.Namespace) -> None:
         query = open_h5ad(args.query, backed=True)
         genes = query.var_names.copy()
         query.file.close()
-    result = fit_annotator(open_h5ad(args.reference), args.label_key, chains=args.chains, layer=args.layer,
+    # Backed: only obs is read here; a reference above --max-cells-in-memory is then read in chunks.
+    result = fit_annotator(open_h5ad(args.reference, backed=True), args.label_key, chains=args.chains, layer=args.layer,
                            filters=parse_filters(args.filter), seed=args.seed, params=params,
                            val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                            batch_key=args.batch_key, val_folds=args.val_folds, genes=genes, genes_source=f"--query {args.query}",
                            ensemble=not args.no_ensemble, out=args.out, experiment=args.experiment, register=not args.no_register,
-                           workers=args.workers, scheduler=args.scheduler)
+                           workers=args.workers, scheduler=args.scheduler,
+                           max_cells_in_memory=args.max_cells_in_memory, sample_cells=args.sample_cells,
+                           resume=args.resume)
     val = result.chain.metrics.get("val_macro_f1", float("nan"))
     if result.fold_scores is not None:
         val_text = f"mean over held-out {result.chain.config['fit']['batch_key']} macro F1 {val:.4f}"

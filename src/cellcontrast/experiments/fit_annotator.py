@@ -33,6 +33,7 @@ from cellcontrast.experiments.fit_candidates import (
     offer_ensemble,
     train_candidates,
 )
+from cellcontrast.experiments.fit_stream import streaming_reference
 from cellcontrast.experiments.selection import SELECTION_METRIC
 from cellcontrast.model.chain import Chain
 from cellcontrast.model.ensemble import (
@@ -64,6 +65,12 @@ DEFAULT_CHAINS = ("lr", "svm", "scdae")
 # 142 cells), for 3-4x the fit time (kidney 59 -> 182 s). Above CV_MAX_CELLS the part holds
 # 1,000+ cells and one fit costs minutes: one part.
 CV_FOLDS, CV_MAX_CELLS = 5, 10_000
+
+# A backed reference above MAX_CELLS_IN_MEMORY labelled cells is fitted by streaming: its choices
+# on a sample of SAMPLE_CELLS, the chosen linear chain refitted on every cell read in chunks
+# (`experiments.fit_stream`). At 100k cells x 2,000 genes the in-memory fit took 888 s and 4.0 GiB,
+# at 250k 1,656 s and 8.8 GiB (docs/results/benchmarks.md): memory grows with the cells.
+MAX_CELLS_IN_MEMORY, SAMPLE_CELLS = 100_000, 50_000
 
 
 def parse_chains(chains: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -141,6 +148,9 @@ def fit_annotator(
     ensemble: bool = True,
     workers: int = 1,
     scheduler: str | None = None,
+    max_cells_in_memory: int = MAX_CELLS_IN_MEMORY,
+    sample_cells: int = SAMPLE_CELLS,
+    resume: bool = False,
 ) -> FittedAnnotator:
     """Train the chains on a labelled reference, choose one on validation, export it.
 
@@ -175,28 +185,47 @@ def fit_annotator(
     workers, scheduler
         The folds (or the bases) at once on a local Dask cluster of ``workers`` processes or a
         running scheduler (``tcp://HOST:8786``): the same annotator as on one process.
+    max_cells_in_memory, sample_cells, resume
+        A backed ``adata`` with more labelled cells is never read whole: choices on a sample of
+        ``sample_cells``, linear chains refitted in chunks, checkpoints beside ``out`` that
+        ``resume`` continues from (`experiments.fit_stream`).
 
-    Returns
-    -------
-    FittedAnnotator; `InputError` for bad input (`docs/reference/refusals.md`).
+    Returns FittedAnnotator; `InputError` for bad input (`docs/reference/refusals.md`).
     """
     names = parse_chains(chains)
-    atlas, reference, test, folds, note = _prepare(adata, labels_key, layer, filters, genes, genes_source,
-                                                   seed, val_fraction, test_fraction, batch_key, val_folds, out)
-    if batch_key and folds is not None:
+    stream = streaming_reference(adata, labels_key, layer, filters, max_cells_in_memory=max_cells_in_memory,
+                                 sample_cells=sample_cells, seed=seed, out=out, resume=resume)
+    prepared = _prepare(stream.read_sample(adata) if stream else adata, labels_key, None if stream else layer,
+                        filters, genes, genes_source, seed, val_fraction, test_fraction, batch_key, val_folds, out)
+    if batch_key and prepared[3] is not None:
         params = _cross_batch_positives(params)
-    tracker = _Tracker(experiment, names, reference, seed, test_fraction,
-                       batch_key or (CV_FOLD if folds is not None else None))
     options = {"seed": seed, "params": params, "labels_key": labels_key, "layer": layer}
+    result = _fit_prepared(prepared, names, stream, options, experiment=experiment, batch_key=batch_key,
+                           test_fraction=test_fraction, val_fraction=val_fraction, ensemble=ensemble,
+                           workers=workers, scheduler=scheduler, out=out, register=register)
+    if stream:
+        stream.finish()
+    return result
+
+
+def _fit_prepared(prepared, names: list[str], stream, options: dict, *, experiment, batch_key, test_fraction,
+                  val_fraction, ensemble, workers, scheduler, out, register) -> FittedAnnotator:
+    """`fit_annotator` on its prepared reference: train, choose, build (refit), describe, write."""
+    atlas, reference, test, folds, note = prepared
+    tracker = _Tracker(experiment, names, reference, options["seed"], test_fraction,
+                       batch_key or (CV_FOLD if folds is not None else None))
     with tracker:
         with fold_executor(workers, scheduler) as executor:  # closed before the refit
             found = train_candidates(reference, folds, names, val_fraction=val_fraction, executor=executor, **options)
         offered = offer_ensemble(found, folds) if ensemble else None
-        tracker.log_chains(found.scores, params)
+        tracker.log_chains(found.scores, options["params"])
         chosen_name = choose(found, folds)
-        chain, validation = build_chosen(found, folds, chosen_name, offered, reference, **options)
-        _describe(chain, names, folds, note, validation, reference, seed)
+        chain, validation = build_chosen(found, folds, chosen_name, offered, reference, **options,
+                                         **({"refit": stream.refit} if stream else {}))
+        _describe(chain, names, folds, note, validation, reference, options["seed"])
         result = _result(chain, chosen_name, found, validation, atlas, reference, test)
+        if stream:
+            result.n_cells["reference"] = stream.n_cells
         if out is not None:
             _write(result, Path(out), tracker, register)
     return result

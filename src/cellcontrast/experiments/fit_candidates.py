@@ -123,7 +123,9 @@ def choose(found: Candidates, folds: BatchFolds | None) -> str:
 def build_chosen(found: Candidates, folds: BatchFolds | None, chosen: str, offered: dict | None,
                  reference: anndata.AnnData, **options) -> tuple[Chain, tuple[np.ndarray, np.ndarray]]:
     """The chain to export and its (labels, probabilities) on the validation cells; its
-    ``--flag-unseen`` energy is ``ENERGY_SOURCE``'s where that chain was a candidate."""
+    ``--flag-unseen`` energy is ``ENERGY_SOURCE``'s where that chain was a candidate.
+    ``refit(name, chain, reference, trained rows)`` (an option), if given, takes each chain
+    built before it joins the export (a reference read in chunks: `experiments.fit_stream`)."""
     members = offered["members"] if chosen == ENSEMBLE else [chosen]
     built = {name: _built(found, folds, name, reference, **options) for name in members}
     if chosen == ENSEMBLE:
@@ -136,9 +138,14 @@ def build_chosen(found: Candidates, folds: BatchFolds | None, chosen: str, offer
     return chain, validation
 
 
-def _built(found: Candidates, folds: BatchFolds | None, name: str, reference: anndata.AnnData, **options) -> Chain:
+def _built(found: Candidates, folds: BatchFolds | None, name: str, reference: anndata.AnnData, refit=None,
+           **options) -> Chain:
     """A candidate as exported: the split's chain, or refitted on every cell after grouped validation."""
-    return found.split.chains[name] if folds is None else refit_on_every_cell(reference, found.grouped, name, **options)
+    if folds is None:
+        chain, trained = found.split.chains[name], np.sort(found.split.train)
+    else:
+        chain, trained = refit_on_every_cell(reference, found.grouped, name, **options), np.arange(reference.n_obs)
+    return chain if refit is None else refit(name, chain, reference, trained)
 
 
 def _ensemble(offered: dict, built: list[Chain], folds: BatchFolds | None, found: Candidates) -> Chain:

@@ -143,6 +143,19 @@ def _validation_line(result) -> str:
         f" ({fit['validation_note']})" if fit.get("validation_note") else "")
 
 
+def _streamed_line(fit: dict) -> str:
+    """How a reference read in chunks was used (`experiments.fit_stream`), or nothing."""
+    streamed = fit.get("streamed")
+    if not streamed:
+        return ""
+    if not streamed.get("cells"):
+        return f"\n- Read in chunks: every choice on a stratified sample; this chain was {streamed['note']}"
+    return (f"\n- Read in chunks: every choice on a stratified sample of {streamed['sample_cells']} cells; the chain "
+            f"refitted on all {streamed['cells']} training cells ({streamed['n_selected']} genes from one pass of "
+            f"gene statistics, {streamed['epochs']} epochs of mini-batch Adam from the sample fit, training loss "
+            f"{' -> '.join(str(v) for v in streamed['losses'])})")
+
+
 def _num(value: float, digits: int) -> str:
     return "-" if not np.isfinite(value) else f"{value:.{digits}f}"
 
@@ -171,7 +184,7 @@ def _markdown(result, y: np.ndarray, proba: np.ndarray, png: Path, sets: pd.Data
     return f"""# Model card: {png.name.removesuffix('.card.png')}
 
 - Chosen chain: **{result.chosen}** ({fit.get('chosen_by', '')}), among {', '.join(fit.get('chains', []))}
-{_validation_line(result)}
+{_validation_line(result)}{_streamed_line(fit)}
 - Cells: {result.n_cells['reference']} in the reference; {result.n_cells['train']} trained, {result.n_cells['val']} validated{f", {result.n_cells['test']} held out for the test" if result.n_cells['test'] else ''}; seed {fit.get('seed', 0)}
 - Genes: {len(chain.genes)} in the reference, {_genes_used(chain)} used by the base
 - Classes: {len(classes)}; temperature {chain.metrics.get('temperature', float('nan')):.3f};

@@ -65,6 +65,34 @@ def _log1p_csr(x: sp.csr_matrix, base: float | None = None) -> sp.csr_matrix:
     return out
 
 
+class GeneMoments:
+    """Per-gene sums over cells of library-normalised counts and of their log1p (and of the
+    squares), added a chunk of raw counts at a time: what `LRPreprocess.from_moments` fits
+    from, so that a reference read in chunks (`fit` on a backed file) is never held whole.
+    Sums are float64 and exact to rounding: the fit equals `LRPreprocess.fit` on the same cells."""
+
+    def __init__(self, n_genes: int, target_sum: float = TARGET_SUM):
+        self.target_sum = float(target_sum)
+        self.n_cells = 0
+        self.sums = np.zeros((4, int(n_genes)))  # x, x^2, log1p(x), log1p(x)^2
+
+    def add(self, counts, sign: int = 1) -> GeneMoments:
+        """Add the cells of ``counts`` (csr or dense raw counts); ``sign=-1`` takes them out."""
+        normalized = _normalized_csr(counts, self.target_sum)
+        normalized.sum_duplicates()
+        logged = _log1p_csr(normalized)
+        for i, m in enumerate((normalized, normalized.multiply(normalized), logged, logged.multiply(logged))):
+            self.sums[i] += sign * np.asarray(m.sum(axis=0)).ravel()
+        self.n_cells += sign * normalized.shape[0]
+        return self
+
+    def mean_var(self, logged: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Each gene's mean and population variance (of log1p values with ``logged``)."""
+        s, s2 = self.sums[2:] if logged else self.sums[:2]
+        mean = s / max(self.n_cells, 1)
+        return mean, np.maximum(s2 / max(self.n_cells, 1) - mean**2, 0.0)
+
+
 def highly_variable_genes(normalized: sp.csr_matrix, n_top: int | str, n_bins: int = 20) -> np.ndarray:
     """Indices (sorted ascending) of the ``n_top`` most dispersed genes, Seurat flavour.
 
@@ -74,10 +102,14 @@ def highly_variable_genes(normalized: sp.csr_matrix, n_top: int | str, n_bins: i
     the training cells rank last. Written here so that it runs on a sparse matrix directly;
     tests check that it agrees with scanpy.
     """
-    n_genes = normalized.shape[1]
+    return top_dispersed(dispersion_scores(normalized, n_bins), n_top)
+
+
+def top_dispersed(score: np.ndarray, n_top: int | str) -> np.ndarray:
+    """Indices (sorted) of the ``n_top`` highest dispersion scores; every gene for ``ALL_GENES``."""
+    n_genes = score.shape[0]
     if n_top == ALL_GENES or n_top >= n_genes:
         return np.arange(n_genes)
-    score = dispersion_scores(normalized, n_bins)
     # Stable sort on the negated score: ties keep gene order, so the choice is reproducible.
     chosen = np.argsort(-score, kind="stable")[:n_top]
     return np.sort(chosen)
@@ -85,8 +117,12 @@ def highly_variable_genes(normalized: sp.csr_matrix, n_top: int | str, n_bins: i
 
 def dispersion_scores(normalized: sp.csr_matrix, n_bins: int = 20) -> np.ndarray:
     """Seurat's normalised dispersion per gene (-inf for genes without a defined one)."""
-    n_genes = normalized.shape[1]
-    mean, var = _gene_mean_var(normalized)
+    return dispersion_scores_of(*_gene_mean_var(normalized), n_bins)
+
+
+def dispersion_scores_of(mean: np.ndarray, var: np.ndarray, n_bins: int = 20) -> np.ndarray:
+    """`dispersion_scores` from each gene's mean and variance of library-normalised counts."""
+    n_genes = mean.shape[0]
     expressed = mean > 0
     dispersion = np.full(n_genes, np.nan)
     dispersion[expressed] = var[expressed] / mean[expressed]
@@ -194,6 +230,21 @@ class LRPreprocess(GeneSelecting):
         module.gene_index.copy_(torch.as_tensor(genes, dtype=torch.long))
         if standardize:
             mean, var = _gene_mean_var(_log1p_csr(normalized[:, genes]))
+            sd = np.sqrt(var)
+            sd[sd < sd_floor] = 1.0
+            module.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+            module.std.copy_(torch.as_tensor(sd, dtype=torch.float32))
+        return module
+
+    @classmethod
+    def from_moments(cls, moments: GeneMoments, n_hvg: int | str = 2000, clip: float = 10.0,
+                     sd_floor: float = 1e-6, standardize: bool = True) -> LRPreprocess:
+        """`fit` from streamed sums (`GeneMoments`) instead of the cells themselves."""
+        genes = top_dispersed(dispersion_scores_of(*moments.mean_var()), n_hvg)
+        module = cls(moments.sums.shape[1], len(genes), moments.target_sum, clip, standardize)
+        module.gene_index.copy_(torch.as_tensor(genes, dtype=torch.long))
+        if standardize:
+            mean, var = (v[genes] for v in moments.mean_var(logged=True))
             sd = np.sqrt(var)
             sd[sd < sd_floor] = 1.0
             module.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))

@@ -117,8 +117,13 @@ class SparseAffineSource:
         return self.matrix.nnz / max(1, self.matrix.shape[0] * self.matrix.shape[1])
 
     def logit_blocks(self, net: nn.Module) -> Iterator[torch.Tensor]:
-        weight, bias = _linear(net)
-        yield _SparseTimesWeightT.apply(weight, self.matrix) + (weight @ self.offset + bias)
+        yield sparse_logits(net, self.matrix, self.offset)
+
+
+def sparse_logits(net: nn.Module, matrix: sp.csr_matrix, offset: torch.Tensor) -> torch.Tensor:
+    """A linear ``net``'s logits on the features ``offset + matrix`` (differentiable in its weights)."""
+    weight, bias = linear_weights(net)
+    return _SparseTimesWeightT.apply(weight, matrix) + (weight @ offset + bias)
 
 
 # Below this share of detected values (of the selected genes) LR's L-BFGS trains on the sparse
@@ -283,7 +288,7 @@ def fit_linear_lbfgs(net: EncoderHead, train: FeatureSource | SparseAffineSource
     is summed over row blocks, so a training matrix too large to cache works too. Returns the
     best score; ``net`` is left holding the best weights, in eval mode, and ``net.l2`` the l2.
     """
-    weight, bias = _linear(net)
+    weight, bias = linear_weights(net)
     y = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
     with torch.no_grad():  # start from zero: the path's first (strongest) fit is then cheap
         weight.zero_()
@@ -331,7 +336,13 @@ def rank_scores(scores: dict) -> tuple:
     return scores["val_macro_f1"], scores["val_accuracy"], -scores["val_loss"]
 
 
-def _linear(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "log") -> torch.Tensor:
+    """The summed loss of a linear head: cross-entropy, or ``"squared_hinge"`` (the margin base)."""
+    return squared_hinge(logits, y) if loss == "squared_hinge" else F.cross_entropy(logits, y, reduction="sum")
+
+
+def linear_weights(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of a linear model's head (LR, the margin base)."""
     head = net.head.linear if hasattr(net.head, "linear") else net.head
     return head.weight, head.bias
 
@@ -347,7 +358,7 @@ def _lbfgs(net: EncoderHead, train: FeatureSource | SparseAffineSource, y: torch
            max_iter: int, loss: str = "log") -> float:
     """Minimise the mean loss (cross-entropy, or ``loss="squared_hinge"``) + l2 * sum(W^2) / 2
     from the current weights; returns the objective."""
-    weight, bias = _linear(net)
+    weight, bias = linear_weights(net)
     n = max(len(train), 1)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
                                   tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
@@ -357,8 +368,7 @@ def _lbfgs(net: EncoderHead, train: FeatureSource | SparseAffineSource, y: torch
         total, start = torch.zeros(()), 0
         for logits in train.logit_blocks(net):  # the full batch, a block of rows at a time
             target = y[start:start + len(logits)]
-            part = (squared_hinge(logits, target) if loss == "squared_hinge"
-                    else F.cross_entropy(logits, target, reduction="sum")) / n
+            part = linear_loss(logits, target, loss) / n
             part.backward()
             total, start = total + part.detach(), start + len(logits)
         penalty = 0.5 * l2 * weight.pow(2).sum()
