@@ -49,6 +49,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--cap-minutes", type=float, default=60.0, help="per run")
     p.add_argument("--bench-python", default=str(ROOT / ".venv-bench/bin/python"),
                    help="Python of the peers' venv (celltypist)")
+    p.add_argument("--fit-args", default="", help="more options for `cellcontrast fit` (e.g. \"--sample-cells 20000\")")
+    p.add_argument("--mem-cap-gib", type=float, default=0,
+                   help="cap each CellTypist run's address space (prlimit --as) so that running out of memory ends "
+                        "that run, not another process on the machine (0: no cap)")
     p.add_argument("--csv", type=Path, help="append one row per run (default: OUT_DIR/fit_scale.csv)")
     p.add_argument("--worker", choices=["split", "score", "celltypist"], help=argparse.SUPPRESS)
     p.add_argument("--args", help=argparse.SUPPRESS)
@@ -158,12 +162,13 @@ def _prepare(out: Path, size: int, genes: int, query_cells: int) -> Path:
     return folder
 
 
-def _cellcontrast(folder: Path, cap_s: float) -> dict:
+def _cellcontrast(folder: Path, cap_s: float, fit_args: str = "") -> dict:
     model = folder / "cellcontrast" / "annotator.onnx"
     model.parent.mkdir(exist_ok=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{model.parent / 'mlflow.db'}"}
     row = _run("cellcontrast", [sys.executable, "-m", "cellcontrast", "fit", "--reference",
-                                str(folder / "reference.h5ad"), "--out", str(model), "--no-register"], cap_s, env)
+                                str(folder / "reference.h5ad"), "--out", str(model), "--no-register",
+                                *fit_args.split()], cap_s, env)
     if row["rc"] != 0:
         return row
     card = model.with_suffix(".card.md").read_text()
@@ -194,10 +199,13 @@ def main(args) -> int:
             folder = _prepare(out, size, genes, args.query_cells)
             for method in methods:
                 if method == "cellcontrast":
-                    row = _cellcontrast(folder, cap_s)
+                    row = {**_cellcontrast(folder, cap_s, args.fit_args), "fit_args": args.fit_args}
                 else:
-                    row = _run(method, _worker(args.bench_python, "celltypist", folder=str(folder),
-                                               sgd=method == "celltypist_sgd"), cap_s)
+                    cap = ["prlimit", f"--as={int(args.mem_cap_gib * 2**30)}"] if args.mem_cap_gib else []
+                    row = _run(method, [*cap, *_worker(args.bench_python, "celltypist", folder=str(folder),
+                                                       sgd=method == "celltypist_sgd")], cap_s)
+                    if row["rc"] != 0 and args.mem_cap_gib and "MemoryError" in row.get("error", ""):
+                        row["error"] = f"out of memory at the {args.mem_cap_gib:g} GiB cap"
                 row = {"genes": genes, "reference_cells": size, "method": method, **row}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -207,7 +215,7 @@ def main(args) -> int:
 
 
 COLUMNS = ["genes", "reference_cells", "method", "wall_s", "rss_mib", "val_macro_f1", "heldout_macro_f1",
-           "chosen", "train_s", "annotate_s", "error"]
+           "chosen", "train_s", "annotate_s", "fit_args", "error"]
 
 
 def _append(csv: Path, row: dict) -> None:

@@ -133,7 +133,9 @@ def build_chosen(found: Candidates, folds: BatchFolds | None, chosen: str, offer
     else:  # grouped: the refit's temperature is the one these out-of-fold probabilities were scaled by
         chain, validation = built[chosen], (found.y, found.probas[chosen])
     if chosen != ENERGY_SOURCE and ENERGY_SOURCE in found.probas:
-        source = built.get(ENERGY_SOURCE) or _built(found, folds, ENERGY_SOURCE, reference, **options)
+        # Read for its energy only: as the sample trained it, which its threshold was set on (`fit_stream`).
+        alone = {k: v for k, v in options.items() if k != "refit"}
+        source = built.get(ENERGY_SOURCE) or _built(found, folds, ENERGY_SOURCE, reference, **alone)
         chain = with_energy_of(chain, source, ENERGY_SOURCE)
     return chain, validation
 

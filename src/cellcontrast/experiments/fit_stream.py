@@ -103,6 +103,9 @@ class StreamingReference:
                                        loss=p.get("loss", "log"), epochs=REFIT_EPOCHS, batch_size=REFIT_BATCH,
                                        lr=REFIT_LR, seed=self.seed, checkpoint=checkpoint,
                                        desc=f"refit {name} on every cell")
+        seconds = info.pop("seconds")  # said, not stored: the same seed writes the same file
+        print(f"note: {name} refitted on {info['cells']} cells in {info['epochs']} epochs ({seconds:.0f} s)",
+              file=sys.stderr)
         config["fit"].update({"n_train": info["cells"], "streamed": {**info, "sample_cells": len(self.sample)}})
         self.refitted[name] = info
         return Chain(chain.module, chain_config(chain.module, config))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def refit_linear_stream(module: ChainModule, blocks: Blocks, *, n_hvg, l2: float
     ``n_hvg``: the gene selection the sample fit chose (``"all"`` or a count). ``l2``: the
     penalty per cell of the full reference. Same seed, same weights, resumed or not.
     """
+    started = time.perf_counter()
     old = module.preprocess
     key = repr((str(n_hvg), float(l2), loss, epochs, batch_size, float(lr), seed, module.n_classes, old.n_genes))
     state = _load(checkpoint, key)
@@ -126,7 +128,7 @@ def refit_linear_stream(module: ChainModule, blocks: Blocks, *, n_hvg, l2: float
                        "bias": bias.detach().clone(), "optimizer": optimizer.state_dict()}, checkpoint)
     module.eval()
     return {"cells": n_cells, "epochs": epochs, "losses": [round(v, 5) for v in losses], "l2": l2,
-            "n_selected": module.preprocess.n_selected}
+            "n_selected": module.preprocess.n_selected, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _replace_linear(module: ChainModule, preprocess: LRPreprocess, weight: torch.Tensor, bias: torch.Tensor) -> None:
