@@ -49,6 +49,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--cap-minutes", type=float, default=60.0, help="per run")
     p.add_argument("--bench-python", default=str(ROOT / ".venv-bench/bin/python"),
                    help="Python of the peers' venv (celltypist)")
+    p.add_argument("--resample-from", type=int, default=0, metavar="SIZE",
+                   help="build each reference by resampling cells (with replacement, as bench_annotate.py builds its "
+                        "query) from the prepared reference of SIZE cells at the same gene count, its query reused: "
+                        "where simulating a million cells is itself the bottleneck")
     p.add_argument("--fit-args", default="", help="more options for `cellcontrast fit` (e.g. \"--sample-cells 20000\")")
     p.add_argument("--mem-cap-gib", type=float, default=0,
                    help="cap each CellTypist run's address space (prlimit --as) so that running out of memory ends "
@@ -143,12 +147,21 @@ def _worker(python: str, kind: str, **kwargs) -> list[str]:
     return [python, str(Path(__file__).resolve()), "--out-dir", ".", "--worker", kind, "--args", json.dumps(kwargs)]
 
 
-def _prepare(out: Path, size: int, genes: int, query_cells: int) -> Path:
+def _prepare(out: Path, size: int, genes: int, query_cells: int, resample_from: int = 0) -> Path:
     """The cached reference/query folder for one (size, genes)."""
     folder = out / f"ref_{size}c_{genes}g"
     if (folder / "query.h5ad").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
+    if resample_from:
+        import shutil
+
+        from bench_annotate import build_query
+
+        source = _prepare(out, resample_from, genes, query_cells)
+        build_query(source / "reference.h5ad", size, folder / "reference.h5ad", None)
+        shutil.copy(source / "query.h5ad", folder / "query.h5ad")
+        return folder
     atlas = folder / "atlas.h5ad"
     total = int(size * 4 / 3)  # L4 holds about a quarter of the cells
     t0 = time.perf_counter()
@@ -196,7 +209,7 @@ def main(args) -> int:
     rows = []
     for genes in [int(g) for g in args.genes.split(",")]:
         for size in [int(s) for s in args.sizes.split(",")]:
-            folder = _prepare(out, size, genes, args.query_cells)
+            folder = _prepare(out, size, genes, args.query_cells, args.resample_from)
             for method in methods:
                 if method == "cellcontrast":
                     row = {**_cellcontrast(folder, cap_s, args.fit_args), "fit_args": args.fit_args}

@@ -162,7 +162,7 @@ def fit(args: argparse.Namespace) -> None:
                            ensemble=not args.no_ensemble, out=args.out, experiment=args.experiment, register=not args.no_register,
                            workers=args.workers, scheduler=args.scheduler,
                            max_cells_in_memory=args.max_cells_in_memory, sample_cells=args.sample_cells,
-                           resume=args.resume)
+                           refit_epochs=args.refit_epochs, resume=args.resume)
     val = result.chain.metrics.get("val_macro_f1", float("nan"))
     if result.fold_scores is not None:
         val_text = f"mean over held-out {result.chain.config['fit']['batch_key']} macro F1 {val:.4f}"

@@ -33,7 +33,7 @@ from cellcontrast.experiments.fit_candidates import (
     offer_ensemble,
     train_candidates,
 )
-from cellcontrast.experiments.fit_stream import streaming_reference
+from cellcontrast.experiments.fit_stream import REFIT_EPOCHS, streaming_reference
 from cellcontrast.experiments.selection import SELECTION_METRIC
 from cellcontrast.model.chain import Chain
 from cellcontrast.model.ensemble import (
@@ -150,6 +150,7 @@ def fit_annotator(
     scheduler: str | None = None,
     max_cells_in_memory: int = MAX_CELLS_IN_MEMORY,
     sample_cells: int = SAMPLE_CELLS,
+    refit_epochs: int = REFIT_EPOCHS,
     resume: bool = False,
 ) -> FittedAnnotator:
     """Train the chains on a labelled reference, choose one on validation, export it.
@@ -178,23 +179,23 @@ def fit_annotator(
     genes, genes_source
         A known query's genes, trained on only (`cellcontrast.model.gene_panel`); how messages name them.
     out, experiment, register
-        The ``.onnx`` file to write (the model card beside it); MLflow experiment of the parent
-        run (None: no tracking); register the exported model.
+        The ``.onnx`` file (the model card beside it); MLflow experiment (None: no tracking); register it.
     ensemble
         Offer the ensemble of the two best chains (`cellcontrast.model.ensemble`) too.
     workers, scheduler
         The folds (or the bases) at once on a local Dask cluster of ``workers`` processes or a
         running scheduler (``tcp://HOST:8786``): the same annotator as on one process.
-    max_cells_in_memory, sample_cells, resume
+    max_cells_in_memory, sample_cells, refit_epochs, resume
         A backed ``adata`` with more labelled cells is never read whole: choices on a sample of
-        ``sample_cells``, linear chains refitted in chunks, checkpoints beside ``out`` that
-        ``resume`` continues from (`experiments.fit_stream`).
+        ``sample_cells``, linear chains refitted in chunks for ``refit_epochs``, checkpoints beside
+        ``out`` that ``resume`` continues from (`experiments.fit_stream`).
 
     Returns FittedAnnotator; `InputError` for bad input (`docs/reference/refusals.md`).
     """
     names = parse_chains(chains)
     stream = streaming_reference(adata, labels_key, layer, filters, max_cells_in_memory=max_cells_in_memory,
-                                 sample_cells=sample_cells, seed=seed, out=out, resume=resume)
+                                 sample_cells=sample_cells, refit_epochs=refit_epochs, seed=seed, out=out,
+                                 resume=resume)
     prepared = _prepare(stream.read_sample(adata) if stream else adata, labels_key, None if stream else layer,
                         filters, genes, genes_source, seed, val_fraction, test_fraction, batch_key, val_folds, out)
     if batch_key and prepared[3] is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,8 @@ from cellcontrast.train.linear_stream import refit_linear_stream
 # A type keeps at least this many cells in the sample (all it has below): its validation and
 # its choice of L2 see it. Above it, each type keeps its share.
 MIN_SAMPLE_PER_TYPE = 100
-# The refit's schedule: from the sample fit's weights, Adam at REFIT_LR decayed linearly to zero.
+# The refit's schedule: from the sample fit's weights, Adam at REFIT_LR decayed linearly to zero
+# (``refit_epochs=0``: the sample fit's weights on the full reference's gene statistics).
 REFIT_EPOCHS, REFIT_BATCH, REFIT_LR = 2, 512, 1e-3
 # Rows per read, and reads mixed into one block of shuffled mini-batches: a file sorted by
 # type or donor still gives mixed batches, and a block stays small (32k rows).
@@ -58,6 +60,7 @@ class StreamingReference:
     sample: np.ndarray  # sorted rows
     seed: int
     checkpoints: Path | None
+    epochs: int = REFIT_EPOCHS
     refitted: dict[str, dict] = field(default_factory=dict)
 
     @property
@@ -66,8 +69,8 @@ class StreamingReference:
 
     def read_sample(self, adata: anndata.AnnData) -> anndata.AnnData:
         """The sampled cells in memory (raw counts as stored, obs with their file rows)."""
-        with h5py.File(self.path, "r") as f:
-            matrix = open_query(f, self.layer)
+        with h5py.File(self.path, "r") as f, ThreadPoolExecutor(2) as pool:
+            matrix = open_query(f, self.layer, pool)
             parts = []
             for lo in range(0, matrix.n_obs, PIECE_ROWS * PIECES_PER_BLOCK):
                 hi = min(lo + PIECE_ROWS * PIECES_PER_BLOCK, matrix.n_obs)
@@ -95,12 +98,12 @@ class StreamingReference:
         p, choices = config["params"][base], config["fit"]["choices"]
         n_rows = int((codes >= 0).sum())
         l2 = float(choices.get("chosen_l2") or p["l2"]) * int(config["fit"]["n_train"]) / max(n_rows, 1)
-        with h5py.File(self.path, "r") as f:
-            matrix = open_query(f, self.layer)
+        with h5py.File(self.path, "r") as f, ThreadPoolExecutor(2) as pool:  # gzip chunks inflate on threads
+            matrix = open_query(f, self.layer, pool)
             blocks = row_blocks(matrix, codes, align_genes(matrix.var_names, chain.genes), len(chain.genes))
             checkpoint = None if self.checkpoints is None else self.checkpoints / f"{name}.pt"
             info = refit_linear_stream(chain.module, blocks, n_hvg=choices["n_hvg"], l2=l2,
-                                       loss=p.get("loss", "log"), epochs=REFIT_EPOCHS, batch_size=REFIT_BATCH,
+                                       loss=p.get("loss", "log"), epochs=self.epochs, batch_size=REFIT_BATCH,
                                        lr=REFIT_LR, seed=self.seed, checkpoint=checkpoint,
                                        desc=f"refit {name} on every cell")
         seconds = info.pop("seconds")  # said, not stored: the same seed writes the same file
@@ -158,7 +161,7 @@ def sample_rows(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 def streaming_reference(adata: anndata.AnnData, labels_key: str, layer: str | None, filters: dict | None, *,
                         max_cells_in_memory: int, sample_cells: int, seed: int, out: Path | None,
-                        resume: bool) -> StreamingReference | None:
+                        resume: bool, refit_epochs: int = REFIT_EPOCHS) -> StreamingReference | None:
     """The streaming plan for a backed reference with more labelled cells than
     ``max_cells_in_memory`` (None otherwise: the reference is read whole)."""
     if not adata.isbacked:
@@ -177,6 +180,8 @@ def streaming_reference(adata: anndata.AnnData, labels_key: str, layer: str | No
         return None
     if sample_cells < 1000:
         raise InputError(f"--sample-cells {sample_cells}: the choices need at least 1000 cells")
+    if refit_epochs < 0:
+        raise InputError(f"--refit-epochs {refit_epochs} must be 0 (the sample's weights) or more")
     checkpoints = None if out is None else Path(out).with_suffix(".fit-checkpoint")
     if checkpoints is not None:
         if checkpoints.exists() and not resume:
@@ -187,7 +192,7 @@ def streaming_reference(adata: anndata.AnnData, labels_key: str, layer: str | No
     elif resume:
         raise InputError("--resume needs --out: the checkpoints live beside the annotator")
     stream = StreamingReference(Path(adata.filename), layer, labels.astype(str), np.empty(0, dtype=np.int64), seed,
-                                checkpoints)
+                                checkpoints, refit_epochs)
     stream.sample = sample_rows(stream.labels, sample_cells, seed)
     print(f"note: {stream.n_cells} cells: every choice on a stratified sample of {len(stream.sample)}, then the "
           "chosen linear chain refitted on every cell read in chunks", file=sys.stderr)
