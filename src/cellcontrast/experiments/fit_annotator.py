@@ -180,17 +180,17 @@ def fit_annotator(
         A known query's genes, trained on only (`cellcontrast.model.gene_panel`); how messages name them.
     out, experiment, register
         The ``.onnx`` file (the model card beside it); MLflow experiment (None: no tracking); register it.
-    ensemble
-        Offer the ensemble of the two best chains (`cellcontrast.model.ensemble`) too.
-    workers, scheduler
-        The folds (or the bases) at once on a local Dask cluster of ``workers`` processes or a
-        running scheduler (``tcp://HOST:8786``): the same annotator as on one process.
+    ensemble, workers, scheduler
+        Offer the ensemble of the two best chains too; train the folds (or the bases) at once on a
+        local Dask cluster of ``workers`` processes or a running ``scheduler``: the same annotator.
     max_cells_in_memory, sample_cells, refit_epochs, resume
         A backed ``adata`` with more labelled cells is never read whole: choices on a sample of
         ``sample_cells``, linear chains refitted in chunks for ``refit_epochs``, checkpoints beside
         ``out`` that ``resume`` continues from (`experiments.fit_stream`).
 
-    Returns FittedAnnotator; `InputError` for bad input (`docs/reference/refusals.md`).
+    Returns
+    -------
+    FittedAnnotator; `InputError` for bad input (`docs/reference/refusals.md`).
     """
     names = parse_chains(chains)
     stream = streaming_reference(adata, labels_key, layer, filters, max_cells_in_memory=max_cells_in_memory,

@@ -124,7 +124,7 @@ def build_chosen(found: Candidates, folds: BatchFolds | None, chosen: str, offer
                  reference: anndata.AnnData, **options) -> tuple[Chain, tuple[np.ndarray, np.ndarray]]:
     """The chain to export and its (labels, probabilities) on the validation cells; its
     ``--flag-unseen`` energy is ``ENERGY_SOURCE``'s where that chain was a candidate.
-    ``refit(name, chain, reference, trained rows)`` (an option), if given, takes each chain
+    ``refit(name, chain, reference, trained rows, validation rows)`` (an option), if given, takes each chain
     built before it joins the export (a reference read in chunks: `experiments.fit_stream`)."""
     members = offered["members"] if chosen == ENSEMBLE else [chosen]
     built = {name: _built(found, folds, name, reference, **options) for name in members}
@@ -144,10 +144,10 @@ def _built(found: Candidates, folds: BatchFolds | None, name: str, reference: an
            **options) -> Chain:
     """A candidate as exported: the split's chain, or refitted on every cell after grouped validation."""
     if folds is None:
-        chain, trained = found.split.chains[name], np.sort(found.split.train)
-    else:
-        chain, trained = refit_on_every_cell(reference, found.grouped, name, **options), np.arange(reference.n_obs)
-    return chain if refit is None else refit(name, chain, reference, trained)
+        chain, trained, val = found.split.chains[name], np.sort(found.split.train), np.sort(found.split.val)
+    else:  # the refit trained on every cell: none is left to validate on
+        chain, trained, val = refit_on_every_cell(reference, found.grouped, name, **options), np.arange(reference.n_obs), None
+    return chain if refit is None else refit(name, chain, reference, trained, val)
 
 
 def _ensemble(offered: dict, built: list[Chain], folds: BatchFolds | None, found: Candidates) -> Chain:

@@ -26,23 +26,25 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import torch
 
 from cellcontrast.annotation.genes import align_genes
 from cellcontrast.annotation.query import open_query
 from cellcontrast.annotation.stream import read_ahead, to_model_columns
 from cellcontrast.core.errors import InputError
-from cellcontrast.core.names import LINEAR_BASES
+from cellcontrast.core.names import LABEL, LINEAR_BASES
 from cellcontrast.data.atlas import apply_filters
 from cellcontrast.model.chain import Chain
-from cellcontrast.nn.chain import chain_config
+from cellcontrast.nn.chain import chain_config, predict_logits
 from cellcontrast.train.linear_stream import refit_linear_stream
+from cellcontrast.train.loops import rank_scores, val_scores
 
 # A type keeps at least this many cells in the sample (all it has below): its validation and
 # its choice of L2 see it. Above it, each type keeps its share.
 MIN_SAMPLE_PER_TYPE = 100
 # The refit's schedule: from the sample fit's weights, Adam at REFIT_LR decayed linearly to zero
 # (``refit_epochs=0``: the sample fit's weights on the full reference's gene statistics).
-REFIT_EPOCHS, REFIT_BATCH, REFIT_LR = 2, 512, 1e-3
+REFIT_EPOCHS, REFIT_BATCH, REFIT_LR = 4, 512, 1e-3
 # Rows per read, and reads mixed into one block of shuffled mini-batches: a file sorted by
 # type or donor still gives mixed batches, and a block stays small (32k rows).
 PIECE_ROWS, PIECES_PER_BLOCK = 2048, 16
@@ -82,9 +84,11 @@ class StreamingReference:
         obs[ROW] = self.sample
         return anndata.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(genes.astype(str))))
 
-    def refit(self, name: str, chain: Chain, reference: anndata.AnnData, trained: np.ndarray) -> Chain:
+    def refit(self, name: str, chain: Chain, reference: anndata.AnnData, trained: np.ndarray,
+              validation: np.ndarray | None = None) -> Chain:
         """``chain`` (trained on the sample's rows ``trained``) refitted on every training cell of
-        the file when it is linear; a deep chain as it is, with a note in its config."""
+        the file when it is linear, its epoch picked on the sample's ``validation`` rows (if any);
+        a deep chain as it is, with a note in its config."""
         config = chain.config
         base, component = config.get("base"), config.get("component", "none")
         if base not in LINEAR_BASES or component != "none":
@@ -105,6 +109,7 @@ class StreamingReference:
             info = refit_linear_stream(chain.module, blocks, n_hvg=choices["n_hvg"], l2=l2,
                                        loss=p.get("loss", "log"), epochs=self.epochs, batch_size=REFIT_BATCH,
                                        lr=REFIT_LR, seed=self.seed, checkpoint=checkpoint,
+                                       validate=_validator(reference, validation, classes),
                                        desc=f"refit {name} on every cell")
         seconds = info.pop("seconds")  # said, not stored: the same seed writes the same file
         print(f"note: {name} refitted on {info['cells']} cells in {info['epochs']} epochs ({seconds:.0f} s)",
@@ -117,6 +122,19 @@ class StreamingReference:
         """The fit is written: its checkpoints go."""
         if self.checkpoints is not None:
             shutil.rmtree(self.checkpoints, ignore_errors=True)
+
+
+def _validator(reference: anndata.AnnData, rows: np.ndarray | None, classes: list[str]):
+    """A chain's (macro F1, accuracy, -loss) on the sample's validation ``rows``, or None."""
+    if rows is None or not len(rows):
+        return None
+    counts = reference.X[rows]
+    y = pd.Categorical(reference.obs[LABEL].astype(str).to_numpy()[rows], categories=classes).codes
+
+    def validate(module) -> tuple:
+        return rank_scores(val_scores(y, torch.as_tensor(predict_logits(module, counts)), len(classes)))
+
+    return validate
 
 
 def row_blocks(matrix, codes: np.ndarray, col_map: np.ndarray, n_model: int):

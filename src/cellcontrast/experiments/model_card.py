@@ -153,7 +153,9 @@ def _streamed_line(fit: dict) -> str:
     return (f"\n- Read in chunks: every choice on a stratified sample of {streamed['sample_cells']} cells; the chain "
             f"refitted on all {streamed['cells']} training cells ({streamed['n_selected']} genes from one pass of "
             f"gene statistics, {streamed['epochs']} epochs of mini-batch Adam from the sample fit, training loss "
-            f"{' -> '.join(str(v) for v in streamed['losses'])})")
+            f"{' -> '.join(str(v) for v in streamed['losses'])}"
+            + (f"; validation macro F1 by epoch {' -> '.join(str(v) for v in streamed['val_macro_f1'])}, epoch "
+               f"{streamed['kept_epoch']} kept" if "kept_epoch" in streamed else "") + ")")
 
 
 def _num(value: float, digits: int) -> str:

@@ -71,27 +71,22 @@ def _load(path: Path | None, key: str) -> dict | None:
 
 def refit_linear_stream(module: ChainModule, blocks: Blocks, *, n_hvg, l2: float, loss: str, epochs: int,
                         batch_size: int, lr: float, seed: int, checkpoint: Path | None = None,
-                        desc: str = "refit") -> dict:
+                        validate: Callable[[ChainModule], tuple] | None = None, desc: str = "refit") -> dict:
     """Refit ``module``'s preprocessing and linear head on every cell ``blocks`` yields; returns
     what was done (cells, epochs, the mean training loss of each epoch).
 
     ``n_hvg``: the gene selection the sample fit chose (``"all"`` or a count). ``l2``: the
-    penalty per cell of the full reference. Same seed, same weights, resumed or not.
+    penalty per cell of the full reference. ``validate(module)``: a score of held-out cells
+    (higher is better); the best epoch is kept, the sample fit's weights (epoch 0) included.
+    Same seed, same weights, resumed or not.
     """
     started = time.perf_counter()
+    key = repr((str(n_hvg), float(l2), loss, epochs, batch_size, float(lr), seed, module.n_classes,
+                module.preprocess.n_genes, validate is not None))
+    state = _load(checkpoint, key) or _first_state(module, blocks, n_hvg, key, validate)
+    if checkpoint is not None:
+        _save(state, checkpoint)
     old = module.preprocess
-    key = repr((str(n_hvg), float(l2), loss, epochs, batch_size, float(lr), seed, module.n_classes, old.n_genes))
-    state = _load(checkpoint, key)
-    if state is None:
-        moments, n_cells = stream_moments(blocks, old.n_genes, old.target_sum)
-        new = LRPreprocess.from_moments(moments, n_hvg, clip=old.clip, standardize=old.standardize)
-        weight, bias = linear_weights(module)
-        state = {"key": key, "preprocess": new.state_dict(), "n_selected": new.n_selected, "n_cells": n_cells, "epoch": 0,
-                 "step": 0, "losses": [], "weight": carried_weights(weight.detach(), old.selected_genes(),
-                                                                    new.selected_genes()),
-                 "bias": bias.detach().clone(), "optimizer": None}
-        if checkpoint is not None:
-            _save(state, checkpoint)
     new = LRPreprocess(old.n_genes, int(state["n_selected"]), old.target_sum, old.clip, old.standardize)
     new.load_state_dict(state["preprocess"])
     _replace_linear(module, new, state["weight"], state["bias"])
@@ -99,36 +94,74 @@ def refit_linear_stream(module: ChainModule, blocks: Blocks, *, n_hvg, l2: float
     optimizer = torch.optim.Adam([weight, bias], lr=lr)
     if state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
-    n_cells, losses, step = int(state["n_cells"]), list(state["losses"]), int(state["step"])
-    total_steps = max(1, epochs * -(-n_cells // batch_size))
-    module.train()
+    n_cells = int(state["n_cells"])
+    schedule = {"lr": lr, "total": max(1, epochs * -(-n_cells // batch_size)), "batch_size": batch_size}
     with tqdm(total=epochs * n_cells, initial=int(state["epoch"]) * n_cells, desc=desc, unit="cell", unit_scale=True,
               file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
         for epoch in range(int(state["epoch"]), epochs):
-            rng = np.random.default_rng([seed, epoch])
-            total, seen = 0.0, 0
-            for counts, y in blocks(rng):
-                matrix, offset = module.preprocess.sparse_features(counts)
-                offset = torch.as_tensor(offset, dtype=torch.float32)
-                target = torch.as_tensor(np.asarray(y), dtype=torch.long)
-                for rows in np.array_split(rng.permutation(len(target)), max(1, len(target) // batch_size)):
-                    for group in optimizer.param_groups:  # linear decay to zero over the refit
-                        group["lr"] = lr * max(0.0, 1.0 - step / total_steps)
-                    value = linear_loss(sparse_logits(module, matrix[rows], offset), target[rows], loss) / len(rows)
-                    objective = value + 0.5 * l2 * weight.pow(2).sum()
-                    optimizer.zero_grad(set_to_none=True)
-                    objective.backward()
-                    optimizer.step()
-                    step += 1
-                    total, seen = total + float(value.detach()) * len(rows), seen + len(rows)
-                bar.update(len(target))
-            losses.append(total / max(seen, 1))
+            module.train()
+            rng = np.random.default_rng([seed, epoch])  # draws the blocks' order, then each block's batches
+            mean_loss, step = _epoch(module, optimizer, blocks(rng), rng, l2, loss, int(state["step"]), schedule, bar)
+            state = {**state, "epoch": epoch + 1, "step": step, "losses": [*state["losses"], mean_loss],
+                     "weight": weight.detach().clone(), "bias": bias.detach().clone(),
+                     "optimizer": optimizer.state_dict()}
+            if validate is not None:
+                score = validate(module.eval())
+                state["scores"] = [*state["scores"], list(score)]
+                if tuple(score) > tuple(state["best"]["score"]):
+                    state["best"] = {"score": list(score), "epoch": epoch + 1, "weight": state["weight"],
+                                     "bias": state["bias"]}
             if checkpoint is not None:
-                _save({**state, "epoch": epoch + 1, "step": step, "losses": losses, "weight": weight.detach().clone(),
-                       "bias": bias.detach().clone(), "optimizer": optimizer.state_dict()}, checkpoint)
+                _save(state, checkpoint)
+    if validate is not None:  # the best epoch on validation
+        with torch.no_grad():
+            weight.copy_(state["best"]["weight"])
+            bias.copy_(state["best"]["bias"])
     module.eval()
-    return {"cells": n_cells, "epochs": epochs, "losses": [round(v, 5) for v in losses], "l2": l2,
-            "n_selected": module.preprocess.n_selected, "seconds": round(time.perf_counter() - started, 1)}
+    return {"cells": n_cells, "epochs": epochs, "losses": [round(v, 5) for v in state["losses"]], "l2": l2,
+            "n_selected": module.preprocess.n_selected, "seconds": round(time.perf_counter() - started, 1),
+            **({"val_macro_f1": [round(s[0], 4) for s in state["scores"]], "kept_epoch": state["best"]["epoch"]}
+               if validate is not None else {})}
+
+
+def _first_state(module: ChainModule, blocks: Blocks, n_hvg, key: str, validate) -> dict:
+    """The gene statistics' pass: the new preprocessing, the sample fit's weights moved onto it."""
+    old = module.preprocess
+    moments, n_cells = stream_moments(blocks, old.n_genes, old.target_sum)
+    new = LRPreprocess.from_moments(moments, n_hvg, clip=old.clip, standardize=old.standardize)
+    weight, bias = linear_weights(module)
+    state = {"key": key, "preprocess": new.state_dict(), "n_selected": new.n_selected, "n_cells": n_cells,
+             "epoch": 0, "step": 0, "losses": [], "scores": [], "optimizer": None, "bias": bias.detach().clone(),
+             "weight": carried_weights(weight.detach(), old.selected_genes(), new.selected_genes())}
+    if validate is not None:
+        _replace_linear(module, new, state["weight"], state["bias"])
+        score = validate(module.eval())
+        state["scores"] = [list(score)]
+        state["best"] = {"score": list(score), "epoch": 0, "weight": state["weight"], "bias": state["bias"]}
+    return state
+
+
+def _epoch(module: ChainModule, optimizer, blocks, rng: np.random.Generator, l2: float, loss: str, step: int,
+           schedule: dict, bar) -> tuple:
+    """One pass of mini-batches over ``blocks``; the mean loss and the step count after it."""
+    weight, _ = linear_weights(module)
+    total, seen = 0.0, 0
+    for counts, y in blocks:
+        matrix, offset = module.preprocess.sparse_features(counts)
+        offset = torch.as_tensor(offset, dtype=torch.float32)
+        target = torch.as_tensor(np.asarray(y), dtype=torch.long)
+        for rows in np.array_split(rng.permutation(len(target)), max(1, len(target) // schedule["batch_size"])):
+            for group in optimizer.param_groups:  # linear decay to zero over the refit
+                group["lr"] = schedule["lr"] * max(0.0, 1.0 - step / schedule["total"])
+            value = linear_loss(sparse_logits(module, matrix[rows], offset), target[rows], loss) / len(rows)
+            objective = value + 0.5 * l2 * weight.pow(2).sum()
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            step += 1
+            total, seen = total + float(value.detach()) * len(rows), seen + len(rows)
+        bar.update(len(target))
+    return total / max(seen, 1), step
 
 
 def _replace_linear(module: ChainModule, preprocess: LRPreprocess, weight: torch.Tensor, bias: torch.Tensor) -> None:
