@@ -116,3 +116,13 @@ def test_bad_streaming_options_are_refused_in_one_line(big_reference, small_atla
            str(tmp_path / "x.onnx"), "--chains", "lr", "--resume"]
     run = subprocess.run(cli, capture_output=True, text=True)
     assert run.returncode != 0 and "Traceback" not in run.stderr and "--resume" in run.stderr.strip().splitlines()[-1]
+
+
+def test_the_gene_statistics_by_shards_on_two_workers_give_the_same_annotator(big_reference, monkeypatch):
+    """`fit --workers 2` on a reference read in chunks: a shard of rows per task (here 1,000)."""
+    torch.set_num_threads(1)  # the tasks take the submitting process's threads
+    monkeypatch.setattr(fit_stream, "SHARD_ROWS", 1000)
+    one, two = _fit(big_reference), _fit(big_reference, workers=2)
+    assert two.chosen == one.chosen
+    for key, value in _weights(one).items():
+        assert torch.allclose(value.float(), _weights(two)[key].float(), atol=1e-5), key

@@ -195,7 +195,7 @@ def fit_annotator(
     names = parse_chains(chains)
     stream = streaming_reference(adata, labels_key, layer, filters, max_cells_in_memory=max_cells_in_memory,
                                  sample_cells=sample_cells, refit_epochs=refit_epochs, seed=seed, out=out,
-                                 resume=resume)
+                                 resume=resume, cluster=(workers, scheduler))
     prepared = _prepare(stream.read_sample(adata) if stream else adata, labels_key, None if stream else layer,
                         filters, genes, genes_source, seed, val_fraction, test_fraction, batch_key, val_folds, out)
     if batch_key and prepared[3] is not None:

@@ -36,6 +36,7 @@ from cellcontrast.core.names import LABEL, LINEAR_BASES
 from cellcontrast.data.atlas import apply_filters
 from cellcontrast.model.chain import Chain
 from cellcontrast.nn.chain import chain_config, predict_logits
+from cellcontrast.nn.preprocessing import GeneMoments
 from cellcontrast.train.linear_stream import refit_linear_stream
 from cellcontrast.train.loops import rank_scores, val_scores
 
@@ -48,6 +49,8 @@ REFIT_EPOCHS, REFIT_BATCH, REFIT_LR = 4, 512, 1e-3
 # Rows per read, and reads mixed into one block of shuffled mini-batches: a file sorted by
 # type or donor still gives mixed batches, and a block stays small (32k rows).
 PIECE_ROWS, PIECES_PER_BLOCK = 2048, 16
+# Rows per cluster task of the gene statistics (`fit --workers` / `--scheduler`).
+SHARD_ROWS = 100_000
 # The column carrying each sampled cell's row in the file, through `fit_annotator`.
 ROW = "_cellcontrast_row"
 
@@ -63,6 +66,7 @@ class StreamingReference:
     seed: int
     checkpoints: Path | None
     epochs: int = REFIT_EPOCHS
+    cluster: tuple[int, str | None] = (1, None)  # (workers, scheduler): the gene statistics by shards
     refitted: dict[str, dict] = field(default_factory=dict)
 
     @property
@@ -104,12 +108,15 @@ class StreamingReference:
         l2 = float(choices.get("chosen_l2") or p["l2"]) * int(config["fit"]["n_train"]) / max(n_rows, 1)
         with h5py.File(self.path, "r") as f, ThreadPoolExecutor(2) as pool:  # gzip chunks inflate on threads
             matrix = open_query(f, self.layer, pool)
-            blocks = row_blocks(matrix, codes, align_genes(matrix.var_names, chain.genes), len(chain.genes))
+            col_map = align_genes(matrix.var_names, chain.genes)
+            blocks = row_blocks(matrix, codes, col_map, len(chain.genes))
+            moments = None if self.cluster == (1, None) else (
+                lambda: self.moments_on_cluster(codes, col_map, len(chain.genes), chain.module.preprocess.target_sum))
             checkpoint = None if self.checkpoints is None else self.checkpoints / f"{name}.pt"
             info = refit_linear_stream(chain.module, blocks, n_hvg=choices["n_hvg"], l2=l2,
                                        loss=p.get("loss", "log"), epochs=self.epochs, batch_size=REFIT_BATCH,
                                        lr=REFIT_LR, seed=self.seed, checkpoint=checkpoint,
-                                       validate=_validator(reference, validation, classes),
+                                       validate=_validator(reference, validation, classes), moments=moments,
                                        desc=f"refit {name} on every cell")
         seconds = info.pop("seconds")  # said, not stored: the same seed writes the same file
         print(f"note: {name} refitted on {info['cells']} cells in {info['epochs']} epochs ({seconds:.0f} s)",
@@ -118,10 +125,49 @@ class StreamingReference:
         self.refitted[name] = info
         return Chain(chain.module, chain_config(chain.module, config))
 
+    def moments_on_cluster(self, codes: np.ndarray, col_map: np.ndarray, n_model: int,
+                           target_sum: float) -> GeneMoments:
+        """The gene statistics of the rows with a code, a shard of ``SHARD_ROWS`` rows per task on
+        the cluster (``fit --workers`` / ``--scheduler``; its workers read the same file path)."""
+        from cellcontrast.core.engine import task_executor
+
+        moments = GeneMoments(n_model, target_sum)
+        with task_executor(*self.cluster, pin=True) as executor:
+            futures = [executor.submit(shard_moments, str(self.path), self.layer, lo, codes[lo:lo + SHARD_ROWS],
+                                       col_map, n_model, target_sum)
+                       for lo in range(0, len(codes), SHARD_ROWS) if (codes[lo:lo + SHARD_ROWS] >= 0).any()]
+            for future in futures:  # summed in shard order: the same sums whatever finishes first
+                sums, n_cells = future.result()
+                moments.sums += sums
+                moments.n_cells += n_cells
+        return moments
+
     def finish(self) -> None:
         """The fit is written: its checkpoints go."""
         if self.checkpoints is not None:
             shutil.rmtree(self.checkpoints, ignore_errors=True)
+
+
+def shard_moments(path: str, layer: str | None, lo: int, codes: np.ndarray, col_map: np.ndarray, n_model: int,
+                  target_sum: float) -> tuple[np.ndarray, int]:
+    """`GeneMoments` sums of the rows ``lo .. lo + len(codes)`` that have a code (a cluster task)."""
+    moments = GeneMoments(n_model, target_sum)
+    with h5py.File(path, "r") as f:
+        matrix = open_query(f, layer)
+        for start in range(0, len(codes), PIECE_ROWS):
+            keep = np.flatnonzero(codes[start:start + PIECE_ROWS] >= 0)
+            if keep.size:
+                moments.add(_model_csr(matrix, lo + start, lo + min(start + PIECE_ROWS, len(codes)), col_map,
+                                       n_model)[keep])
+    return moments.sums, moments.n_cells
+
+
+def _model_csr(matrix, lo: int, hi: int, col_map: np.ndarray, n_model: int) -> sp.csr_matrix:
+    """Rows [lo, hi) of the file checked as raw counts, in the model's genes."""
+    rows = to_model_columns(matrix.rows(lo, hi), col_map, n_model, lo, matrix.where, " (the reference's raw counts)")
+    if rows.dense is not None:
+        return sp.csr_matrix(rows.dense)
+    return sp.csr_matrix((rows.data, rows.indices, rows.indptr), shape=(rows.n_rows, n_model))
 
 
 def _validator(reference: anndata.AnnData, rows: np.ndarray | None, classes: list[str]):
@@ -149,10 +195,7 @@ def row_blocks(matrix, codes: np.ndarray, col_map: np.ndarray, n_model: int):
             for i in range(0, len(order), PIECES_PER_BLOCK):
                 parts, ys = [], []
                 for lo, hi in order[i:i + PIECES_PER_BLOCK]:
-                    rows = to_model_columns(matrix.rows(lo, hi), col_map, n_model, lo, matrix.where,
-                                            " (the reference's raw counts)")
-                    csr = sp.csr_matrix(rows.dense) if rows.dense is not None else sp.csr_matrix(
-                        (rows.data, rows.indices, rows.indptr), shape=(rows.n_rows, n_model))
+                    csr = _model_csr(matrix, lo, hi, col_map, n_model)
                     keep = np.flatnonzero(codes[lo:hi] >= 0)
                     parts.append(csr[keep])
                     ys.append(codes[lo:hi][keep])
@@ -179,7 +222,8 @@ def sample_rows(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 def streaming_reference(adata: anndata.AnnData, labels_key: str, layer: str | None, filters: dict | None, *,
                         max_cells_in_memory: int, sample_cells: int, seed: int, out: Path | None,
-                        resume: bool, refit_epochs: int = REFIT_EPOCHS) -> StreamingReference | None:
+                        resume: bool, refit_epochs: int = REFIT_EPOCHS,
+                        cluster: tuple[int, str | None] = (1, None)) -> StreamingReference | None:
     """The streaming plan for a backed reference with more labelled cells than
     ``max_cells_in_memory`` (None otherwise: the reference is read whole)."""
     if not adata.isbacked:
@@ -210,7 +254,7 @@ def streaming_reference(adata: anndata.AnnData, labels_key: str, layer: str | No
     elif resume:
         raise InputError("--resume needs --out: the checkpoints live beside the annotator")
     stream = StreamingReference(Path(adata.filename), layer, labels.astype(str), np.empty(0, dtype=np.int64), seed,
-                                checkpoints, refit_epochs)
+                                checkpoints, refit_epochs, cluster)
     stream.sample = sample_rows(stream.labels, sample_cells, seed)
     print(f"note: {stream.n_cells} cells: every choice on a stratified sample of {len(stream.sample)}, then the "
           "chosen linear chain refitted on every cell read in chunks", file=sys.stderr)

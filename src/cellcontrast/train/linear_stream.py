@@ -71,19 +71,21 @@ def _load(path: Path | None, key: str) -> dict | None:
 
 def refit_linear_stream(module: ChainModule, blocks: Blocks, *, n_hvg, l2: float, loss: str, epochs: int,
                         batch_size: int, lr: float, seed: int, checkpoint: Path | None = None,
-                        validate: Callable[[ChainModule], tuple] | None = None, desc: str = "refit") -> dict:
+                        validate: Callable[[ChainModule], tuple] | None = None,
+                        moments: Callable[[], GeneMoments] | None = None, desc: str = "refit") -> dict:
     """Refit ``module``'s preprocessing and linear head on every cell ``blocks`` yields; returns
     what was done (cells, epochs, the mean training loss of each epoch).
 
     ``n_hvg``: the gene selection the sample fit chose (``"all"`` or a count). ``l2``: the
     penalty per cell of the full reference. ``validate(module)``: a score of held-out cells
     (higher is better); the best epoch is kept, the sample fit's weights (epoch 0) included.
-    Same seed, same weights, resumed or not.
+    ``moments()``: the gene statistics computed elsewhere (shards on a cluster) instead of a
+    pass over ``blocks``. Same seed, same weights, resumed or not.
     """
     started = time.perf_counter()
     key = repr((str(n_hvg), float(l2), loss, epochs, batch_size, float(lr), seed, module.n_classes,
                 module.preprocess.n_genes, validate is not None))
-    state = _load(checkpoint, key) or _first_state(module, blocks, n_hvg, key, validate)
+    state = _load(checkpoint, key) or _first_state(module, blocks, n_hvg, key, validate, moments)
     if checkpoint is not None:
         _save(state, checkpoint)
     old = module.preprocess
@@ -124,10 +126,11 @@ def refit_linear_stream(module: ChainModule, blocks: Blocks, *, n_hvg, l2: float
                if validate is not None else {})}
 
 
-def _first_state(module: ChainModule, blocks: Blocks, n_hvg, key: str, validate) -> dict:
+def _first_state(module: ChainModule, blocks: Blocks, n_hvg, key: str, validate, moments=None) -> dict:
     """The gene statistics' pass: the new preprocessing, the sample fit's weights moved onto it."""
     old = module.preprocess
-    moments, n_cells = stream_moments(blocks, old.n_genes, old.target_sum)
+    moments, n_cells = stream_moments(blocks, old.n_genes, old.target_sum) if moments is None else (
+        lambda m: (m, m.n_cells))(moments())
     new = LRPreprocess.from_moments(moments, n_hvg, clip=old.clip, standardize=old.standardize)
     weight, bias = linear_weights(module)
     state = {"key": key, "preprocess": new.state_dict(), "n_selected": new.n_selected, "n_cells": n_cells,
