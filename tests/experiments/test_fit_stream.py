@@ -126,3 +126,16 @@ def test_the_gene_statistics_by_shards_on_two_workers_give_the_same_annotator(bi
     assert two.chosen == one.chosen
     for key, value in _weights(one).items():
         assert torch.allclose(value.float(), _weights(two)[key].float(), atol=1e-5), key
+
+
+def test_a_path_with_counts_in_a_layer_streams_that_layer(big_reference, tmp_path):
+    """anndata's backed mode would load every layer: a path is read by its cell table first."""
+    atlas = ad.read_h5ad(big_reference)
+    atlas.layers["counts"] = atlas.X.copy()
+    atlas.X = atlas.X.log1p() if hasattr(atlas.X, "log1p") else np.log1p(atlas.X)
+    path = tmp_path / "layered.h5ad"
+    atlas.write_h5ad(path)
+    result = fit_annotator(str(path), layer="counts", **OPTIONS)
+    assert result.chain.config["fit"]["streamed"]["cells"] > 3000
+    with pytest.raises(InputError, match="log-normalised"):
+        fit_annotator(str(path), **OPTIONS)

@@ -154,8 +154,8 @@ def fit(args: argparse.Namespace) -> None:
         query = open_h5ad(args.query, backed=True)
         genes = query.var_names.copy()
         query.file.close()
-    # Backed: only obs is read here; a reference above --max-cells-in-memory is then read in chunks.
-    result = fit_annotator(open_h5ad(args.reference, backed=True), args.label_key, chains=args.chains, layer=args.layer,
+    # The path: only obs is read first; a reference above --max-cells-in-memory is read in chunks.
+    result = fit_annotator(args.reference, args.label_key, chains=args.chains, layer=args.layer,
                            filters=parse_filters(args.filter), seed=args.seed, params=params,
                            val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                            batch_key=args.batch_key, val_folds=args.val_folds, genes=genes, genes_source=f"--query {args.query}",

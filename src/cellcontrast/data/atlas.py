@@ -23,6 +23,24 @@ from cellcontrast.data.counts import check_counts, matrix_values
 
 def open_h5ad(path: str | Path, backed: bool = False) -> ad.AnnData:
     """Open an .h5ad file, turning every way it can fail into an InputError."""
+    path = _checked_path(path)
+    try:
+        return ad.read_h5ad(path, backed="r" if backed else None)
+    except Exception as err:  # anndata/h5py raise many types for damaged files
+        raise InputError(f"cannot read {path} as .h5ad (truncated or damaged?): {first_line(err)}") from None
+
+
+def read_obs(path: str | Path) -> pd.DataFrame:
+    """Only the cell table of an .h5ad file (anndata's backed mode would load every layer too)."""
+    path = _checked_path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            return ad.io.read_elem(f["obs"])
+    except Exception as err:  # noqa: BLE001 - as open_h5ad
+        raise InputError(f"cannot read {path} as .h5ad (truncated or damaged?): {first_line(err)}") from None
+
+
+def _checked_path(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise InputError(f"no such file: {path}")
@@ -34,10 +52,7 @@ def open_h5ad(path: str | Path, backed: bool = False) -> ad.AnnData:
         raise InputError(f"cannot read {path}: {err.strerror or err}") from None
     if not is_hdf5:
         raise InputError(f"{path} is not an .h5ad file (not HDF5); convert it with anndata first")
-    try:
-        return ad.read_h5ad(path, backed="r" if backed else None)
-    except Exception as err:  # anndata/h5py raise many types for damaged files
-        raise InputError(f"cannot read {path} as .h5ad (truncated or damaged?): {first_line(err)}") from None
+    return path
 
 
 def select_counts(adata: ad.AnnData, layer: str | None, path: str | Path = "") -> tuple[object, pd.Index]:

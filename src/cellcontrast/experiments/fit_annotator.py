@@ -26,7 +26,7 @@ import pandas as pd
 from cellcontrast.annotation.conformal import conformity_scores
 from cellcontrast.core.errors import InputError
 from cellcontrast.core.names import CHAINS_SIMPLEST_FIRST, CV_FOLD, LABEL
-from cellcontrast.data.atlas import prepare_atlas
+from cellcontrast.data.atlas import open_h5ad, prepare_atlas
 from cellcontrast.experiments.fit_candidates import (
     build_chosen,
     choose,
@@ -128,7 +128,7 @@ def _test_metrics(chain: Chain, test: anndata.AnnData | None) -> dict | None:
 
 
 def fit_annotator(
-    adata: anndata.AnnData,
+    adata: anndata.AnnData | str | Path,
     labels_key: str = LABEL,
     *,
     chains: str | list[str] | tuple[str, ...] = DEFAULT_CHAINS,
@@ -158,7 +158,7 @@ def fit_annotator(
     Parameters
     ----------
     adata
-        The reference: raw counts in ``X`` (or ``layer``), cell types in ``obs[labels_key]``.
+        The reference (or its .h5ad path): raw counts in ``X`` (or ``layer``), cell types in ``obs[labels_key]``.
     labels_key, layer, filters
         The label column; where the counts are; only cells with these obs values (``{"donor": "m2"}``).
     chains
@@ -196,7 +196,7 @@ def fit_annotator(
     stream = streaming_reference(adata, labels_key, layer, filters, max_cells_in_memory=max_cells_in_memory,
                                  sample_cells=sample_cells, refit_epochs=refit_epochs, seed=seed, out=out,
                                  resume=resume, cluster=(workers, scheduler))
-    prepared = _prepare(stream.read_sample(adata) if stream else adata, labels_key, None if stream else layer,
+    prepared = _prepare(_cells_of(adata, stream), labels_key, None if stream else layer,
                         filters, genes, genes_source, seed, val_fraction, test_fraction, batch_key, val_folds, out)
     if batch_key and prepared[3] is not None:
         params = _cross_batch_positives(params)
@@ -207,6 +207,13 @@ def fit_annotator(
     if stream:
         stream.finish()
     return result
+
+
+def _cells_of(adata, stream) -> anndata.AnnData:
+    """What the choices are made on: the streamed reference's sample, or the reference itself."""
+    if stream is not None:
+        return stream.read_sample()
+    return adata if isinstance(adata, anndata.AnnData) else open_h5ad(adata)
 
 
 def _fit_prepared(prepared, names: list[str], stream, options: dict, *, experiment, batch_key, test_fraction,

@@ -33,7 +33,7 @@ from cellcontrast.annotation.query import open_query
 from cellcontrast.annotation.stream import read_ahead, to_model_columns
 from cellcontrast.core.errors import InputError
 from cellcontrast.core.names import LABEL, LINEAR_BASES
-from cellcontrast.data.atlas import apply_filters
+from cellcontrast.data.atlas import apply_filters, read_obs
 from cellcontrast.model.chain import Chain
 from cellcontrast.nn.chain import chain_config, predict_logits
 from cellcontrast.nn.preprocessing import GeneMoments
@@ -61,6 +61,7 @@ class StreamingReference:
 
     path: Path
     layer: str | None
+    obs: pd.DataFrame
     labels: np.ndarray  # each row's label ("" where left out: no label, filtered)
     sample: np.ndarray  # sorted rows
     seed: int
@@ -73,7 +74,7 @@ class StreamingReference:
     def n_cells(self) -> int:
         return int((self.labels != "").sum())
 
-    def read_sample(self, adata: anndata.AnnData) -> anndata.AnnData:
+    def read_sample(self) -> anndata.AnnData:
         """The sampled cells in memory (raw counts as stored, obs with their file rows)."""
         with h5py.File(self.path, "r") as f, ThreadPoolExecutor(2) as pool:
             matrix = open_query(f, self.layer, pool)
@@ -84,7 +85,7 @@ class StreamingReference:
                 if wanted.size:
                     parts.append(sp.csr_matrix(matrix.rows(lo, hi))[wanted])
             X, genes = sp.vstack(parts, format="csr"), matrix.var_names
-        obs = adata.obs.iloc[self.sample].copy()
+        obs = self.obs.iloc[self.sample].copy()
         obs[ROW] = self.sample
         return anndata.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(genes.astype(str))))
 
@@ -220,21 +221,23 @@ def sample_rows(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(rows))
 
 
-def streaming_reference(adata: anndata.AnnData, labels_key: str, layer: str | None, filters: dict | None, *,
+def streaming_reference(adata: anndata.AnnData | str | Path, labels_key: str, layer: str | None, filters: dict | None, *,
                         max_cells_in_memory: int, sample_cells: int, seed: int, out: Path | None,
                         resume: bool, refit_epochs: int = REFIT_EPOCHS,
                         cluster: tuple[int, str | None] = (1, None)) -> StreamingReference | None:
-    """The streaming plan for a backed reference with more labelled cells than
-    ``max_cells_in_memory`` (None otherwise: the reference is read whole)."""
-    if not adata.isbacked:
+    """The streaming plan for a reference (a backed AnnData, or an .h5ad path) with more labelled
+    cells than ``max_cells_in_memory`` (None otherwise: the reference is read whole)."""
+    if isinstance(adata, anndata.AnnData) and not adata.isbacked:
         if resume:
             raise InputError("--resume continues a fit on a reference read in chunks; this one is in memory")
         return None
-    if labels_key not in adata.obs.columns:
+    path = Path(adata if not isinstance(adata, anndata.AnnData) else adata.filename)
+    obs = read_obs(path) if not isinstance(adata, anndata.AnnData) else adata.obs
+    if labels_key not in obs.columns:
         return None  # prepare_atlas refuses it in its own words
-    raw = adata.obs[labels_key]
+    raw = obs[labels_key]
     labels = np.where(raw.isna().to_numpy(), "", raw.astype(str).str.strip().to_numpy()).astype(object)
-    labels[~apply_filters(adata.obs, filters, "the reference")] = ""
+    labels[~apply_filters(obs, filters, "the reference")] = ""
     if int((labels != "").sum()) <= max_cells_in_memory:
         if resume:
             raise InputError(f"--resume: the reference holds at most {max_cells_in_memory} cells and is fitted in "
@@ -253,7 +256,7 @@ def streaming_reference(adata: anndata.AnnData, labels_key: str, layer: str | No
         checkpoints.mkdir(parents=True, exist_ok=True)
     elif resume:
         raise InputError("--resume needs --out: the checkpoints live beside the annotator")
-    stream = StreamingReference(Path(adata.filename), layer, labels.astype(str), np.empty(0, dtype=np.int64), seed,
+    stream = StreamingReference(path, layer, obs, labels.astype(str), np.empty(0, dtype=np.int64), seed,
                                 checkpoints, refit_epochs, cluster)
     stream.sample = sample_rows(stream.labels, sample_cells, seed)
     print(f"note: {stream.n_cells} cells: every choice on a stratified sample of {len(stream.sample)}, then the "
