@@ -124,8 +124,8 @@ def _fit(sub) -> None:
     p.add_argument("--sample-cells", type=int, default=50_000, metavar="CELLS",
                    help="above --max-cells-in-memory, the sample the choices are made on (default 50000)")
     p.add_argument("--refit-epochs", type=int, default=4, metavar="N",
-                   help="above --max-cells-in-memory, epochs of the refit on every cell, the best on the sample's "
-                        "validation cells kept (default 4; 0: the sample fit's weights)")
+                   help="above --max-cells-in-memory, epochs of the refit on every cell (default 4; 0: the "
+                        "sample fit's weights)")
     p.add_argument("--resume", action="store_true",
                    help="continue a killed fit of a large reference from its checkpoint beside --out")
     _atlas_options(p)

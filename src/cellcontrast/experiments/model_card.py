@@ -154,8 +154,9 @@ def _streamed_line(fit: dict) -> str:
             f"refitted on all {streamed['cells']} training cells ({streamed['n_selected']} genes from one pass of "
             f"gene statistics, {streamed['epochs']} epochs of mini-batch Adam from the sample fit, training loss "
             f"{' -> '.join(str(v) for v in streamed['losses'])}"
-            + (f"; validation macro F1 by epoch {' -> '.join(str(v) for v in streamed['val_macro_f1'])}, epoch "
-               f"{streamed['kept_epoch']} kept" if "kept_epoch" in streamed else "") + ")")
+            + (f"; the sample's validation macro F1 by epoch, from the sample fit's weights "
+               f"{' -> '.join(str(v) for v in streamed['val_macro_f1'])}, the last kept"
+               if "val_macro_f1" in streamed else "") + ")")
 
 
 def _num(value: float, digits: int) -> str:

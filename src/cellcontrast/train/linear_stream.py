@@ -77,8 +77,9 @@ def refit_linear_stream(module: ChainModule, blocks: Blocks, *, n_hvg, l2: float
     what was done (cells, epochs, the mean training loss of each epoch).
 
     ``n_hvg``: the gene selection the sample fit chose (``"all"`` or a count). ``l2``: the
-    penalty per cell of the full reference. ``validate(module)``: a score of held-out cells
-    (higher is better); the best epoch is kept, the sample fit's weights (epoch 0) included.
+    penalty per cell of the full reference. ``validate(module)``: a score of held-out cells,
+    recorded after each epoch (and of the sample fit's weights, epoch 0), not a choice: the
+    last epoch is kept (why: `experiments.fit_stream`).
     ``moments()``: the gene statistics computed elsewhere (shards on a cluster) instead of a
     pass over ``blocks``. Same seed, same weights, resumed or not.
     """
@@ -108,22 +109,13 @@ def refit_linear_stream(module: ChainModule, blocks: Blocks, *, n_hvg, l2: float
                      "weight": weight.detach().clone(), "bias": bias.detach().clone(),
                      "optimizer": optimizer.state_dict()}
             if validate is not None:
-                score = validate(module.eval())
-                state["scores"] = [*state["scores"], list(score)]
-                if tuple(score) > tuple(state["best"]["score"]):
-                    state["best"] = {"score": list(score), "epoch": epoch + 1, "weight": state["weight"],
-                                     "bias": state["bias"]}
+                state["scores"] = [*state["scores"], list(validate(module.eval()))]
             if checkpoint is not None:
                 _save(state, checkpoint)
-    if validate is not None:  # the best epoch on validation
-        with torch.no_grad():
-            weight.copy_(state["best"]["weight"])
-            bias.copy_(state["best"]["bias"])
     module.eval()
     return {"cells": n_cells, "epochs": epochs, "losses": [round(v, 5) for v in state["losses"]], "l2": l2,
             "n_selected": module.preprocess.n_selected, "seconds": round(time.perf_counter() - started, 1),
-            **({"val_macro_f1": [round(s[0], 4) for s in state["scores"]], "kept_epoch": state["best"]["epoch"]}
-               if validate is not None else {})}
+            **({"val_macro_f1": [round(s[0], 4) for s in state["scores"]]} if validate is not None else {})}
 
 
 def _first_state(module: ChainModule, blocks: Blocks, n_hvg, key: str, validate, moments=None) -> dict:
@@ -138,9 +130,7 @@ def _first_state(module: ChainModule, blocks: Blocks, n_hvg, key: str, validate,
              "weight": carried_weights(weight.detach(), old.selected_genes(), new.selected_genes())}
     if validate is not None:
         _replace_linear(module, new, state["weight"], state["bias"])
-        score = validate(module.eval())
-        state["scores"] = [list(score)]
-        state["best"] = {"score": list(score), "epoch": 0, "weight": state["weight"], "bias": state["bias"]}
+        state["scores"] = [list(validate(module.eval()))]
     return state
 
 
