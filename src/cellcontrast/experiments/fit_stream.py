@@ -1,12 +1,13 @@
 """`fit` on a reference larger than memory: every choice on a sample, the chosen linear chain
 refitted on every cell read in chunks.
 
-A backed reference (`anndata.read_h5ad(..., backed="r")`; `cellcontrast fit` opens it so) with
-more than ``max_cells_in_memory`` labelled cells is never read whole. A stratified sample of
+A reference given as an .h5ad path (as `cellcontrast fit` gives it: only its cell table is read
+first) or as a backed AnnData, with more than ``max_cells_in_memory`` labelled cells, is never
+read whole. A stratified sample of
 ``sample_cells`` (each type's share, at least ``MIN_SAMPLE_PER_TYPE`` cells or all it has) goes
 through `fit_annotator` as any reference does: the candidates, the validation (grouped with a
-batch key), the choice, the temperature and thresholds. Each linear chain it exports (LR, the
-margin base, LR's energy beside another chain) is then refitted on every training cell by
+batch key), the choice, the temperature and thresholds. Each linear chain whose probabilities it
+exports (LR, the margin base, an ensemble's linear members) is then refitted on every training cell by
 `train.linear_stream`: its gene statistics in one pass over the file, then ``REFIT_EPOCHS``
 epochs of mini-batch Adam, with a checkpoint after each so that ``resume`` continues a killed
 fit. A deep chain (scDAE, a component) is kept as the sample trained it, and the card says so.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import anndata
@@ -74,7 +75,6 @@ class StreamingReference:
     checkpoints: Path | None
     epochs: int = REFIT_EPOCHS
     cluster: tuple[int, str | None] = (1, None)  # (workers, scheduler): the gene statistics by shards
-    refitted: dict[str, dict] = field(default_factory=dict)
 
     @property
     def n_cells(self) -> int:
@@ -129,7 +129,6 @@ class StreamingReference:
         print(f"note: {name} refitted on {info['cells']} cells in {info['epochs']} epochs ({seconds:.0f} s)",
               file=sys.stderr)
         config["fit"].update({"n_train": info["cells"], "streamed": {**info, "sample_cells": len(self.sample)}})
-        self.refitted[name] = info
         return Chain(chain.module, chain_config(chain.module, config))
 
     def moments_on_cluster(self, codes: np.ndarray, col_map: np.ndarray, n_model: int,
