@@ -181,7 +181,8 @@ def _validator(reference: anndata.AnnData, rows: np.ndarray | None, classes: lis
     if rows is None or not len(rows):
         return None
     counts = reference.X[rows]
-    y = pd.Categorical(reference.obs[LABEL].astype(str).to_numpy()[rows], categories=classes).codes
+    y = np.array(pd.Categorical(reference.obs[LABEL].astype(str).to_numpy()[rows], categories=classes).codes,
+                 dtype=np.int64)  # a writable copy: torch warns on pandas' read-only codes
 
     def validate(module) -> tuple:
         return rank_scores(val_scores(y, torch.as_tensor(predict_logits(module, counts)), len(classes)))
