@@ -47,11 +47,13 @@ MIN_SAMPLE_PER_TYPE = 100
 # The refit's schedule: from the sample fit's weights, Adam at REFIT_LR decayed linearly to zero
 # (``refit_epochs=0``: the sample fit's weights on the full reference's gene statistics). The
 # last epoch is kept. The sample's validation cells are scored after each epoch (the card shows
-# it) but do not choose one: the sample fit's L2 was picked on those very cells, and they prefer
-# it. On 1M simulated cells (`--sample-cells 20000`, svm) they scored the sample fit 0.876 and the
-# refit's epochs 0.78-0.85, while on the new individual the sample fit scored 0.733 and the
-# 2-epoch refit 0.840 (docs/results/benchmarks.md). REFIT_LR on the same validation cells, after
-# 4 epochs: 1e-3 0.827, 3e-4 0.847, 1e-4 0.845.
+# it) but do not choose one: MIN_SAMPLE_PER_TYPE gives them more rare cells than the reference
+# the refit learns its class proportions from, and they prefer the sample fit. On 1M simulated
+# cells (`--sample-cells 20000`, svm) they scored the sample fit 0.876 and the refit's epochs
+# 0.78-0.85, while on the new individual the sample fit scored 0.733 and the 2-epoch refit 0.840;
+# with a floor of 2 (250k, lr) they rise with the refit, 0.599 -> 0.676 (docs/results/
+# benchmarks.md). REFIT_LR on the same validation cells, after 4 epochs: 1e-3 0.827, 3e-4 0.847,
+# 1e-4 0.845.
 REFIT_EPOCHS, REFIT_BATCH, REFIT_LR = 4, 512, 3e-4
 # Rows per read, and reads mixed into one block of shuffled mini-batches: a file sorted by
 # type or donor still gives mixed batches, and a block stays small (32k rows).
