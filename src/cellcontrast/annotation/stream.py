@@ -33,6 +33,12 @@ class ModelRows:
     def n_rows(self) -> int:
         return len(self.dense) if self.dense is not None else len(self.indptr) - 1
 
+    def csr(self) -> sp.csr_matrix:
+        """Every row as a CSR matrix in model columns (the form a streaming fit trains on)."""
+        if self.dense is not None:
+            return sp.csr_matrix(self.dense)
+        return sp.csr_matrix((self.data, self.indices, self.indptr), shape=(self.n_rows, self.n_model))
+
     def rows(self, lo: int, hi: int) -> np.ndarray:
         """Rows [lo, hi) as a dense float32 [hi - lo, n_model] array."""
         if self.dense is not None:

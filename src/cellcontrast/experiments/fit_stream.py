@@ -172,10 +172,8 @@ def shard_moments(path: str, layer: str | None, lo: int, codes: np.ndarray, col_
 
 def _model_csr(matrix, lo: int, hi: int, col_map: np.ndarray, n_model: int) -> sp.csr_matrix:
     """Rows [lo, hi) of the file checked as raw counts, in the model's genes."""
-    rows = to_model_columns(matrix.rows(lo, hi), col_map, n_model, lo, matrix.where, " (the reference's raw counts)")
-    if rows.dense is not None:
-        return sp.csr_matrix(rows.dense)
-    return sp.csr_matrix((rows.data, rows.indices, rows.indptr), shape=(rows.n_rows, n_model))
+    return to_model_columns(matrix.rows(lo, hi), col_map, n_model, lo, matrix.where,
+                            " (the reference's raw counts)").csr()
 
 
 def _validator(reference: anndata.AnnData, rows: np.ndarray | None, classes: list[str]):

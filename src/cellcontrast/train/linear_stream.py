@@ -11,7 +11,6 @@ killed fit resume where it stopped, with the result it would have had.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ import scipy.sparse as sp
 import torch
 from tqdm import tqdm
 
+from cellcontrast.core.files import atomic_path
 from cellcontrast.nn.bases import IdentityEncoder, LinearHead
 from cellcontrast.nn.chain import ChainModule
 from cellcontrast.nn.preprocessing import GeneMoments, LRPreprocess
@@ -32,12 +32,12 @@ from cellcontrast.train.loops import linear_loss, linear_weights, sparse_logits
 Blocks = Callable[[np.random.Generator | None], Iterator[tuple[sp.csr_matrix, np.ndarray]]]
 
 
-def stream_moments(blocks: Blocks, n_genes: int, target_sum: float) -> tuple[GeneMoments, int]:
-    """The gene sums over every block, and the number of cells."""
+def stream_moments(blocks: Blocks, n_genes: int, target_sum: float) -> GeneMoments:
+    """The gene sums over every block (``n_cells`` counts the cells)."""
     moments = GeneMoments(n_genes, target_sum)
     for counts, _ in blocks(None):
         moments.add(counts)
-    return moments, moments.n_cells
+    return moments
 
 
 def carried_weights(weight: torch.Tensor, old_genes: np.ndarray, new_genes: np.ndarray) -> torch.Tensor:
@@ -53,9 +53,8 @@ def carried_weights(weight: torch.Tensor, old_genes: np.ndarray, new_genes: np.n
 
 def _save(state: dict, path: Path) -> None:
     """Atomically: a kill while writing leaves the previous checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _load(path: Path | None, key: str) -> dict | None:
@@ -118,14 +117,13 @@ def refit_linear_stream(module: ChainModule, blocks: Blocks, *, n_hvg, l2: float
             **({"val_macro_f1": [round(s[0], 4) for s in state["scores"]]} if validate is not None else {})}
 
 
-def _first_state(module: ChainModule, blocks: Blocks, n_hvg, key: str, validate, moments=None) -> dict:
+def _first_state(module: ChainModule, blocks: Blocks, n_hvg, key: str, validate, computed=None) -> dict:
     """The gene statistics' pass: the new preprocessing, the sample fit's weights moved onto it."""
     old = module.preprocess
-    moments, n_cells = stream_moments(blocks, old.n_genes, old.target_sum) if moments is None else (
-        lambda m: (m, m.n_cells))(moments())
+    moments = stream_moments(blocks, old.n_genes, old.target_sum) if computed is None else computed()
     new = LRPreprocess.from_moments(moments, n_hvg, clip=old.clip, standardize=old.standardize)
     weight, bias = linear_weights(module)
-    state = {"key": key, "preprocess": new.state_dict(), "n_selected": new.n_selected, "n_cells": n_cells,
+    state = {"key": key, "preprocess": new.state_dict(), "n_selected": new.n_selected, "n_cells": moments.n_cells,
              "epoch": 0, "step": 0, "losses": [], "scores": [], "optimizer": None, "bias": bias.detach().clone(),
              "weight": carried_weights(weight.detach(), old.selected_genes(), new.selected_genes())}
     if validate is not None:
