@@ -9,6 +9,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -24,9 +25,15 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch is pinned to the CPU wheel; a looser spec would pull a CUDA build.
 	$(BIN)/pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-	$(BIN)/pip install -q -e ".[train,pipeline,dev,majority,docs]" "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -c "import torch, cellcontrast, mlflow, optuna, onnxruntime, dvc, igraph, pynndescent, distributed, mkdocs, mkdocstrings"
+	@# what `make run` needs; `make test` adds the test and site tools (TEST_STAMP)
+	$(BIN)/pip install -q -e ".[train,pipeline,majority]" "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import torch, cellcontrast, mlflow, optuna, onnxruntime, dvc, igraph, pynndescent, distributed"
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[train,pipeline,dev,majority,docs]" "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import pytest, importlinter, mkdocs, mkdocstrings, pgserver"
+	touch $(TEST_STAMP)
 
 install: $(STAMP)
 
@@ -61,7 +68,7 @@ quick: $(STAMP)
 	cellcontrast holdout --atlas quick/atlas.h5ad --split-dir quick/splits/default/seed0 --out quick/query.h5ad --max-cells 5000
 	cellcontrast annotate quick/annotator.onnx quick/query.h5ad --out quick/query_annotated.h5ad --csv quick/query_annotated.csv --label-key cell_type --min-confidence 0.5
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	@# The layer contracts of pyproject.toml: a wrong import arrow fails here.
 	$(BIN)/lint-imports --no-cache
 	@# A worker per core (pytest-xdist). tests/docs builds the site once with --strict (the
@@ -71,12 +78,12 @@ test: $(STAMP)
 # The documentation site (mkdocs.yml): --strict fails on a broken link or reference, and any
 # other warning fails too. docs-serve rebuilds on change, on 127.0.0.1 only.
 export NO_MKDOCS_2_WARNING := 1
-docs: $(STAMP)
+docs: $(TEST_STAMP)
 	set -o pipefail; $(BIN)/mkdocs build --strict --site-dir site 2>&1 | tee .docs-build.log
 	@# mkdocs's warnings start the line; a kernel's "[IPKernelApp] WARNING" (local TCP) is not one
 	@! grep -n '^WARNING' .docs-build.log
 
-docs-serve: $(STAMP)
+docs-serve: $(TEST_STAMP)
 	CELLCONTRAST_DOCS_CACHE=true $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
 
 # Peers (CellTypist 1.7.1 cannot train with scikit-learn >= 1.8; scANVI) live in their own venv.
@@ -92,7 +99,7 @@ $(BENCH_VENV)/.installed:
 
 bench-venv: $(BENCH_VENV)/.installed
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests bench
 
 clean:

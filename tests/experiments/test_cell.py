@@ -34,8 +34,10 @@ def test_train_logs_one_complete_run(tiny_split, tmp_path, mlflow_store, capsys)
     assert p["lr.epochs"] == "5" and p["mls.max_epochs"] == "4" and "mls.temperature" in p
     assert run.data.tags["base"] == "lr" and run.data.tags["component"] == "mls"
     assert abs(run.data.metrics["test_top1"] - result["test_top1"]) <= 5e-5  # the printed line is rounded
-    history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "lr.loss")
+    history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "mls_component.loss")
     assert len(history) >= 2  # one value per epoch
+    # under a component LR's head goes unused: only its preprocessing is fitted, no LR curve
+    assert not mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "lr.loss")
     names = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.png", "per_class_f1.csv", "embedding.png", "chain"} <= names
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
 import torch
@@ -152,6 +153,35 @@ def test_base_study_tunes_the_base_own_sizes(split_dir, work, base, fixed):
     assert set(trial.params) == set(resolve_search_space(base, "none"))
     assert trial.intermediate_values  # the pruner sees this base's validation F1
     assert all(best[base][k] == v for k, v in fixed.items())
+
+
+def test_a_component_study_takes_the_base_its_base_study_trained(split_dir, work, monkeypatch):
+    """The base study's best trial trained the very base a component study freezes (same
+    data, parameters and seed): the component study takes it instead of fitting it again."""
+    from cellcontrast.experiments import tuning
+
+    tmp_path, storage = work
+    fits = []
+    real_fit_base = tuning.fit_base
+    monkeypatch.setattr(tuning, "fit_base", lambda *a, **k: fits.append(a[5]) or real_fit_base(*a, **k))
+    monkeypatch.setattr(tuning, "_BASE_CACHE", {})
+    fixed = {"epochs": 3, "min_steps": 0, "hidden_dims": [16, 8]}
+    best = tune(split_dir, "actinn", "none", 2, storage=storage, out=tmp_path / "b.json",
+                base_params=fixed, experiment="tune-test", progress=False)
+    assert fits == ["actinn", "actinn"]  # one fit a trial
+    tune(split_dir, "actinn", "mlp", 1, storage=storage, out=tmp_path / "m.json", search_space=SPACE,
+         base_params=best["actinn"], experiment="tune-test", progress=False)
+    assert fits == ["actinn", "actinn"]  # the best trial's base, not a third fit
+    study = optuna.load_study(study_name="default-actinn-none", storage=storage)
+    runs = mlflow.search_runs(experiment_names=["tune-test"], filter_string="tags.component = 'mlp'",
+                              output_format="list")
+    parent = next(r for r in runs if "trial" not in r.data.tags)
+    assert parent.data.metrics["base_val_macro_f1"] == pytest.approx(study.best_value)
+    monkeypatch.setattr(tuning, "_BASE_CACHE", {})  # another process: the base is fitted again
+    tune(split_dir, "actinn", "mls", 1, storage=storage, out=tmp_path / "s.json",
+         search_space={"temperature": [0.1, 0.2], "max_epochs": 3}, base_params=best["actinn"],
+         experiment="tune-test", progress=False)
+    assert fits == ["actinn", "actinn", "actinn"]
 
 
 def test_resume_runs_only_the_missing_trials(split_dir, work):
