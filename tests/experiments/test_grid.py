@@ -59,3 +59,23 @@ def test_study_name_changes_with_what_the_trials_measured(monkeypatch, change):
     before = name()
     # a resumed study with the old trials would return their stale best without a new trial
     assert name(**change(monkeypatch)) != before
+
+
+def test_grid_tasks_start_with_the_longest(tmp_path):
+    """Longest first, by base and training cells: a long task started last would leave one
+    worker waiting on it while the other is idle."""
+    import json
+
+    from cellcontrast.experiments.grid import grid_tasks
+
+    for setting, n_train in (("default", 10000), ("scarce", 2400)):
+        for seed in (0, 1):
+            split = tmp_path / setting / f"seed{seed}"
+            split.mkdir(parents=True)
+            (split / "split.json").write_text(json.dumps({"setting": setting, "n_cells": {"train": n_train}}))
+    cfg = {"settings": ["default", "scarce"], "seeds": [0, 1], "bases": ["lr", "actinn", "scdae"],
+           "components": ["none"], "split_root": str(tmp_path), "tuned_dir": str(tmp_path / "tuned"),
+           "models_dir": str(tmp_path / "models"), "experiment": "x", "threads": 1, "model_params": {}}
+    order = [(t["split_dir"].split("/")[-2], t["base"]) for t in grid_tasks(cfg)]
+    assert order == [("default", "scdae")] * 2 + [("default", "lr")] * 2 + [("scarce", "scdae")] * 2 + \
+        [("default", "actinn")] * 2 + [("scarce", "lr")] * 2 + [("scarce", "actinn")] * 2

@@ -172,9 +172,10 @@ def fix_mmap_threshold(nbytes: int = 64 << 20) -> None:
     lower than the per-block buffers (a few MB): blocks served by mmap are fresh pages every
     time, and their page faults cost a third of the run (1 MiB: 19.5 s, 64 MiB: 13.3 s for
     200k cells). Process-wide, hence applied by the command line and by the annotation tasks
-    of Dask workers (whose nanny sets ``MALLOC_TRIM_THRESHOLD_``, which also freezes glibc's
-    mmap threshold at 128 KiB: a worker ran a 250k-cell shard in 24-26 s against 20 s for the
-    command line on the same core); a no-op off glibc.
+    of Dask workers (a nanny sets ``MALLOC_TRIM_THRESHOLD_``, which also freezes glibc's mmap
+    threshold at 128 KiB: a worker ran a 250k-cell shard in 24-26 s against 20 s for the
+    command line on the same core; `core.engine`'s local clusters now unset it, a cluster
+    started elsewhere may not); a no-op off glibc.
     """
     if not sys.platform.startswith("linux"):
         return
