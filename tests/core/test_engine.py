@@ -30,6 +30,18 @@ def test_a_local_cluster_runs_the_tasks_in_other_processes():
         assert pool.submit(os.getpid).result() != os.getpid()
 
 
+def _malloc_environ() -> tuple:
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")
+
+
+def test_local_workers_start_without_the_nannys_malloc_trim_threshold():
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in its workers, which froze glibc's mmap
+    threshold and made every training step map and unmap its tensors (one scDAE fit 119 s
+    against 82 s); the nanny's other variables (one OpenMP thread) stay."""
+    with task_executor(1) as pool:
+        assert pool.submit(_malloc_environ).result() == (None, os.environ.get("OMP_NUM_THREADS", "1"))
+
+
 def test_two_local_clusters_at_once_start_without_a_port_warning():
     """Two benchmarks side by side each start a cluster: the second's HTTP server takes another
     port on 127.0.0.1 and says nothing (a dashboard warning would mean nothing to a user)."""
