@@ -174,8 +174,7 @@ def _fit(cell: _Cell, component: str, run_id: str):
         # preprocessing (its L2 path made LR + MLP take 51 s against LR + MLS's 30 s, Default seed 0).
         cell.base_model = fit_base(data.X["train"], data.y["train"], data.X["val"], data.y["val"],
                                    len(data.classes), cell.base, base_params, cell.seed, cell.log,
-                                   for_component=component != "none",
-                                   fit_head=component == "none" or cell.base not in LINEAR_BASES)
+                                   for_component=component != "none", fit_head=component == "none")
         if component == "none":
             cell.base_run_id = run_id
     if cell.base in LINEAR_BASES:  # what "auto" chose on validation
