@@ -42,6 +42,16 @@ def test_local_workers_start_without_the_nannys_malloc_trim_threshold():
         assert pool.submit(_malloc_environ).result() == (None, os.environ.get("OMP_NUM_THREADS", "1"))
 
 
+def test_a_task_carrying_its_data_raises_no_large_graph_warning():
+    """A fold's reference travels with its task; Dask would warn about it above 10 MB."""
+    import warnings
+
+    with task_executor(1) as pool, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pool.submit(len, b"x" * 20_000_000).result() == 20_000_000
+    assert not [w for w in caught if "large graph" in str(w.message)]
+
+
 def test_two_local_clusters_at_once_start_without_a_port_warning():
     """Two benchmarks side by side each start a cluster: the second's HTTP server takes another
     port on 127.0.0.1 and says nothing (a dashboard warning would mean nothing to a user)."""

@@ -98,6 +98,7 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 # every tensor above 128 KiB is mapped and unmapped again at each step: one scDAE fit took
 # 119 s under it against 82 s without (default seed 0, bench/grid_worker_malloc.py).
 UNSET_WORKER_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+TASK_DATA_WARNING = "4GB"
 
 
 @contextlib.contextmanager
@@ -112,6 +113,8 @@ def task_executor(workers: int, scheduler: str | None = None, *, pin: bool = Fal
     except ImportError as err:
         raise InputError(f"more than one worker needs dask.distributed, which cannot be imported ({err}); "
                          "pip install distributed") from err
+    import dask
+
     cluster = None
     if scheduler:
         _check_reachable(scheduler)
@@ -122,8 +125,6 @@ def task_executor(workers: int, scheduler: str | None = None, *, pin: bool = Fal
     else:
         if int(workers) < 1:
             raise InputError(f"workers must be at least 1, not {workers}")
-        import dask
-
         # No dashboard, so no use for the workers' statistical profiler, which walks every
         # thread's stack each 10 ms holding the GIL (its workers inherit this config).
         # The scheduler's HTTP server (health routes, no dashboard) binds 127.0.0.1 and moves
@@ -138,7 +139,10 @@ def task_executor(workers: int, scheduler: str | None = None, *, pin: bool = Fal
         for plugin in _plugins(os.getpid(), pin and int(workers) <= cores):
             client.register_plugin(plugin)
     try:
-        yield client.get_executor(pure=False, retries=RETRIES)
+        # A task carries its data (a validation fold's reference, a sample): Dask's warning
+        # about graphs over 10 MB would print on every `fit --workers` of a real reference.
+        with dask.config.set({"distributed.admin.large-graph-warning-threshold": TASK_DATA_WARNING}):
+            yield client.get_executor(pure=False, retries=RETRIES)
     finally:
         client.close()
         if cluster is not None:
