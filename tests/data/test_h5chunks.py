@@ -63,3 +63,12 @@ def test_other_storage_is_left_to_h5py(tmp_path, kwargs):
 def test_two_dimensional_is_left_to_h5py(tmp_path):
     dset = _dataset(tmp_path, np.zeros((10, 10), np.float32), chunks=(5, 5), compression="gzip")
     assert not ChunkedGzipArray.supports(dset)
+
+
+def test_inflates_with_zlib_ng_when_installed():
+    # zlib-ng inflates the same bytes about twice as fast as zlib (bench/bench_inflate.py);
+    # a silent fall back to zlib would cost annotate its lead over the read time
+    zlib_ng = pytest.importorskip("zlib_ng.zlib_ng")
+    import cellcontrast.data.h5chunks as h5chunks
+
+    assert h5chunks.inflate is zlib_ng.decompress
