@@ -6,8 +6,9 @@
 For each gene count and reference size, a simulated atlas of four individuals
 (`cellcontrast simulate`, cached in ``--out-dir``): individuals L1-L3 are the reference (``size``
 cells, about), at most ``--query-cells`` cells of L4 the query, a new individual. Each method runs
-as its own process, measured from outside (wall time and the process's own peak RSS, as
-`bench_annotate.py` measures):
+as its own process, measured from outside (wall time, the process's own peak RSS, and the peak
+of its process tree's summed RSS, which counts the Dask workers of ``--fit-args "--workers 2"``,
+as `bench_annotate.py` measures):
 
 - ``cellcontrast``: ``cellcontrast fit --reference R --out A.onnx`` with its defaults, then
   ``annotate`` on the query (timed apart); the card's validation macro F1;
@@ -227,7 +228,7 @@ def main(args) -> int:
     return 0
 
 
-COLUMNS = ["genes", "reference_cells", "method", "wall_s", "rss_mib", "val_macro_f1", "heldout_macro_f1",
+COLUMNS = ["genes", "reference_cells", "method", "wall_s", "rss_mib", "tree_rss_mib", "val_macro_f1", "heldout_macro_f1",
            "chosen", "train_s", "annotate_s", "fit_args", "error"]
 
 

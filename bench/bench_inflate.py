@@ -10,6 +10,7 @@ inflater's output is checked against zlib's, byte for byte.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.repeats):
                 with ThreadPoolExecutor(threads) as pool:
                     started = time.perf_counter()
-                    out = list(pool.map(lambda raw: inflate(raw, bufsize=bufsize), raws))
+                    out = list(pool.map(functools.partial(inflate, bufsize=bufsize), raws))
                     times.append(time.perf_counter() - started)
                 if out != expected:
                     raise SystemExit(f"{name} inflated different bytes from zlib")
