@@ -40,3 +40,16 @@ def test_every_command_has_a_function():
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(sub.choices) == set(COMMANDS)
+
+
+def test_fit_defaults_are_the_python_apis():
+    # the parser stays free of torch, so it repeats fit_annotator's defaults: they must agree
+    import inspect
+
+    from cellcontrast.experiments.fit_annotator import fit_annotator
+
+    args = build_parser().parse_args(["fit", "--reference", "r.h5ad", "--out", "a.onnx"])
+    defaults = {name: p.default for name, p in inspect.signature(fit_annotator).parameters.items()}
+    for name in ("max_cells_in_memory", "sample_cells", "refit_epochs", "seed", "val_fraction", "test_fraction",
+                 "workers"):
+        assert getattr(args, name) == defaults[name], name

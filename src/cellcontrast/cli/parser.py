@@ -117,10 +117,10 @@ def _fit(sub) -> None:
                         "bases, at once on a local Dask cluster of this many processes")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="train the validation folds (or the bases) on a running Dask scheduler (tcp://HOST:8786)")
-    p.add_argument("--max-cells-in-memory", type=int, default=100_000, metavar="CELLS",
+    p.add_argument("--max-cells-in-memory", type=int, default=50_000, metavar="CELLS",
                    help="a reference with more labelled cells is never read whole: every choice on a stratified "
                         "sample (--sample-cells), the chosen linear chain refitted on every cell in chunks "
-                        "(default 100000)")
+                        "(default 50000)")
     p.add_argument("--sample-cells", type=int, default=50_000, metavar="CELLS",
                    help="above --max-cells-in-memory, the sample the choices are made on (default 50000)")
     p.add_argument("--refit-epochs", type=int, default=4, metavar="N",

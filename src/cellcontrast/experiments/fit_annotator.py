@@ -68,9 +68,11 @@ CV_FOLDS, CV_MAX_CELLS = 5, 10_000
 
 # A backed reference above MAX_CELLS_IN_MEMORY labelled cells is fitted by streaming: its choices
 # on a sample of SAMPLE_CELLS, the chosen linear chain refitted on every cell read in chunks
-# (`experiments.fit_stream`). At 100k cells x 2,000 genes the in-memory fit took 888 s and 4.0 GiB,
-# at 250k 1,656 s and 8.8 GiB (docs/results/benchmarks.md): memory grows with the cells.
-MAX_CELLS_IN_MEMORY, SAMPLE_CELLS = 100_000, 50_000
+# (`experiments.fit_stream`). Read whole, memory grows with the cells (250k x 2,000 genes: 1,656 s,
+# 8.8 GiB). Streamed from the sample's size up: at 100k cells (`fit --workers 2`, 2 cores) it took
+# 283 s, 2.5 GiB and scored 0.706 on a new individual against 413 s, 3.8 GiB and 0.683 read
+# whole (docs/results/benchmarks.md).
+MAX_CELLS_IN_MEMORY, SAMPLE_CELLS = 50_000, 50_000
 
 
 def parse_chains(chains: str | list[str] | tuple[str, ...]) -> list[str]:
