@@ -50,6 +50,6 @@ def test_fit_defaults_are_the_python_apis():
 
     args = build_parser().parse_args(["fit", "--reference", "r.h5ad", "--out", "a.onnx"])
     defaults = {name: p.default for name, p in inspect.signature(fit_annotator).parameters.items()}
-    for name in ("max_cells_in_memory", "sample_cells", "refit_epochs", "seed", "val_fraction", "test_fraction",
+    for name in ("chains", "max_cells_in_memory", "sample_cells", "refit_epochs", "seed", "val_fraction", "test_fraction",
                  "workers"):
         assert getattr(args, name) == defaults[name], name

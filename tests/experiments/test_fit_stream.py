@@ -139,3 +139,25 @@ def test_a_path_with_counts_in_a_layer_streams_that_layer(big_reference, tmp_pat
     assert result.chain.config["fit"]["streamed"]["cells"] > 3000
     with pytest.raises(InputError, match="log-normalised"):
         fit_annotator(str(path), **OPTIONS)
+
+
+@pytest.mark.parametrize(("chains", "streamed", "expected"), [
+    (None, True, ["lr", "svm"]),  # a deep chain would see only the sample
+    (None, False, ["lr", "svm", "scdae"]),
+    ("lr,scdae", True, ["lr", "scdae"]),  # asked for: trained on the sample, as the card says
+])
+def test_default_chains_of_a_streamed_reference_are_those_refitted_on_every_cell(big_reference, monkeypatch, chains,
+                                                                                 streamed, expected):
+    import cellcontrast.experiments.fit_annotator as module
+
+    class Trained(Exception):
+        pass
+
+    def capture(prepared, names, stream, *args, **kwargs):
+        raise Trained(names, stream is not None)
+
+    monkeypatch.setattr(module, "_fit_prepared", capture)
+    reference = big_reference if streamed else ad.read_h5ad(big_reference)
+    with pytest.raises(Trained) as trained:
+        fit_annotator(reference, **{**OPTIONS, "chains": chains})
+    assert trained.value.args == (expected, streamed)

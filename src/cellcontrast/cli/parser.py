@@ -91,8 +91,10 @@ def _fit(sub) -> None:
                                    "ONNX file and model card")
     p.add_argument("--reference", required=True, help="labelled reference .h5ad with raw counts")
     p.add_argument("--out", required=True, help="annotator .onnx to write (the model card goes beside it)")
-    p.add_argument("--chains", default="lr,svm,scdae",
-                   help="chains to train and choose among: lr, svm, lr+mlp, scdae+mls, ... or all (default: lr,svm,scdae)")
+    p.add_argument("--chains", default=None,
+                   help="chains to train and choose among: lr, svm, lr+mlp, scdae+mls, ... or all (default: lr,svm,scdae; "
+                        "lr,svm for a reference above --max-cells-in-memory, whose deep chains would see only the "
+                        "sample)")
     p.add_argument("--test-fraction", type=float, default=0.0,
                    help="hold out this share of each type as a test part, reported only (default 0: none)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="each type's share for validation (default 0.1)")

@@ -55,6 +55,11 @@ from cellcontrast.train.attribution import gene_weights
 # stays one `--chains` away. svm: on the mouse pancreas with mouse1 held out (`cc.fit`, one
 # chain each) 0.918 test macro F1 against LR's 0.862.
 DEFAULT_CHAINS = ("lr", "svm", "scdae")
+# A streamed reference (above MAX_CELLS_IN_MEMORY) trains its chains on the sample, and only the
+# linear ones are then refitted on every cell: a deep chain would never see past the sample. On
+# simulated references of 100k-1M cells scDAE validated at 0.08-0.26 macro F1 against LR's
+# 0.44-0.86, and it was 29% of a 100k-cell fit's time (py-spy; docs/results/benchmarks.md).
+STREAMED_CHAINS = ("lr", "svm")
 
 # Without a batch key, a reference of at most CV_MAX_CELLS cells is validated by CV_FOLDS-fold
 # stratified cross-validation rather than one 10% part: there a type of 30 cells has 3
@@ -133,7 +138,7 @@ def fit_annotator(
     adata: anndata.AnnData | str | Path,
     labels_key: str = LABEL,
     *,
-    chains: str | list[str] | tuple[str, ...] = DEFAULT_CHAINS,
+    chains: str | list[str] | tuple[str, ...] | None = None,
     layer: str | None = None,
     filters: dict[str, str] | None = None,
     seed: int = 0,
@@ -164,10 +169,9 @@ def fit_annotator(
     labels_key, layer, filters
         The label column; where the counts are; only cells with these obs values (``{"donor": "m2"}``).
     chains
-        Chain names (``"lr"``, ``"scdae+mlp"``, ...), comma-separated, or ``"all"``.
+        Chain names (``"lr,scdae+mlp"``, ``"all"``); None: ``DEFAULT_CHAINS``, ``STREAMED_CHAINS`` if streamed.
     seed, params
-        Seeds the splits and every training (same seed, same annotator); hyperparameters keyed
-        by model name, as in `cellcontrast.fit`.
+        Seeds the splits and every training (same seed, same annotator); hyperparameters by model name.
     val_fraction, test_fraction
         Each type's share for validation; for a test part, only reported (0: none).
     batch_key
@@ -194,10 +198,11 @@ def fit_annotator(
     -------
     FittedAnnotator; `InputError` for bad input (`docs/reference/refusals.md`).
     """
-    names = parse_chains(chains)
+    names = parse_chains(chains) if chains is not None else None
     stream = streaming_reference(adata, labels_key, layer, filters, max_cells_in_memory=max_cells_in_memory,
                                  sample_cells=sample_cells, refit_epochs=refit_epochs, seed=seed, out=out,
                                  resume=resume, cluster=(workers, scheduler))
+    names = names or list(STREAMED_CHAINS if stream else DEFAULT_CHAINS)
     prepared = _prepare(_cells_of(adata, stream), labels_key, None if stream else layer,
                         filters, genes, genes_source, seed, val_fraction, test_fraction, batch_key, val_folds, out)
     if batch_key and prepared[3] is not None:
