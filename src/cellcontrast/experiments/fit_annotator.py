@@ -58,7 +58,7 @@ DEFAULT_CHAINS = ("lr", "svm", "scdae")
 # A streamed reference (above MAX_CELLS_IN_MEMORY) trains its chains on the sample, and only the
 # linear ones are then refitted on every cell: a deep chain would never see past the sample. On
 # simulated references of 100k-1M cells scDAE validated at 0.08-0.26 macro F1 against LR's
-# 0.44-0.86, and it was 29% of a 100k-cell fit's time (py-spy; docs/results/benchmarks.md).
+# 0.44-0.86, and it was 29% of a 100k-cell fit's time (docs/how-to/reference-to-annotator.md).
 STREAMED_CHAINS = ("lr", "svm")
 
 # Without a batch key, a reference of at most CV_MAX_CELLS cells is validated by CV_FOLDS-fold
@@ -76,7 +76,7 @@ CV_FOLDS, CV_MAX_CELLS = 5, 10_000
 # (`experiments.fit_stream`). Read whole, memory grows with the cells (250k x 2,000 genes: 1,656 s,
 # 8.8 GiB). Streamed from the sample's size up: at 100k cells (`fit --workers 2`, 2 cores) it took
 # 283 s, 2.5 GiB and scored 0.706 on a new individual against 413 s, 3.8 GiB and 0.683 read
-# whole (docs/results/benchmarks.md).
+# whole (docs/how-to/reference-to-annotator.md).
 MAX_CELLS_IN_MEMORY, SAMPLE_CELLS = 50_000, 50_000
 
 
