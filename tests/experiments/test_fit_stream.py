@@ -153,24 +153,11 @@ def test_default_chains_of_a_streamed_reference_are_those_refitted_on_every_cell
     class Trained(Exception):
         pass
 
-    def capture(prepared, names, stream, options, *args, **kwargs):
-        raise Trained(names, stream is not None, options["params"])
+    def capture(prepared, names, stream, *args, **kwargs):
+        raise Trained(names, stream is not None)
 
     monkeypatch.setattr(module, "_fit_prepared", capture)
     reference = big_reference if streamed else ad.read_h5ad(big_reference)
     with pytest.raises(Trained) as trained:
         fit_annotator(reference, **{**OPTIONS, "chains": chains})
-    assert trained.value.args[:2] == (expected, streamed)
-    # the sample's linear paths on fewer cells; a reference in memory keeps the recipe's
-    path_cells = trained.value.args[2].get("lr", {}).get("path_max_cells")
-    assert path_cells == (fit_stream.SAMPLE_PATH_CELLS if streamed else None)
-
-
-def test_the_sample_searches_its_linear_paths_on_fewer_cells_unless_asked():
-    """On a streamed reference each linear base searches its L2 path on ``SAMPLE_PATH_CELLS``
-    of the sample (the refit on every cell follows); other options and a user's choice kept."""
-    params = fit_stream.StreamingReference.sample_params({"lr": {"n_hvg": 100}, "svm": {"path_max_cells": 500},
-                                                          "scdae": {"epochs": 3}})
-    assert params["lr"] == {"path_max_cells": fit_stream.SAMPLE_PATH_CELLS, "n_hvg": 100}
-    assert params["svm"] == {"path_max_cells": 500} and params["scdae"] == {"epochs": 3}
-    assert set(fit_stream.StreamingReference.sample_params(None)) == {"lr", "svm"}
+    assert trained.value.args == (expected, streamed)

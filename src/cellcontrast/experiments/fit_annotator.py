@@ -205,9 +205,9 @@ def fit_annotator(
     names = names or list(STREAMED_CHAINS if stream else DEFAULT_CHAINS)
     prepared = _prepare(_cells_of(adata, stream), labels_key, None if stream else layer,
                         filters, genes, genes_source, seed, val_fraction, test_fraction, batch_key, val_folds, out)
-    params = _cross_batch_positives(params) if batch_key and prepared[3] is not None else params
-    options = {"seed": seed, "params": stream.sample_params(params) if stream else params, "labels_key": labels_key,
-               "layer": layer}
+    if batch_key and prepared[3] is not None:
+        params = _cross_batch_positives(params)
+    options = {"seed": seed, "params": params, "labels_key": labels_key, "layer": layer}
     result = _fit_prepared(prepared, names, stream, options, experiment=experiment, batch_key=batch_key,
                            test_fraction=test_fraction, val_fraction=val_fraction, ensemble=ensemble,
                            workers=workers, scheduler=scheduler, out=out, register=register)

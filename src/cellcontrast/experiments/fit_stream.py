@@ -55,13 +55,6 @@ MIN_SAMPLE_PER_TYPE = 100
 # benchmarks.md). REFIT_LR on the same validation cells, after 4 epochs: 1e-3 0.827, 3e-4 0.847,
 # 1e-4 0.845.
 REFIT_EPOCHS, REFIT_BATCH, REFIT_LR = 4, 512, 3e-4
-# The sample's linear chains search their L2 path and scaling on this many of its training
-# cells (LR's recipe: 20,000), then refit on all of them as in memory. The sample's choices
-# only start the refit on every cell. At 100k cells (2 cores, alone, same hour): 161 s against
-# 190 s, the same chain (svm), validation macro F1 0.680 against 0.667, the new individual
-# 0.696 against 0.700. Skipping the sample's refit instead (its path fit streamed) took 136 s
-# but lost 0.035 on the new individual; a 30-iteration refit, 164 s and 0.040 lost.
-SAMPLE_PATH_CELLS = 10_000
 # Rows per read, and reads mixed into one block of shuffled mini-batches: a file sorted by
 # type or donor still gives mixed batches, and a block stays small (32k rows).
 PIECE_ROWS, PIECES_PER_BLOCK = 2048, 16
@@ -103,14 +96,6 @@ class StreamingReference:
         obs = self.obs.iloc[self.sample].copy()
         obs[ROW] = self.sample
         return anndata.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(genes.astype(str))))
-
-    @staticmethod
-    def sample_params(params: dict | None) -> dict:
-        """The sample's recipes: a linear base searches its L2 path (and scaling) on
-        ``SAMPLE_PATH_CELLS`` of the sample's training cells, unless the params say otherwise."""
-        params = params or {}
-        return {**params, **{base: {"path_max_cells": SAMPLE_PATH_CELLS, **params.get(base, {})}
-                             for base in LINEAR_BASES}}
 
     def refit(self, name: str, chain: Chain, reference: anndata.AnnData, trained: np.ndarray,
               validation: np.ndarray | None = None) -> Chain:
