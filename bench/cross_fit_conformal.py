@@ -71,15 +71,14 @@ def fold_rows(folder: Path, batch_key: str, chain: str, seed: int) -> list[dict]
     full = _aligned(_fit(reference, chain, seed), query, classes)
     pooled = np.sort(np.concatenate(calibration))
     n = len(pooled)
+    # CV+: label y joins the set when #{i : s_i < s_k(i)(x, y)} < coverage (n + 1)
+    below = sum(np.searchsorted(scores, 1.0 - proba, side="left") for scores, proba in
+                zip(calibration, query_proba, strict=True))
     rows = []
     for coverage in COVERAGES:
         k = int(np.ceil((n + 1) * coverage))
         q = pooled[k - 1] if k <= n else np.inf
-        sets = {"refit": full >= 1.0 - q - 1e-12}
-        # CV+: label y in the set when #{i : s_i < s_k(i)(x, y)} < coverage (n + 1)
-        below = sum(np.searchsorted(scores, 1.0 - proba, side="left") for scores, proba in
-                    zip(calibration, query_proba, strict=True))
-        sets["cross-fit"] = below < coverage * (n + 1)
+        sets = {"refit": full >= 1.0 - q - 1e-12, "cross-fit": below < coverage * (n + 1)}
         for method, member in sets.items():
             rows.append({"fold": folder.name, "method": method, "coverage_target": coverage,
                          "coverage": float(member[np.arange(len(truth)), truth].mean()),

@@ -198,7 +198,7 @@ def fit_annotator(
     -------
     FittedAnnotator; `InputError` for bad input (`docs/reference/refusals.md`).
     """
-    names = parse_chains(chains) if chains is not None else None
+    names = parse_chains(chains) if chains is not None else None  # a bad name refused before any read
     stream = streaming_reference(adata, labels_key, layer, filters, max_cells_in_memory=max_cells_in_memory,
                                  sample_cells=sample_cells, refit_epochs=refit_epochs, seed=seed, out=out,
                                  resume=resume, cluster=(workers, scheduler))
