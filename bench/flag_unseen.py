@@ -16,7 +16,8 @@ and every test cell of the unseen types). Runs the commands a user types:
 
 and prints one JSON line per run: the share of unseen-type and of seen-type cells labelled
 ``Unassigned``, the accuracy on the seen types' cells that kept a label, and the AUROC (unseen
-against seen cells) of each novelty score the run wrote (1 - confidence, energy, expression).
+against seen cells) of each novelty score the run wrote (1 - confidence, energy or its p-value
+under the fold models, expression).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def _aurocs(obs, is_unseen: np.ndarray) -> dict:
     for name in ("energy", "expression"):
         if f"cellcontrast_{name}" in obs:
             scores[f"auroc_{name}"] = obs[f"cellcontrast_{name}"].to_numpy(dtype=float)
+    if "cellcontrast_energy_p" in obs:  # a cross-fitted annotator: lower p, less familiar
+        scores["auroc_energy_p"] = 1.0 - obs["cellcontrast_energy_p"].to_numpy(dtype=float)
     return {k: round(float(roc_auc_score(is_unseen, v)), 4) for k, v in scores.items()}
 
 

@@ -16,8 +16,9 @@ Output of `annotate_file` (a NEW file; the query is opened read-only and never m
 * ``X``: none, and ``var`` is empty: the file's shape is ``(n_cells, 0)``. The query's matrix
   is not copied (it can be tens of GB); join the predictions back with
   ``query.obs = query.obs.join(out.obs.filter(like="cellcontrast_"))``;
-* with ``flag_unseen``: the score (``cellcontrast_energy`` or ``cellcontrast_expression``) and
-  ``cellcontrast_unfamiliar``; with
+* with ``flag_unseen``: the score (``cellcontrast_energy``, with ``cellcontrast_energy_p`` on an
+  annotator of `cellcontrast fit` with grouped or cross-validation, or ``cellcontrast_expression``)
+  and ``cellcontrast_unfamiliar``; with
   ``majority_voting``: ``cellcontrast_over_clustering``, ``cellcontrast_majority_voting`` and
   ``cellcontrast_majority_agreement`` (`cellcontrast.annotation.majority`);
 * ``obsm['cellcontrast_probabilities']`` (``[n_cells, n_classes]`` float32, opt-in, columns in
@@ -44,7 +45,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from cellcontrast.annotation.conformal import check_coverage, prediction_sets
+from cellcontrast.annotation.conformal import UNSEEN_ALPHA, check_coverage, prediction_sets
 from cellcontrast.annotation.genes import found_mask, model_columns
 from cellcontrast.annotation.majority import check_can_cluster, majority_columns
 from cellcontrast.annotation.model import Annotator, load_model
@@ -111,7 +112,10 @@ def novelty_score(flag_unseen: bool | str | None) -> str | None:
     """The score ``flag_unseen`` names: False/None: none; True: ``energy``; or the name itself.
 
     ``energy`` (column ``cellcontrast_energy``): ``-T logsumexp(logits / T)``, cells above the
-    value that 5% of the chain's validation cells exceed are unfamiliar. ``expression`` (column
+    value that 5% of the chain's validation cells exceed are unfamiliar; an annotator that carries
+    its fold models (`fit` with grouped or cross-validation) also writes ``cellcontrast_energy_p``,
+    the share of the held-out cells at least as unfamiliar under their own fold model,
+    and flags it at 0.05 or below. ``expression`` (column
     ``cellcontrast_expression``; annotators from `cellcontrast fit`): the largest deviance of a
     gene the cell expresses above its predicted type's training profile, 1% of validation
     above the threshold; sharper on types the reference lacks within its own donors, weaker on
@@ -126,9 +130,12 @@ def novelty_score(flag_unseen: bool | str | None) -> str | None:
 
 
 def _novelty_threshold(annotator: Annotator, score: str | None) -> float | None:
-    """With a ``flag_unseen`` score: its validation threshold, which the model carries."""
+    """With a ``flag_unseen`` score: its validation threshold, which the model carries; on a
+    `Annotator.cross_fitted` annotator's energy, the p-value at or below which a cell is flagged."""
     if score is None:
         return None
+    if score == "energy" and annotator.cross_fitted:
+        return float(annotator.metadata["energy_calibration"].get("alpha", UNSEEN_ALPHA))
     value = (annotator.metadata.get("metrics") or {}).get(NOVELTY_THRESHOLDS[score])
     if score not in annotator.novelty_scores or value is None:
         how = ("trained and exported by this version or later" if score == "energy"
@@ -140,9 +147,11 @@ def _novelty_threshold(annotator: Annotator, score: str | None) -> float | None:
 
 def _frame(obs_names: pd.Index, annotator: Annotator, predicted: Predicted, options: _Options,
            prefix: str = PREFIX) -> pd.DataFrame:
+    cross_fitted = options.novelty == "energy" and annotator.cross_fitted
     return predictions_frame(obs_names, annotator.classes, predicted.top_idx, predicted.top_p, options.min_confidence,
                              prefix=prefix, novelty=predicted.novelty, novelty_threshold=options.novelty_threshold,
-                             novelty_name=options.novelty or "energy")
+                             novelty_name=options.novelty or "energy",
+                             flag_below=cross_fitted)
 
 
 def _unassigned_note(pred: pd.DataFrame, options: _Options) -> str:
@@ -221,6 +230,9 @@ def _metadata(model: Annotator, predicted: Predicted, query: str, options: _Opti
         "min_confidence": float(options.min_confidence), "case_insensitive": bool(options.case_insensitive),
         "cellcontrast_version": __version__, "flag_unseen": options.novelty or "",
         "unseen_threshold": float("nan") if options.novelty_threshold is None else float(options.novelty_threshold),
+        "unseen_rule": "" if options.novelty is None
+        else "energy p-value under the fold models at most unseen_threshold" if options.novelty == "energy"
+        and model.cross_fitted else f"{options.novelty} above unseen_threshold",
         "majority_voting": options.majority_voting, "min_agreement": float(options.min_agreement),
         "n_clusters": -1 if n_clusters is None else int(n_clusters),
         "coverage": float("nan") if options.coverage is None else float(options.coverage),

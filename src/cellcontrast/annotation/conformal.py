@@ -124,3 +124,41 @@ def cross_fitted_membership(proba: np.ndarray, y: np.ndarray, groups: np.ndarray
         calibration = conformity_scores(proba[~held], y[~held], classes, source="other groups")
         member[held] = set_membership(proba[held], calibration, coverage, score, classes)
     return member
+
+
+# `--flag-unseen` on a cross-fitted annotator: a cell is unfamiliar when at most this share of
+# the reference's held-out cells are at least as unfamiliar (the 5% the refit's threshold aims at).
+UNSEEN_ALPHA = 0.05
+
+
+def energy_calibration(energies_by_fold: list[np.ndarray], *, seed: int = 0) -> dict:
+    """What a cross-fitted annotator stores for ``--flag-unseen``: the energies of the cells each
+    fold held out, under that fold's own model, sorted and rounded to 1e-6 (at most
+    ``MAX_CALIBRATION`` cells in all, each fold subsampled in proportion)."""
+    total = sum(len(e) for e in energies_by_fold)
+    rng = np.random.default_rng(seed)
+    folds = []
+    for values in energies_by_fold:
+        values = np.asarray(values, dtype=np.float64)
+        if total > MAX_CALIBRATION:
+            keep = max(1, round(len(values) * MAX_CALIBRATION / total))
+            values = values[rng.choice(len(values), min(keep, len(values)), replace=False)]
+        folds.append([round(float(v), 6) for v in np.sort(values)])
+    return {"alpha": UNSEEN_ALPHA, "folds": folds}
+
+
+def energy_p_values(fold_energy: np.ndarray, calibration: dict) -> np.ndarray:
+    """Each cell's conformal p-value of unfamiliarity: ``(1 + m) / (n + 1)``, ``m`` the held-out
+    cells whose energy under their own fold's model is at least the cell's energy under that
+    same model, ``n`` all of them (cross-conformal: Vovk 2015; Barber et al. 2021's CV+).
+
+    ``fold_energy``: ``[cells, folds]``, the annotator's ``fold_energy`` output. Reading a new cell
+    against the models that scored the held-out cells keeps both energies on one scale; the refit
+    on every cell scores on its own (docs: unseen types)."""
+    fold_energy = np.asarray(fold_energy, dtype=np.float64)
+    scores = [np.asarray(s, dtype=np.float64) for s in calibration["folds"]]
+    if fold_energy.ndim != 2 or fold_energy.shape[1] != len(scores):
+        raise InputError(f"the annotator's fold energies have shape {fold_energy.shape} but its metadata holds "
+                         f"{len(scores)} folds; re-export it with `cellcontrast fit`")
+    at_least = sum(len(s) - np.searchsorted(s, fold_energy[:, k], side="left") for k, s in enumerate(scores))
+    return (1.0 + at_least) / (1.0 + sum(len(s) for s in scores))

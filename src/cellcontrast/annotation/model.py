@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from cellcontrast.annotation.conformal import energy_p_values
 from cellcontrast.core.errors import InputError, first_line
 
 
@@ -37,6 +38,7 @@ class Annotator:
     output_name: str
     energy_name: str | None = None
     expression_name: str | None = None
+    fold_energy_name: str | None = None
 
     @property
     def gene_weights(self) -> np.ndarray | None:
@@ -52,6 +54,12 @@ class Annotator:
     def novelty_scores(self) -> list[str]:
         """The novelty outputs the model has: ``energy``, ``expression`` (newer exports)."""
         return [name for name in (self.energy_name, self.expression_name) if name]
+
+    @property
+    def cross_fitted(self) -> bool:
+        """Whether ``--flag-unseen`` (energy) reads a cell against the fold models of grouped
+        validation (`annotation.conformal.energy_p_values`) rather than a threshold."""
+        return bool(self.fold_energy_name and self.metadata.get("energy_calibration"))
 
     @classmethod
     def load(cls, path: str | os.PathLike, threads: int = 0) -> Annotator:
@@ -77,12 +85,24 @@ class Annotator:
         return self.session.run([self.output_name], {self.input_name: counts})[0]
 
     def predict(self, counts: np.ndarray, novelty: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities and, with ``novelty`` (one of `novelty_scores`), each cell's score."""
+        """Probabilities and, with ``novelty`` (one of `novelty_scores`), each cell's score; on a
+        `cross_fitted` annotator the energy comes with its p-value under the fold models (lower:
+        less familiar), ``[cells, 2]``."""
         if novelty is None or novelty not in self.novelty_scores:
             return self.predict_proba(counts), None
         counts = np.ascontiguousarray(counts, dtype=np.float32)
+        if novelty == self.energy_name and self.cross_fitted:
+            probs, score, folds = self.session.run([self.output_name, novelty, self.fold_energy_name],
+                                                   {self.input_name: counts})
+            p_values = energy_p_values(folds, self.metadata["energy_calibration"])
+            return probs, np.stack([score, p_values], axis=1).astype(np.float32)
         probs, score = self.session.run([self.output_name, novelty], {self.input_name: counts})
         return probs, score
+
+    def novelty_width(self, novelty: str | None) -> int:
+        """How many numbers `predict` gives per cell for ``novelty``: 2 for a `cross_fitted`
+        energy (the energy, its p-value), else 1."""
+        return 2 if novelty == self.energy_name and self.cross_fitted else 1
 
 
 def load_model(path: str | os.PathLike, threads: int = 0) -> Annotator:
@@ -134,7 +154,7 @@ def load_model(path: str | os.PathLike, threads: int = 0) -> Annotator:
         if not isinstance(value, list) or not value:
             raise InputError(f"{path} has an empty {key!r} metadata list; {hint}")
         meta[key] = [str(v) for v in value]
-    for key in ("metrics", "output_names", "gene_weights", "conformity"):
+    for key in ("metrics", "output_names", "gene_weights", "conformity", "energy_calibration"):
         if key in raw:
             try:
                 meta[key] = json.loads(raw[key])
@@ -156,5 +176,6 @@ def load_model(path: str | os.PathLike, threads: int = 0) -> Annotator:
         raise InputError(f"{path} lists duplicated genes in its metadata; {hint}")
     energy_name = "energy" if "energy" in outputs else None  # exported by this version or later
     expression_name = "expression" if "expression" in outputs else None
+    fold_energy_name = "fold_energy" if "fold_energy" in outputs else None
     return Annotator(path, session, meta["genes"], meta["classes"], meta, input_name, output_name, energy_name,
-                     expression_name)
+                     expression_name, fold_energy_name)

@@ -47,7 +47,8 @@ def predict_matrix(model: Annotator, matrix, col_map: np.ndarray, batch_size: in
     top_idx = np.zeros((n, min(3, n_classes)), dtype=np.int32)
     top_p = np.zeros(top_idx.shape, dtype=np.float32)
     probs_all = np.zeros((n, n_classes), dtype=np.float32) if probabilities else None
-    novelty_all = np.zeros(n, dtype=np.float32) if novelty else None
+    width = model.novelty_width(novelty)
+    novelty_all = np.zeros((n, width) if width > 1 else n, dtype=np.float32) if novelty else None
     chunks = read_ahead(read_chunks(matrix, batch_size))
     with progress_bar(progress)(n, "annotate") as bar, \
             contextlib.closing(chunks):  # stops the reader before the file closes, even on error

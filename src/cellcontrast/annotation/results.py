@@ -18,12 +18,14 @@ PROBABILITIES_KEY = "cellcontrast_probabilities"
 def predictions_frame(
     obs_names: pd.Index, classes: list[str], top_idx: np.ndarray, top_p: np.ndarray, min_confidence: float,
     prefix: str = PREFIX, novelty: np.ndarray | None = None, novelty_threshold: float | None = None,
-    novelty_name: str = "energy",
+    novelty_name: str = "energy", flag_below: bool = False,
 ) -> pd.DataFrame:
     """The per-cell columns: ``{prefix}label`` (``Unassigned`` below ``min_confidence``),
     ``confidence``, ``raw_label`` (the argmax), ``top1..3`` and ``top1..3_prob``; with
     ``novelty_threshold``, the score (column ``novelty_name``: ``energy`` or ``expression``) and
-    ``unfamiliar`` (score above the threshold: ``Unassigned`` too)."""
+    ``unfamiliar`` (score above the threshold: ``Unassigned`` too). With ``flag_below``,
+    ``novelty`` is ``[cells, 2]``, the score and its p-value (column ``{novelty_name}_p``), and a
+    cell is unfamiliar at a p-value at most the threshold."""
     PREFIX = prefix  # noqa: N806 - the column prefix, as in the module constant
     names = np.asarray(classes + [""], dtype=object)
     n = len(obs_names)
@@ -31,7 +33,11 @@ def predictions_frame(
     raw = names[top_idx[:, 0]]
     keep = conf >= min_confidence
     if novelty_threshold is not None:
-        unfamiliar = np.asarray(novelty) > novelty_threshold
+        score = np.asarray(novelty)
+        if flag_below:  # in the p-value's own precision: one of exactly 0.05 in float32 is flagged
+            unfamiliar = score[:, 1] <= score.dtype.type(novelty_threshold)
+        else:
+            unfamiliar = score > novelty_threshold
         keep &= ~unfamiliar
     label = np.where(keep, raw, UNASSIGNED)
     cats = list(dict.fromkeys([*classes, UNASSIGNED]))
@@ -50,7 +56,9 @@ def predictions_frame(
             top_p[:, j].astype(np.float32) if j < top_p.shape[1] else np.zeros(n, dtype=np.float32)
         )
     if novelty_threshold is not None:
-        frame[f"{PREFIX}{novelty_name}"] = np.asarray(novelty, dtype=np.float32)
+        frame[f"{PREFIX}{novelty_name}"] = (score[:, 0] if flag_below else score).astype(np.float32)
+        if flag_below:
+            frame[f"{PREFIX}{novelty_name}_p"] = score[:, 1].astype(np.float32)
         frame[f"{PREFIX}unfamiliar"] = unfamiliar
     return pd.DataFrame(frame, index=obs_names)
 

@@ -228,7 +228,9 @@ def _annotate(sub) -> None:
     p.add_argument("--flag-unseen", nargs="?", const="energy", default=None, choices=["energy", "expression"],
                    metavar="SCORE",
                    help="also call Unassigned the cells of types the reference may lack, by a novelty score: "
-                        "energy (the default; above 95%% of the chain's validation cells) or expression (a gene "
+                        "energy (the default; above 95%% of the chain's validation cells, or, from `fit` with "
+                        "--batch-key or cross-validation, a p-value at most 0.05 under its fold models, column "
+                        "cellcontrast_energy_p) or expression (a gene "
                         "far above the predicted class's profile, above 99%%; sharper within the reference's "
                         "donors, weaker across new donors; annotators from `cellcontrast fit`)")
     p.add_argument("--coverage", type=float, default=None, metavar="C",

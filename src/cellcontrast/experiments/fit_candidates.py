@@ -22,6 +22,7 @@ from cellcontrast.model.ensemble import (
     ensemble_chain,
     module_thresholds,
     with_energy_of,
+    with_fold_energies,
 )
 from cellcontrast.model.fit import FittedChains, fit_chains
 from cellcontrast.model.grouped import (
@@ -83,7 +84,8 @@ def train_candidates(reference: anndata.AnnData, folds: BatchFolds | None, names
         if folds is None:
             split = fit_chains(reference, pairs, progress=lambda name: bar.update(), executor=executor, **kw)
         else:
-            grouped = fit_folds(reference, folds, pairs, progress=lambda name: bar.update(), executor=executor, **kw)
+            grouped = fit_folds(reference, folds, pairs, progress=lambda name: bar.update(), executor=executor,
+                                keep=(ENERGY_SOURCE,), **kw)
     if folds is None:
         cells = reference[np.sort(split.val)]
         y = pd.Categorical(cells.obs[LABEL].astype(str), categories=split.classes).codes
@@ -137,7 +139,22 @@ def build_chosen(found: Candidates, folds: BatchFolds | None, chosen: str, offer
         alone = {k: v for k, v in options.items() if k != "refit"}
         source = built.get(ENERGY_SOURCE) or _built(found, folds, ENERGY_SOURCE, reference, **alone)
         chain = with_energy_of(chain, source, ENERGY_SOURCE)
+    if folds is not None and ENERGY_SOURCE in found.grouped.fold_modules:
+        chain = _cross_fitted(chain, found.grouped, options.get("seed", 0))
     return chain, validation
+
+
+def _cross_fitted(chain: Chain, grouped: GroupedFit, seed: int) -> Chain:
+    """``chain`` with ``ENERGY_SOURCE``'s fold models and their held-out cells' energies: a new
+    cell is then read against the models that scored those cells (a conformal p-value) rather
+    than the refit against their energies. Four human pancreas donors held out in turn, beta and
+    acinar unseen, LR (`bench/cross_fit_unseen.py`): unseen / known cells flagged 61.5% / 3.3%
+    against 45.6% / 3.4% for the refit's threshold, the same AUROC (0.910)."""
+    part = grouped.out_of_fold[ENERGY_SOURCE]
+    temperature = fit_temperature(part["logits"], part["y"])  # the refit's (`out_of_fold_metrics`)
+    energies = energy(part["logits"], temperature)
+    by_fold = [energies[part["fold"] == k] for k in range(len(grouped.folds.folds))]
+    return with_fold_energies(chain, grouped.fold_modules[ENERGY_SOURCE], by_fold, temperature=temperature, seed=seed)
 
 
 def _built(found: Candidates, folds: BatchFolds | None, name: str, reference: anndata.AnnData, refit=None,

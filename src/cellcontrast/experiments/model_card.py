@@ -93,6 +93,12 @@ def _figure(path: Path, classes: list[str], y: np.ndarray, proba: np.ndarray, se
 def _energy_line(chain) -> str:
     source = chain.config.get("energy_from")
     where = f"the {source} chain's, trained beside it" if source else "the chosen chain's"
+    calibration = chain.config.get("energy_calibration") or {}
+    folds = calibration.get("folds")
+    if folds:
+        return (f"\n- `--flag-unseen` energy: {where}, read under each of its {len(folds)} fold models against the "
+                f"{sum(map(len, folds))} cells those folds held out; a cell is flagged when at most "
+                f"{calibration['alpha']:.0%} of them are as unfamiliar (column `cellcontrast_energy_p`)")
     return (f"\n- `--flag-unseen` energy: {where}; threshold {chain.metrics.get('val_energy_q95', float('nan')):.3f} "
             "(95% of the validated cells below it)")
 

@@ -51,11 +51,16 @@ EXPRESSION = "expression"
 EMBEDDING = "embedding"
 
 
+# [batch, folds]: the energy under each fold model of grouped validation, read by `annotate
+# --flag-unseen` against the energies of the cells each fold held out (annotation.conformal)
+FOLD_ENERGY = "fold_energy"
+
+
 # Keys written into the ONNX file's metadata_props (all values are strings; lists/dicts JSON).
 METADATA_KEYS = (
     "genes", "classes", "preprocessing", "base", "component", "run_id", "metrics",
     "cellcontrast_version", "input_name", "output_names", "opset", "gene_identifiers", "gene_weights",
-    "conformity",
+    "conformity", "energy_calibration",
 )
 
 
@@ -76,6 +81,8 @@ def _wrap(chain, with_embedding: bool, with_energy: bool, with_expression: bool 
                 outputs = [probs, self.inner.energy(counts)]
                 if with_expression:
                     outputs.append(self.inner.unexplained_expression(counts, probs))
+                if self.inner.n_fold_members:
+                    outputs.append(self.inner.fold_energies(counts))
                 return tuple(outputs)
             embedding = self.inner.embed(counts)
             if with_energy:  # one pass through the head for the probabilities and the energy
@@ -176,7 +183,8 @@ def _metadata(config: dict, output_names: list[str], opset: int) -> dict[str, st
         "opset": str(opset),
         # "ensembl" or "symbol": what a query's genes are matched against (--gene-key)
         "gene_identifiers": identifier_kind(str(g) for g in config["genes"]),
-    } | {key: json.dumps(config[key]) for key in ("gene_weights", "conformity") if config.get(key)}
+    } | {key: json.dumps(config[key]) for key in ("gene_weights", "conformity", "energy_calibration")
+         if config.get(key)}
 
 
 def normalize_config(config: dict) -> dict:
@@ -257,7 +265,8 @@ def export_chain_to_onnx(chain, config: dict, out_path: str | os.PathLike, opset
     last_error: Exception | None = None
     for with_embedding, with_energy, with_expression in candidates:
         output_names = [PROBABILITIES] + ([ENERGY] if with_energy else []) \
-            + ([EXPRESSION] if with_expression else []) + ([EMBEDDING] if with_embedding else [])
+            + ([EXPRESSION] if with_expression else []) + ([EMBEDDING] if with_embedding else []) \
+            + ([FOLD_ENERGY] if with_energy and getattr(chain, "n_fold_members", 0) else [])
         module = _wrap(chain, with_embedding, with_energy, with_expression)
         try:
             proto = _torch_to_proto(module, example, output_names, opset)
@@ -293,7 +302,7 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
     model = onnx.load_model(str(path), load_external_data=False)
     meta: dict[str, Any] = {p.key: p.value for p in model.metadata_props}
-    for key in ("genes", "classes", "metrics", "output_names", "gene_weights", "conformity"):
+    for key in ("genes", "classes", "metrics", "output_names", "gene_weights", "conformity", "energy_calibration"):
         if key in meta:
             meta[key] = json.loads(meta[key])
     return meta

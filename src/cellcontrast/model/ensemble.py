@@ -14,6 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from cellcontrast.annotation.conformal import energy_calibration
 from cellcontrast.model.chain import Chain
 from cellcontrast.nn.ensemble import EnsembleModule
 from cellcontrast.train.calibration import expected_calibration_error, nll
@@ -101,6 +102,28 @@ def with_energy_of(chain: Chain, source: Chain, name: str) -> Chain:
     config["metrics"] = {**chain.metrics, "val_energy_q95": float(source.metrics["val_energy_q95"])}
     config["energy_from"] = name
     return Chain(EnsembleModule(members, weights, energy_weights=energy_weights), config)
+
+
+def with_fold_energies(chain: Chain, fold_modules: list, held_out_energies: list[np.ndarray], *,
+                       temperature: float, seed: int = 0) -> Chain:
+    """``chain`` carrying the fold models of its ``--flag-unseen`` energy's source (weight 0:
+    never run for the probabilities) and the energies of the cells each fold held out, so
+    that `annotate` reads a new cell against the models that set the scale (`energy_p_values`).
+
+    Each fold model's temperature becomes ``temperature``, the one its held-out energies were
+    computed with (the refit's, fitted on the folds' pooled logits)."""
+    module = chain.module
+    if isinstance(module, EnsembleModule):
+        members, weights, energy_weights = list(module.members), module.weights.tolist(), module.energy_weights.tolist()
+    else:
+        members, weights, energy_weights = [module], [1.0], [1.0]
+    for fold in fold_modules:
+        fold.temperature.fill_(temperature)
+    k = len(fold_modules)
+    config = dict(chain.config)
+    config["energy_calibration"] = energy_calibration(held_out_energies, seed=seed)
+    return Chain(EnsembleModule([*members, *fold_modules], [*weights, *[0.0] * k], energy_weights=[*energy_weights, *[0.0] * k],
+                                n_fold_members=k), config)
 
 
 @torch.no_grad()

@@ -151,30 +151,33 @@ class GroupedFit:
     scores: pd.DataFrame  # one row per chain: fold means of the validation metrics, val_macro_f1_se
     out_of_fold: dict[str, dict[str, np.ndarray]]
     choices: dict[str, list[dict]]  # each chain's base choices, fold by fold
+    fold_modules: dict[str, list] = field(default_factory=dict)  # the kept chains' fold models (``keep``)
 
 
 def fit_folds(atlas: anndata.AnnData, folds: BatchFolds, chains: list[tuple[str, str]], *, seed: int = 0,
               params: dict | None = None, val_fraction: float = 0.1, labels_key: str = LABEL,
-              layer: str | None = None, progress=None, executor: Executor | None = None) -> GroupedFit:
+              layer: str | None = None, progress=None, executor: Executor | None = None,
+              keep: tuple[str, ...] = ()) -> GroupedFit:
     """Train every chain on each fold's training batches, its choices made on the held-out
-    batches; collect what the final chain's choice, temperature and thresholds need.
+    batches; collect what the final chain's choice, temperature and thresholds need, and the
+    fold models themselves of the chains named in ``keep``.
 
     ``executor``: the folds are trained as its tasks, at once (``fit --workers/--scheduler``);
     each is seeded as here, so the result does not depend on where it ran."""
     kw = {"seed": seed, "params": params, "val_fraction": val_fraction, "labels_key": labels_key, "layer": layer}
     if executor is None:
-        done = [fit_one_fold(atlas, chains, fold, folds.classes, folds.groups, progress=progress, **kw)
+        done = [fit_one_fold(atlas, chains, fold, folds.classes, folds.groups, progress=progress, keep=keep, **kw)
                 for fold in folds.folds]
     else:
         futures = [executor.submit(on_threads, torch.get_num_threads(), fit_one_fold, atlas, chains, fold,
-                                   folds.classes, folds.groups, **kw) for fold in folds.folds]
+                                   folds.classes, folds.groups, keep=keep, **kw) for fold in folds.folds]
         done = []
         for future in futures:
             done.append(future.result())
             for name, _ in done[-1]:
                 if progress is not None:
                     progress(name)
-    rows, oof, choices = [], {}, {}
+    rows, oof, choices, modules = [], {}, {}, {}
     for k, ((held, train, val), fitted) in enumerate(zip(folds.folds, done, strict=True)):
         y = pd.Categorical(atlas.obs[LABEL].iloc[val].astype(str), categories=folds.classes).codes
         for name, found in fitted:
@@ -188,15 +191,19 @@ def fit_folds(atlas: anndata.AnnData, folds: BatchFolds, chains: list[tuple[str,
             if found["expression"] is not None:
                 part["expression"].append(found["expression"])
             choices.setdefault(name, []).append(found["choices"])
+            if "module" in found:
+                modules.setdefault(name, []).append(found["module"])
     fold_scores = pd.DataFrame(rows)
     pooled = {name: {k: np.concatenate(v) if v else np.zeros(0) for k, v in part.items()} for name, part in oof.items()}
-    return GroupedFit(folds, fold_scores, _fold_means(fold_scores), pooled, choices)
+    return GroupedFit(folds, fold_scores, _fold_means(fold_scores), pooled, choices, modules)
 
 
 def fit_one_fold(atlas: anndata.AnnData, chains: list[tuple[str, str]], fold, classes: list[str],
-                 groups: np.ndarray | None, *, progress=None, **kw) -> list[tuple[str, dict]]:
+                 groups: np.ndarray | None, *, progress=None, keep: tuple[str, ...] = (),
+                 **kw) -> list[tuple[str, dict]]:
     """One fold's chains, as what the choice needs (validation metrics, the held-out cells'
-    logits and expression scores, the inner choices): small enough to come back from a worker."""
+    logits and expression scores, the inner choices): small enough to come back from a worker;
+    the chains named in ``keep`` come back whole (``module``)."""
     _, train, val = fold
     fitted: FittedChains = fit_chains(atlas, chains, split=(train, val, classes), progress=progress, groups=groups,
                                       **kw)
@@ -207,7 +214,8 @@ def fit_one_fold(atlas: anndata.AnnData, chains: list[tuple[str, str]], fold, cl
             "metrics": {k: v for k, v in chain.metrics.items() if k.startswith("val_")},
             "logits": predict_logits(module, atlas.X[val]),
             "expression": None if module.novelty is None else unexplained_expression(module, atlas.X[val]),
-            "choices": chain.config["fit"].get("choices") or {}}))
+            "choices": chain.config["fit"].get("choices") or {}}
+            | ({"module": module} if name in keep else {})))
     return out
 
 

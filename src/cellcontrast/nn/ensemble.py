@@ -10,6 +10,10 @@ The energy may be weighted differently from the probabilities (``energy_weights`
 whose ``--flag-unseen`` energy comes from the LR beside it is this module with weights
 ``[1, 0]`` and energy weights ``[0, 1]`` (`model.ensemble.with_energy_of`). A member of weight
 0 is not run for that output.
+
+The last ``n_fold_members`` members, if any, are the fold models of that energy's source
+(grouped validation): ``fold_energies`` gives a cell's energy under each, which `annotate`
+reads against the energies of the cells each fold held out (`model.ensemble.with_fold_energies`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from cellcontrast.nn.chain import ChainModule
 class EnsembleModule(nn.Module):
     """``sum_m w_m softmax(logits_m / T_m)`` over the member chains (same genes, same classes)."""
 
-    def __init__(self, members: list[ChainModule], weights, energy_weights=None):
+    def __init__(self, members: list[ChainModule], weights, energy_weights=None, n_fold_members: int = 0):
         super().__init__()
         if len({m.n_genes for m in members}) != 1 or len({m.n_classes for m in members}) != 1:
             raise ValueError("ensemble members must share their genes and classes")
@@ -35,6 +39,7 @@ class EnsembleModule(nn.Module):
         # which members each output runs (plain lists: known when the graph is traced)
         self._run = [i for i, w in enumerate(weights.tolist()) if w > 0]
         self._run_energy = [i for i, w in enumerate(self.energy_weights.tolist()) if w > 0]
+        self._folds = list(range(len(members) - n_fold_members, len(members)))
         # The members are calibrated each; the mixture gets no temperature of its own (one
         # member alone: its own, with its logits).
         alone = members[self._run[0]].temperature.detach().clone() if len(self._run) == 1 else torch.ones(())
@@ -60,6 +65,16 @@ class EnsembleModule(nn.Module):
             t = self.members[i].temperature
             parts.append(self.energy_weights[i] * -t * torch.logsumexp(self.members[i].logits(counts) / t, dim=-1))
         return sum(parts)
+
+    @property
+    def n_fold_members(self) -> int:
+        return len(self._folds)
+
+    def fold_energies(self, counts: torch.Tensor) -> torch.Tensor:
+        """``[batch, folds]``: each fold model's energy ``-T logsumexp(logits / T)``."""
+        return torch.stack([-self.members[i].temperature
+                            * torch.logsumexp(self.members[i].logits(counts) / self.members[i].temperature, dim=-1)
+                            for i in self._folds], dim=-1)
 
     @property
     def weighted_members(self) -> list[ChainModule]:
