@@ -161,3 +161,19 @@ def test_default_chains_of_a_streamed_reference_are_those_refitted_on_every_cell
     with pytest.raises(Trained) as trained:
         fit_annotator(reference, **{**OPTIONS, "chains": chains})
     assert trained.value.args == (expected, streamed)
+
+
+def test_a_streamed_grouped_fit_carries_the_sample_folds_models_for_flag_unseen(big_reference, tmp_path):
+    out = tmp_path / "a.onnx"
+    result = _fit(big_reference, out=out, batch_key="individual")
+    calibration = result.chain.config["energy_calibration"]
+    assert result.chain.module.n_fold_members == len(calibration["folds"]) == 2
+    # the sample's held-out cells (its stratified draw rounds each type up), not every cell's
+    assert sum(map(len, calibration["folds"])) <= 1.1 * OPTIONS["sample_cells"]
+    query = ad.read_h5ad(big_reference)[:300].copy()
+    from cellcontrast.annotation.api import annotate
+
+    annotate(query, str(out), flag_unseen=True)
+    p = query.obs["cellcontrast_energy_p"].to_numpy()
+    assert ((p > 0) & (p <= 1)).all()
+    assert (query.obs["cellcontrast_unfamiliar"].to_numpy() == (p <= np.float32(0.05))).all()
