@@ -118,7 +118,12 @@ def test_obs_columns_page_is_what_annotation_writes(site, tmp_path):
     query, other = reference.copy(), reference.copy()
     cc.annotate(query, path, flag_unseen=True, majority_voting=True, probabilities=True)
     cc.annotate(other, path, flag_unseen="expression", coverage=0.9)  # the other novelty score's column, the sets
-    written = {c for frame in (query.obs, other.obs) for c in frame if c.startswith("cellcontrast_")}
+    # an annotator with fold models (cross-validated) adds the energy's p-value
+    cc.fit_annotator(reference, "cell_type", chains="lr", params={"lr": {"l2_path": [1e-2]}}, val_folds=2,
+                     out=tmp_path / "c.onnx", experiment=None, register=False)
+    third = reference.copy()
+    cc.annotate(third, str(tmp_path / "c.onnx"), flag_unseen=True)
+    written = {c for frame in (query.obs, other.obs, third.obs) for c in frame if c.startswith("cellcontrast_")}
     table = re.findall(r"<td><code>(cellcontrast_[a-z0-9_]+)</code></td>",
                        (site / "reference" / "obs-columns" / "index.html").read_text())
     assert set(table) == written
