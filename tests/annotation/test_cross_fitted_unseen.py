@@ -118,3 +118,21 @@ def test_an_annotator_without_folds_keeps_the_energy_threshold(tmp_path):
     assert "cellcontrast_energy_p" not in query.obs
     threshold = result.chain.metrics["val_energy_q95"]
     assert (query.obs["cellcontrast_unfamiliar"] == (query.obs["cellcontrast_energy"] > threshold)).all()
+
+
+@pytest.mark.parametrize("stored", ["not json", '{"folds": [[]]}', '{"alpha": 0.05}'])
+def test_an_annotator_with_unreadable_fold_energies_is_refused_in_one_line(grouped, tmp_path, capsys, stored):
+    import onnx
+
+    from cellcontrast.cli.entry import main
+
+    reference, _, model = grouped
+    proto = onnx.load_model(str(model))
+    next(p for p in proto.metadata_props if p.key == "energy_calibration").value = stored
+    broken = tmp_path / "broken.onnx"
+    onnx.save_model(proto, str(broken))
+    query, out = tmp_path / "q.h5ad", tmp_path / "o.h5ad"
+    reference[:50].copy().write_h5ad(query)
+    assert main(["annotate", str(broken), str(query), "--out", str(out), "--flag-unseen"]) == 2
+    err = capsys.readouterr().err
+    assert "unreadable 'energy_calibration'" in err and "Traceback" not in err and not out.exists()

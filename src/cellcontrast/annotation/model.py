@@ -177,5 +177,10 @@ def load_model(path: str | os.PathLike, threads: int = 0) -> Annotator:
     energy_name = "energy" if "energy" in outputs else None  # exported by this version or later
     expression_name = "expression" if "expression" in outputs else None
     fold_energy_name = "fold_energy" if "fold_energy" in outputs else None
+    calibration = meta.get("energy_calibration")
+    if calibration is not None and not (isinstance(calibration, dict) and isinstance(calibration.get("folds"), list)
+                                        and all(isinstance(f, list) and f for f in calibration["folds"])):
+        raise InputError(f"{path} has unreadable 'energy_calibration' metadata (the fold models' held-out energies); "
+                         "refit it with `cellcontrast fit`")
     return Annotator(path, session, meta["genes"], meta["classes"], meta, input_name, output_name, energy_name,
                      expression_name, fold_energy_name)
