@@ -31,3 +31,16 @@ def test_plots_are_written_with_the_annotation_and_a_bad_folder_writes_nothing(t
     other = tmp_path / "other.h5ad"
     assert main(["annotate", str(model), str(query), "--out", str(other), "--plots", str(tmp_path / "a_file")]) == 2
     assert "is a file" in capsys.readouterr().err and not other.exists()
+
+
+def test_flagged_cells_get_their_own_plot(tmp_path):
+    import cellcontrast as cc
+    from cellcontrast.data.simulate import simulate_atlas
+
+    atlas = simulate_atlas(n_cells=400, n_types=4, n_genes=80, n_individuals=1, seed=2)
+    model = cc.fit(atlas, "cell_type", params={"lr": {"l2_path": [1e-2]}}).export(tmp_path / "m.onnx")
+    atlas.write_h5ad(tmp_path / "q.h5ad")
+    plots = tmp_path / "plots"
+    assert main(["annotate", str(model), str(tmp_path / "q.h5ad"), "--out", str(tmp_path / "o.h5ad"),
+                 "--flag-unseen", "--plots", str(plots)]) == 0
+    assert (plots / "unfamiliar.png").stat().st_size > 5_000

@@ -87,6 +87,23 @@ def _set_sizes(plt, size: np.ndarray, labels: pd.Series, label_col: str):
     return fig
 
 
+def _unfamiliar(plt, xy: np.ndarray, unfamiliar: np.ndarray, raw_labels: pd.Series):
+    """Where the ``--flag-unseen`` cells lie (a tight group of them: a type the reference may
+    lack) and which label each would have carried."""
+    fig, (ax_map, ax_bar) = plt.subplots(1, 2, figsize=(15, 7), gridspec_kw={"width_ratios": [1.2, 1]})
+    ax_map.scatter(xy[~unfamiliar, 0], xy[~unfamiliar, 1], s=2, c="lightgrey", rasterized=True, label="familiar")
+    ax_map.scatter(xy[unfamiliar, 0], xy[unfamiliar, 1], s=3, c="crimson", rasterized=True, label="unfamiliar")
+    ax_map.legend(markerscale=5, loc="best")
+    ax_map.set(title=f"Cells flagged by --flag-unseen: {int(unfamiliar.sum())} of {unfamiliar.size}", xticks=[],
+               yticks=[], xlabel="UMAP 1", ylabel="UMAP 2")
+    counts = raw_labels[unfamiliar].value_counts().head(25)
+    ax_bar.barh(counts.index[::-1], counts.to_numpy()[::-1], color="crimson")
+    ax_bar.set(xlabel="unfamiliar cells", title="The label they would have carried")
+    ax_bar.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def write_plots(out_dir: str | Path, obs: pd.DataFrame, probabilities: np.ndarray, *,
                 label_key: str | None = None, seed: int = 0) -> list[Path]:
     """Write the PNG files into ``out_dir`` (each atomically); returns their paths."""
@@ -115,6 +132,10 @@ def write_plots(out_dir: str | Path, obs: pd.DataFrame, probabilities: np.ndarra
     if f"{PREFIX}set_size" in obs:
         paths.append(_save(_set_sizes(plt, obs[f"{PREFIX}set_size"].to_numpy(), labels, label_col),
                            out_dir / "set_sizes.png"))
+    if f"{PREFIX}unfamiliar" in obs:
+        flagged = obs[f"{PREFIX}unfamiliar"].to_numpy(dtype=bool)[rows]
+        raw = obs[f"{PREFIX}raw_label"].astype(str).iloc[rows].reset_index(drop=True)
+        paths.append(_save(_unfamiliar(plt, xy, flagged, raw), out_dir / "unfamiliar.png"))
     if label_key is not None:
         given = obs[label_key].astype(str)
         paths.append(_save(_contingency(plt, given, labels), out_dir / "contingency.png"))
