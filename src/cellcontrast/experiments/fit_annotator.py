@@ -177,7 +177,7 @@ def fit_annotator(
     batch_key
         An obs column of batches (donors, studies): every choice is scored on batches the
         candidate did not train on, then the chosen chain is refitted on every cell
-        (`cellcontrast.model.grouped`; a key with one value: stratified, with a note).
+        (`cellcontrast.model.grouped`; a key with one value: validated as without a key, with a note).
     val_folds
         Without ``batch_key``: choose on this many stratified cross-validation folds instead of
         one validation part (every cell validated once), then refit on every cell as above; 0:
@@ -300,9 +300,8 @@ def _prepare(adata, labels_key, layer, filters, genes, genes_source, seed, val_f
     atlas = prepare_atlas(adata, label_key=labels_key, layer=layer, filters=filters, source="the reference")
     atlas = gene_panel(atlas, genes, source=genes_source)
     reference, test = _hold_out_test(atlas, test_fraction, seed)
-    if batch_key:
-        folds = batch_folds(reference.obs, batch_key, val_fraction=val_fraction, seed=seed)
-    else:
+    folds = batch_folds(reference.obs, batch_key, val_fraction=val_fraction, seed=seed) if batch_key else None
+    if folds is None:  # no key, or a key with one value: what a fit without one does
         if val_folds == "auto":
             val_folds = CV_FOLDS if reference.n_obs <= CV_MAX_CELLS else 0
         folds = stratified_folds(reference.obs, val_folds, seed=seed) if val_folds else None

@@ -335,9 +335,10 @@ def out_of_fold_predictions(grouped: GroupedFit, name: str, temperature: float) 
 
 def say_fallbacks(folds: BatchFolds | None, batch_key: str) -> str | None:
     """The one-line note for a reference grouped validation cannot fully serve (None: none)."""
-    if folds is None:
-        return (f"note: --batch-key {batch_key} has one value; validating on a stratified random part "
-                "of the reference instead")
+    if folds is None or folds.batch_key != batch_key:  # the fit falls back to what it does without a key
+        how = ("a stratified random part" if folds is None
+               else f"{len(folds.folds)} stratified cross-validation folds")
+        return f"note: --batch-key {batch_key} has one value; validating on {how} of the reference instead"
     if folds.single_batch_types:
         shown = ", ".join(folds.single_batch_types[:8]) + (" ..." if len(folds.single_batch_types) > 8 else "")
         return (f"note: {len(folds.single_batch_types)} types live in one {batch_key} only and are validated "
