@@ -134,7 +134,7 @@ def _novelty_threshold(annotator: Annotator, score: str | None) -> float | None:
     `Annotator.cross_fitted` annotator's energy, the p-value at or below which a cell is flagged."""
     if score is None:
         return None
-    if score == "energy" and annotator.cross_fitted:
+    if annotator.with_p_value(score):
         return float(annotator.metadata["energy_calibration"].get("alpha", UNSEEN_ALPHA))
     value = (annotator.metadata.get("metrics") or {}).get(NOVELTY_THRESHOLDS[score])
     if score not in annotator.novelty_scores or value is None:
@@ -147,11 +147,9 @@ def _novelty_threshold(annotator: Annotator, score: str | None) -> float | None:
 
 def _frame(obs_names: pd.Index, annotator: Annotator, predicted: Predicted, options: _Options,
            prefix: str = PREFIX) -> pd.DataFrame:
-    cross_fitted = options.novelty == "energy" and annotator.cross_fitted
     return predictions_frame(obs_names, annotator.classes, predicted.top_idx, predicted.top_p, options.min_confidence,
                              prefix=prefix, novelty=predicted.novelty, novelty_threshold=options.novelty_threshold,
-                             novelty_name=options.novelty or "energy",
-                             flag_below=cross_fitted)
+                             novelty_name=options.novelty or "energy", flag_below=annotator.with_p_value(options.novelty))
 
 
 def _unassigned_note(pred: pd.DataFrame, options: _Options) -> str:
@@ -231,8 +229,8 @@ def _metadata(model: Annotator, predicted: Predicted, query: str, options: _Opti
         "cellcontrast_version": __version__, "flag_unseen": options.novelty or "",
         "unseen_threshold": float("nan") if options.novelty_threshold is None else float(options.novelty_threshold),
         "unseen_rule": "" if options.novelty is None
-        else "energy p-value under the fold models at most unseen_threshold" if options.novelty == "energy"
-        and model.cross_fitted else f"{options.novelty} above unseen_threshold",
+        else "energy p-value under the fold models at most unseen_threshold" if model.with_p_value(options.novelty)
+        else f"{options.novelty} above unseen_threshold",
         "majority_voting": options.majority_voting, "min_agreement": float(options.min_agreement),
         "n_clusters": -1 if n_clusters is None else int(n_clusters),
         "coverage": float("nan") if options.coverage is None else float(options.coverage),

@@ -91,7 +91,7 @@ class Annotator:
         if novelty is None or novelty not in self.novelty_scores:
             return self.predict_proba(counts), None
         counts = np.ascontiguousarray(counts, dtype=np.float32)
-        if novelty == self.energy_name and self.cross_fitted:
+        if self.with_p_value(novelty):
             probs, score, folds = self.session.run([self.output_name, novelty, self.fold_energy_name],
                                                    {self.input_name: counts})
             p_values = energy_p_values(folds, self.metadata["energy_calibration"])
@@ -99,10 +99,14 @@ class Annotator:
         probs, score = self.session.run([self.output_name, novelty], {self.input_name: counts})
         return probs, score
 
+    def with_p_value(self, novelty: str | None) -> bool:
+        """Whether `predict` gives ``novelty`` with its p-value (``[cells, 2]``): a `cross_fitted`
+        annotator's energy."""
+        return novelty is not None and novelty == self.energy_name and self.cross_fitted
+
     def novelty_width(self, novelty: str | None) -> int:
-        """How many numbers `predict` gives per cell for ``novelty``: 2 for a `cross_fitted`
-        energy (the energy, its p-value), else 1."""
-        return 2 if novelty == self.energy_name and self.cross_fitted else 1
+        """How many numbers `predict` gives per cell for ``novelty``."""
+        return 2 if self.with_p_value(novelty) else 1
 
 
 def load_model(path: str | os.PathLike, threads: int = 0) -> Annotator:
