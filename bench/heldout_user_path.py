@@ -103,6 +103,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--datasets", default=None,
                    help="comma-separated, in order: human, mouse, atlas (--split donor, the default) or file stems of "
                         f"{DATA} (--split random; default {','.join(RANDOM_DATASETS)})")
+    p.add_argument("--donors", default=None,
+                   help="--split donor: only these held-out donors (comma-separated; default every donor), e.g. to "
+                        "run a dataset's folds in two processes, each with its own --csv")
     p.add_argument("--pairs", default=CROSS_PAIRS, help="--split cross-study: REF:QUERY file stems, comma-separated")
     p.add_argument("--query-fraction", type=float, default=0.2, help="--split random: each type's query share")
     p.add_argument("--min-type-cells", type=int, default=5,
@@ -664,13 +667,16 @@ def run_cross(args, out_dir: Path, csv: Path) -> list[dict]:
 
 
 def run_donor(args, out_dir: Path, csv: Path) -> list[dict]:
-    import pandas as pd
-
     rows: list[dict] = []
     for dataset in [d.strip() for d in (args.datasets or "human,mouse,atlas").split(",") if d.strip()]:
         adata, path = load_dataset(dataset, args)
         donors = sorted(adata.obs[DONOR].unique())
         log(f"{dataset}: {path.name}, {adata.n_obs} cells x {adata.n_vars} genes, donors {donors}")
+        if args.donors:
+            wanted = [d.strip() for d in args.donors.split(",") if d.strip()]
+            if unknown := sorted(set(wanted) - set(donors)):
+                sys.exit(f"error: --donors {unknown} not in {dataset}'s donors {donors}")
+            donors = [d for d in donors if d in wanted]
         fold_times: list[float] = []  # each fold's wall time when it was computed (fold.json on reuse)
         for donor in donors:
             elapsed = sum(fold_times)
@@ -678,26 +684,11 @@ def run_donor(args, out_dir: Path, csv: Path) -> list[dict]:
                 log(f"{dataset}: cap of {args.cap_minutes:.0f} min reached after {len(fold_times)} folds "
                     f"({elapsed / 60:.1f} min); folds left: {donors[donors.index(donor):]}")
                 break
-            t0 = time.perf_counter()
-            tag = f"{dataset}-{donor}"
             fold_dir = out_dir / dataset / f"heldout_{donor}"
             fold = write_fold(adata, donor, fold_dir)
-            log(f"{tag}: reference {fold['n_ref']} cells of {fold['ref_donors']}, query {fold['n_query']} cells, "
-                f"{fold['n_excluded']} of types absent from the reference {fold['excluded']}")
-            results = fold_methods(fold, fold_dir, tag, args)
-            new = score_rows(dataset, fold, donor, results)
-            for r in new:
-                log(f"{tag}: {r['method']:>12} macro F1 {r['macro_f1']}" + (f" chain {r['chain']}" if r["chain"] else "")
-                    + (f"  [{r['note']}]" if r["macro_f1"] is None else ""))
-            rows += new
-            csv.parent.mkdir(parents=True, exist_ok=True)
-            pd.DataFrame(rows).to_csv(csv, index=False)
-            seconds = time.perf_counter() - t0
-            recorded = None if args.force else load_json(fold_dir / "fold.json")
-            if recorded is None:
-                save_json(fold_dir / "fold.json", {"seconds": seconds})
-            fold_times.append(recorded["seconds"] if recorded else seconds)
-            log(f"{tag}: fold done in {seconds:.0f} s" + (f" (computed in {recorded['seconds']:.0f} s)" if recorded else ""))
+            rows += run_fold(dataset, donor, fold, fold_dir, f"{dataset}-{donor}", args)
+            save_rows(rows, csv, args)
+            fold_times.append(load_json(fold_dir / "fold.json")["seconds"])
     return rows
 
 
