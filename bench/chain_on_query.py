@@ -36,7 +36,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--params", help="JSON of hyperparameters keyed by model name, as `fit --params` "
                                     "(e.g. '{\"scdae\": {\"contrastive_weight\": 0.5}}')")
     p.add_argument("--tag", default="", help="a name for this run's rows (e.g. the params)")
-    p.add_argument("--csv", type=Path, help="append one row per chain here")
+    p.add_argument("--csv", type=Path, help="append one row per chain here, as each finishes; a chain whose row "
+                                           "(fold, batch key, tag, seed) is already there is skipped, so a long "
+                                           "run resumes where it stopped")
     return p.parse_args(argv)
 
 
@@ -47,15 +49,41 @@ def score_types(fold_dir: Path, reference: ad.AnnData) -> list[str]:
     return sorted(reference.obs["cell_type"].astype(str).unique())
 
 
+def finished(csv: Path | None, fold: str, args) -> set[str]:
+    """Chains of this fold, batch key, tag and seed that the CSV already holds."""
+    if csv is None or not csv.exists():
+        return set()
+    old = pd.read_csv(csv, keep_default_na=False)
+    same = (old["fold"] == fold) & (old["batch_key"] == (args.batch_key or "")) & (old["tag"] == args.tag)
+    if "seed" in old:  # rows written before the seed column were seed 0
+        same &= pd.to_numeric(old["seed"].replace("", 0)) == args.seed
+    return set(old.loc[same, "chain"])
+
+
+def save_row(csv: Path, row: dict) -> None:
+    """Add one row to the CSV (rewritten whole through a temporary file: a stopped run leaves it readable)."""
+    table = pd.DataFrame([row])
+    if csv.exists():
+        table = pd.concat([pd.read_csv(csv), table], ignore_index=True)
+    tmp = csv.with_name(csv.name + ".tmp")
+    table.to_csv(tmp, index=False)
+    tmp.replace(csv)
+
+
 def main(args) -> int:
     reference = ad.read_h5ad(args.fold_dir / "reference.h5ad")
     query = ad.read_h5ad(args.fold_dir / "query.h5ad")
     types = score_types(args.fold_dir, reference)
     truth = query.obs["cell_type"].astype(str)
     scored = truth.isin(types).to_numpy()
+    fold = f"{args.fold_dir.parent.name}/{args.fold_dir.name}"
+    done = finished(args.csv, fold, args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for chain in [c.strip() for c in args.chains.split(",") if c.strip()]:
+            if chain in done:
+                print(f"{chain}: in {args.csv} already, skipped", flush=True)
+                continue
             t0 = time.perf_counter()
             fitted = cc.fit_annotator(reference, chains=[chain], ensemble=False, batch_key=args.batch_key,
                                       seed=args.seed, out=Path(tmp) / f"{chain}.onnx", register=False,
@@ -66,16 +94,16 @@ def main(args) -> int:
             present = sorted((set(t) | set(p)) & set(types))
             # with a batch key, val_macro_f1 is the mean over the held-out batches
             selection = fitted.scores.set_index("chain").loc[chain, "val_macro_f1"]
-            rows.append({"fold": f"{args.fold_dir.parent.name}/{args.fold_dir.name}", "batch_key": args.batch_key or "", "tag": args.tag,
+            rows.append({"fold": fold, "batch_key": args.batch_key or "", "tag": args.tag, "seed": args.seed,
                          "chain": chain, "selection_score": round(float(selection), 4),
                          "query_macro_f1": round(float(f1_score(t, p, labels=present, average="macro",
                                                                 zero_division=0)), 4),
                          "fit_seconds": round(fit_s, 1)})
             print(rows[-1], flush=True)
-    table = pd.DataFrame(rows)
-    print(table.to_markdown(index=False))
-    if args.csv:
-        table.to_csv(args.csv, mode="a", header=not args.csv.exists(), index=False)
+            if args.csv:
+                save_row(args.csv, rows[-1])
+    if rows:
+        print(pd.DataFrame(rows).to_markdown(index=False))
     return 0
 
 
