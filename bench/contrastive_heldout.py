@@ -32,14 +32,20 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--chains-csv", type=Path, required=True)
     p.add_argument("--peers-csv", type=Path, required=True)
-    p.add_argument("--dataset", required=True, help="the dataset column of the peers' CSV (human, mouse, atlas)")
+    p.add_argument("--dataset", required=True,
+                   help="the dataset column of the peers' CSV (human, mouse, atlas; cross-study for the pairs of "
+                        "docs/results/user_path_random_crossstudy.csv)")
     p.add_argument("--png", type=Path)
     return p.parse_args(argv)
 
 
 def variants(chains: pd.DataFrame) -> pd.DataFrame:
     """One row per (variant, fold): query macro F1 and the grouped-validation score."""
-    chains = chains.assign(donor=chains["fold"].str.rsplit("heldout_", n=1).str[-1],
+    # held-out-donor folds end in heldout_<donor>; cross-study ones in <ref>_to_<query>, the peers' "ref->query"
+    fold = chains["fold"].str.rsplit("/", n=1).str[-1]
+    donor = np.where(fold.str.startswith("heldout_"), fold.str.removeprefix("heldout_"),
+                     fold.str.replace("_to_", "->", regex=False))
+    chains = chains.assign(donor=donor,
                            variant=np.where(chains["tag"].eq("default"), chains["chain"],
                                             chains["chain"] + " (" + chains["tag"] + ")"))
     return chains.drop_duplicates(["variant", "donor"], keep="last")
@@ -93,11 +99,13 @@ def figure(out: pd.DataFrame, path: Path, dataset: str) -> None:
     width = 0.8 / len(donors)
     for i, donor in enumerate(donors):
         ax.bar(np.arange(len(names)) + (i - (len(donors) - 1) / 2) * width, out[donor].astype(float), width,
-               label=f"{donor} held out")
+               label=donor if "->" in donor else f"{donor} held out")
     ax.errorbar(np.arange(len(names)), out["mean"].astype(float), yerr=out["se"].astype(float).fillna(0),
                 fmt="o", color="black", label="mean ± SE")
     ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
-    ax.set(ylabel="macro F1 on the held-out donor", title=f"{dataset}: each chain on a new donor",
+    cross = any("->" in d for d in donors)  # reference -> query study pairs
+    ax.set(ylabel="macro F1 on the query" if cross else "macro F1 on the held-out donor",
+           title=f"{dataset}: each chain on " + ("another study" if cross else "a new donor"),
            ylim=(max(0.0, float(out[donors].min().min()) - 0.1), 1.0))
     ax.legend(fontsize=7, ncol=3, loc="lower left", framealpha=0.9)
     fig.tight_layout()
@@ -107,7 +115,8 @@ def figure(out: pd.DataFrame, path: Path, dataset: str) -> None:
 def main(args) -> int:
     rows = variants(pd.read_csv(args.chains_csv))
     peers = pd.read_csv(args.peers_csv)
-    peers = peers[peers["dataset"] == args.dataset]
+    # the cross-study CSV names its dataset "cross-study <pairs>": --dataset cross-study matches it
+    peers = peers[peers["dataset"].eq(args.dataset) | peers["dataset"].str.startswith(args.dataset + " ")]
     out = table(rows, peers)
     print(out.to_markdown(floatfmt=".3f"))
     if args.png:
