@@ -98,8 +98,9 @@ def test_choices_are_scored_out_of_fold_and_the_refit_uses_every_cell(reference,
     assert fit["validation"] == "grouped" and [f["held_out"] for f in fit["folds"]] == ["L1", "L2", "L3"]
     assert result.chain.metrics["val_macro_f1"] == pytest.approx(np.mean([f["val_macro_f1"] for f in fit["folds"]]))
     assert np.isfinite(result.chain.metrics["val_confidence_q05"]) and result.validation[0].size == reference.n_obs
-    # the refit's L2 is the one the folds chose (geometric mean): nothing left to pick
-    assert len(result.chain.config["params"]["lr"]["l2_path"]) == 1
+    # the refit's L2 is the one the folds chose (geometric mean), kept at the end of its path: nothing left to pick
+    refit = result.chain.config["params"]["lr"]
+    assert refit["path_keep"] == "last" and result.chain.config["fit"]["choices"]["chosen_l2"] == refit["l2_path"][-1]
 
 
 def test_refit_params_take_the_folds_majority_and_geometric_mean_l2():
@@ -107,7 +108,10 @@ def test_refit_params_take_the_folds_majority_and_geometric_mean_l2():
                {"n_hvg": "all", "standardize": False, "chosen_l2": 1e-4},
                {"n_hvg": 2000, "standardize": True, "chosen_l2": 1e-3}]
     fixed = refit_params("lr", {"lr": {"clip": 5.0}}, choices)["lr"]
-    assert fixed == {"clip": 5.0, "n_hvg": 2000, "standardize": False, "l2_path": [pytest.approx(1e-3)]}
+    # the geometric mean, reached down the stronger values of the path and kept
+    assert fixed == {"clip": 5.0, "n_hvg": 2000, "standardize": False, "path_keep": "last",
+                     "l2_path": [1e-1, 3e-2, 1e-2, 3e-3, pytest.approx(1e-3)]}
+    assert refit_params("svm", {"svm": {"l2_path": [1e-2, 1e-5]}}, choices[:1])["svm"]["l2_path"] == [pytest.approx(1e-2)]
     assert refit_params("scdae", None, [{}]) == {}
 
 

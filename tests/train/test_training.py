@@ -350,6 +350,32 @@ def test_lbfgs_path_keeps_the_best_l2_on_validation_and_stops_early(splits):
                                records[best]["val_macro_f1"], atol=1e-9)
 
 
+def test_lbfgs_path_keep_last_follows_the_whole_path_and_keeps_its_end(splits):
+    # a refit with its l2 already chosen: no validation choice, no early stop
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    path = [1e2, 1e1, 1.0, 1e-1, 1e-2]
+    records = []
+    model = fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {"standardize": True, "l2_path": path, "path_patience": 1,
+                                                       "path_keep": "last"},
+                     seed=0, log=lambda stage, step, m: records.append(m))
+    assert [m["l2"] for m in records] == path and model.train_params["chosen_l2"] == path[-1]
+    np.testing.assert_allclose(classification_metrics(yv, predict_proba(build_chain(model), xv), N_CLASSES)["macro_f1"],
+                               records[-1]["val_macro_f1"], atol=1e-9)
+
+
+def test_lbfgs_warm_path_gets_closer_to_the_optimum_than_one_fit_from_zero(splits):
+    # why the grouped refit goes down the path: the same l2, the same iterations a step
+    (xt, yt), (xv, yv) = splits["train"], splits["val"]
+    losses = {}
+    for name, path in (("from zero", [1e-4]), ("down the path", [1e-1, 1e-2, 1e-3, 1e-4])):
+        records = []
+        fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {"standardize": True, "l2_path": path, "max_iter": 5,
+                                                    "path_keep": "last"},
+                 seed=0, log=lambda stage, step, m: records.append(m))
+        losses[name] = records[-1]["loss"]
+    assert losses["down the path"] < losses["from zero"]
+
+
 def test_lbfgs_is_deterministic_and_adam_still_available(splits):
     (xt, yt), (xv, yv) = splits["train"], splits["val"]
     a = fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {"l2_path": [1e-2, 1e-3]}, seed=0)
@@ -367,6 +393,7 @@ def test_lbfgs_is_deterministic_and_adam_still_available(splits):
     ({"l2_path": [1e-2, -1.0]}, "l2_path"),
     ({"l2_path": 0.01}, "l2_path"),
     ({"l2_path": ["a"]}, "l2_path"),
+    ({"path_keep": "first"}, "path_keep"),
 ])
 def test_lbfgs_settings_are_validated(splits, params, match):
     (xt, yt), (xv, yv) = splits["train"], splits["val"]

@@ -41,6 +41,7 @@ from cellcontrast.train.calibration import expected_calibration_error, fit_tempe
 from cellcontrast.train.evaluation import annotate_thresholds
 from cellcontrast.train.metrics import classification_metrics
 from cellcontrast.train.open_set import energy, unexplained_expression
+from cellcontrast.train.recipes import DEFAULT_PARAMS
 
 # Above this many batches, grouped k-fold with this many folds (each a set of whole batches).
 MAX_FOLDS = 5
@@ -257,8 +258,9 @@ def choose_on_folds(fold_scores: pd.DataFrame, prefer: list[str]) -> tuple[str, 
 
 def refit_params(base: str, params: dict | None, choices: list[dict]) -> dict:
     """``params`` with the base's inner choices fixed to what the folds chose: a linear base's genes and
-    scaling by majority (ties to the first fold's), its L2 as the folds' geometric mean (one
-    value, so the refit has nothing left to choose on validation); a list of
+    scaling by majority (ties to the first fold's), its L2 as the folds' geometric mean, reached
+    down the stronger values of its path and kept (``path_keep`` "last": the refit has nothing
+    left to choose on validation); a list of
     ``contrastive_weight`` (ACTINN, scDAE) as the folds' most frequent choice."""
     params = {k: dict(v) for k, v in (params or {}).items()}
     made = [c for c in choices if c]
@@ -273,8 +275,11 @@ def refit_params(base: str, params: dict | None, choices: list[dict]) -> dict:
     scaled = pd.Series([bool(c["standardize"]) for c in made]).mode().iloc[0]
     l2s = [float(c["chosen_l2"]) for c in made if c.get("chosen_l2")]
     fixed = {"n_hvg": ALL_GENES if genes == ALL_GENES else int(genes), "standardize": bool(scaled)}
-    if l2s:
-        fixed["l2_path"] = [float(np.exp(np.mean(np.log(l2s))))]
+    if l2s:  # reached as the folds reached theirs: down the path, warm-started, the last fit kept
+        l2 = float(np.exp(np.mean(np.log(l2s))))
+        path = params.get(base, {}).get("l2_path", DEFAULT_PARAMS[base]["l2_path"])
+        fixed["l2_path"] = sorted({float(v) for v in path if v > l2 * (1 + 1e-9)} | {l2}, reverse=True)
+        fixed["path_keep"] = "last"
     params[base] = {**params.get(base, {}), **fixed}
     return params
 

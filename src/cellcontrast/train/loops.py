@@ -282,7 +282,8 @@ def fit_linear_lbfgs(net: EncoderHead, train: FeatureSource | SparseAffineSource
                      n_classes: int, p: dict, seed: int, log: Log | None = None, stage: str = "lr") -> tuple:
     """Full-batch L-BFGS of a linear head on mean cross-entropy + l2 * sum(W^2) / 2, along
     ``l2_path`` (strongest first, each fit warm-started from the previous one); keeps the l2
-    with the best (val macro F1, val accuracy, -val loss), exact ties to the stronger penalty.
+    with the best (val macro F1, val accuracy, -val loss), exact ties to the stronger penalty,
+    or with ``path_keep`` "last" the whole path's last fit (a refit with its l2 already chosen).
 
     The loss is deterministic (no batches to shuffle), so ``seed`` plays no part. The gradient
     is summed over row blocks, so a training matrix too large to cache works too. Returns the
@@ -300,7 +301,7 @@ def fit_linear_lbfgs(net: EncoderHead, train: FeatureSource | SparseAffineSource
         if log is not None:
             log(stage, step, {"loss": train_loss, "l2": l2, **scores})
         score = rank_scores(scores)
-        if best_score is None or score > best_score:
+        if p.get("path_keep") == "last" or best_score is None or score > best_score:
             best_score, best_state, best_l2, stale = score, state_copy(net), l2, 0
         else:
             stale += 1
