@@ -149,7 +149,7 @@ def main(args) -> int:
             print(f"\n{fold} {variant}: {row['macro_f1']:.4f} vs {row['best_peer']} {row['peer_macro_f1']:.4f}; "
                   f"difference {row['difference']:+.4f}, 95% CI [{row['ci95_low']:+.4f}, {row['ci95_high']:+.4f}], "
                   f"behind in {row['share_behind']:.1%} of {args.resamples} resamples of {row['n_scored']} cells")
-            if row["difference"] < 0:
+            if row["difference"] < 0 and args.top_types > 0:
                 print(types.head(args.top_types).to_string(index=False))
     table = pd.DataFrame(rows)
     print("\n" + table.to_markdown(index=False))
