@@ -7,6 +7,9 @@ candidate would have done better on the query (then the choice is the cause) or 
 ``cc.fit_annotator(reference, chains=[chain], ensemble=False, batch_key=...)`` then
 ``cc.annotate(query, annotator)``, and prints the chain's selection score beside its macro F1 on
 the query (no Unassigned calls, as the CLI's default; the benchmark's metric: the scored types present in truth or prediction).
+With ``--together`` one fit is offered every chain (``keep_candidates=True``): each base trains
+once, every candidate is refitted as it would have been exported, and the ``chosen`` column says
+which one `fit` itself would have shipped (its one-SE rule among them all).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python bench/chain_on_query.py \\
         --fold-dir /work/random-runs/cbmc_citeseq_15types/random_q20_seed0 --csv chains.csv
@@ -36,6 +39,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--params", help="JSON of hyperparameters keyed by model name, as `fit --params` "
                                     "(e.g. '{\"scdae\": {\"contrastive_weight\": 0.5}}')")
     p.add_argument("--tag", default="", help="a name for this run's rows (e.g. the params)")
+    p.add_argument("--together", action="store_true",
+                   help="one fit offered every chain (each base trained once; `chosen`: what it ships) instead of "
+                        "one fit per chain")
     p.add_argument("--csv", type=Path, help="append one row per chain here, as each finishes; a chain whose row "
                                            "(fold, batch key, tag, seed) is already there is skipped, so a long "
                                            "run resumes where it stopped")
@@ -70,38 +76,49 @@ def save_row(csv: Path, row: dict) -> None:
     tmp.replace(csv)
 
 
+def query_row(chain_name: str, annotator, query, types, fitted, fold: str, fit_s: float, args, tmp: Path) -> dict:
+    """One chain's row: its selection score and its macro F1 on the query through `cc.annotate`."""
+    truth = query.obs["cell_type"].astype(str)
+    scored = truth.isin(types).to_numpy()
+    onnx = annotator.export(Path(tmp) / f"{chain_name}.onnx")
+    labels = cc.annotate(query, onnx, min_confidence=0.0, copy=True).obs["cellcontrast_label"].astype(str)
+    t, p = truth[scored].tolist(), labels[scored].tolist()
+    present = sorted((set(t) | set(p)) & set(types))
+    # with a batch key, val_macro_f1 is the mean over the held-out batches
+    selection = fitted.scores.set_index("chain").loc[chain_name, "val_macro_f1"]
+    return {"fold": fold, "batch_key": args.batch_key or "", "tag": args.tag, "seed": args.seed,
+            "chain": chain_name, "selection_score": round(float(selection), 4),
+            "query_macro_f1": round(float(f1_score(t, p, labels=present, average="macro", zero_division=0)), 4),
+            "fit_seconds": round(fit_s, 1), "together": bool(args.together),
+            "chosen": fitted.chosen if args.together else ""}
+
+
 def main(args) -> int:
     reference = ad.read_h5ad(args.fold_dir / "reference.h5ad")
     query = ad.read_h5ad(args.fold_dir / "query.h5ad")
     types = score_types(args.fold_dir, reference)
-    truth = query.obs["cell_type"].astype(str)
-    scored = truth.isin(types).to_numpy()
     fold = f"{args.fold_dir.parent.name}/{args.fold_dir.name}"
     done = finished(args.csv, fold, args)
+    chains = [c.strip() for c in args.chains.split(",") if c.strip() and c.strip() not in done]
+    if args.together and chains:  # the choice is among them all: a partial run is redone whole
+        chains = [c.strip() for c in args.chains.split(",") if c.strip()]
+    for chain in sorted(done - set(chains)):
+        print(f"{chain}: in {args.csv} already, skipped", flush=True)
+    params = json.loads(args.params) if args.params else None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for chain in [c.strip() for c in args.chains.split(",") if c.strip()]:
-            if chain in done:
-                print(f"{chain}: in {args.csv} already, skipped", flush=True)
-                continue
+        for group in ([chains] if args.together else [[c] for c in chains]) if chains else []:
             t0 = time.perf_counter()
-            fitted = cc.fit_annotator(reference, chains=[chain], ensemble=False, batch_key=args.batch_key,
-                                      seed=args.seed, out=Path(tmp) / f"{chain}.onnx", register=False,
-                                      experiment=None, params=json.loads(args.params) if args.params else None)
+            fitted = cc.fit_annotator(reference, chains=group, ensemble=False, batch_key=args.batch_key,
+                                      seed=args.seed, register=False, experiment=None, params=params,
+                                      keep_candidates=args.together)
             fit_s = time.perf_counter() - t0
-            labels = cc.annotate(query, fitted.files["onnx"], min_confidence=0.0, copy=True).obs["cellcontrast_label"].astype(str)
-            t, p = truth[scored].tolist(), labels[scored].tolist()
-            present = sorted((set(t) | set(p)) & set(types))
-            # with a batch key, val_macro_f1 is the mean over the held-out batches
-            selection = fitted.scores.set_index("chain").loc[chain, "val_macro_f1"]
-            rows.append({"fold": fold, "batch_key": args.batch_key or "", "tag": args.tag, "seed": args.seed,
-                         "chain": chain, "selection_score": round(float(selection), 4),
-                         "query_macro_f1": round(float(f1_score(t, p, labels=present, average="macro",
-                                                                zero_division=0)), 4),
-                         "fit_seconds": round(fit_s, 1)})
-            print(rows[-1], flush=True)
-            if args.csv:
-                save_row(args.csv, rows[-1])
+            for name in group:
+                annotator = fitted.candidates[name] if args.together else fitted.chain
+                rows.append(query_row(name, annotator, query, types, fitted, fold, fit_s, args, Path(tmp)))
+                print(rows[-1], flush=True)
+                if args.csv:
+                    save_row(args.csv, rows[-1])
     if rows:
         print(pd.DataFrame(rows).to_markdown(index=False))
     return 0

@@ -9,7 +9,10 @@ components with cross-batch positives under ``--batch-key``; ``finetuned0.5``: t
 fine-tuned with ``contrastive_weight`` 0.5; ``centroid``: the component with the nearest-centroid
 head). Prints a Markdown table: each variant's held-out-donor macro F1 per fold, mean and
 standard error over folds, the paired difference to its base (``scdae`` for ``scdae+...``) with its
-standard error, how many folds the grouped-validation score ranked it above its base, what
+standard error, how many folds the grouped-validation score ranked it above its base and above
+every other variant run on the fold (``top selection``: what a fit offered all of them would
+take before its one-SE rule), with ``--together`` rows of the ``default`` group how often the fit offered that group chose it
+(``chosen by fit``), what
 `fit --batch-key` shipped on the fold (``cc_batchkey``), the best peer per fold and the peer with
 the best mean; writes the figure with ``--png``.
 
@@ -45,8 +48,9 @@ def variants(chains: pd.DataFrame) -> pd.DataFrame:
     fold = chains["fold"].str.rsplit("/", n=1).str[-1]
     donor = np.where(fold.str.startswith("heldout_"), fold.str.removeprefix("heldout_"),
                      fold.str.replace("_to_", "->", regex=False))
+    # "more": further chains of the shipped recipe, fitted together in a second group
     chains = chains.assign(donor=donor,
-                           variant=np.where(chains["tag"].eq("default"), chains["chain"],
+                           variant=np.where(chains["tag"].isin(["default", "more"]), chains["chain"],
                                             chains["chain"] + " (" + chains["tag"] + ")"))
     return chains.drop_duplicates(["variant", "donor"], keep="last")
 
@@ -71,6 +75,16 @@ def table(rows: pd.DataFrame, peers: pd.DataFrame) -> pd.DataFrame:
         out.loc[variant, "vs base se"] = gap.std(ddof=1) / np.sqrt(len(gap)) if len(gap) > 1 else np.nan
         both = (selection.loc[variant] - selection.loc[base]).dropna()
         out.loc[variant, "ranked above base"] = f"{int((both > 0).sum())} of {len(both)}"
+    if "chosen" in rows:  # --together rows of the first group: what one fit offered them all shipped (one-SE rule)
+        first = rows[rows["tag"].eq("default") & rows["chosen"].fillna("").ne("")]
+        picked = first[first["chosen"].eq(first["chain"])].set_index("variant")["donor"].groupby(level=0).size()
+        for variant in test.index:
+            if variant in set(first["variant"]):
+                out.loc[variant, "chosen by fit"] = f"{int(picked.get(variant, 0))} of {int(test.loc[variant].notna().sum())}"
+    # what grouped validation would pick among every variant tried on the fold: the top selection score
+    top = selection.idxmax(axis=0)
+    for variant in test.index:
+        out.loc[variant, "top selection"] = f"{int((top == variant).sum())} of {int(selection.loc[variant].notna().sum())}"
     methods = peers.pivot(index="method", columns="heldout_donor", values="macro_f1").reindex(columns=donors)
     if "cc_batchkey" in methods.index:  # what `fit --batch-key donor` ships with its default chains
         out.loc["shipped: fit --batch-key (default chains)", donors] = methods.loc["cc_batchkey"]
@@ -93,7 +107,8 @@ def figure(out: pd.DataFrame, path: Path, dataset: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    donors = [c for c in out.columns if c not in ("mean", "se", "vs base", "vs base se", "ranked above base")]
+    donors = [c for c in out.columns if c not in ("mean", "se", "vs base", "vs base se", "ranked above base",
+                                                 "top selection", "chosen by fit")]
     names = list(out.index)
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 4.5))
     width = 0.8 / len(donors)

@@ -81,3 +81,15 @@ def test_bad_references_are_refused_in_one_line(reference, tmp_path, capsys):
     assert main(["fit", "--reference", str(path), "--out", str(out), "--chains", "lr,nope"]) == 2
     assert main(["fit", "--reference", str(path), "--out", str(out), "--label-key", "nope"]) == 2
     assert not out.exists() and tiny.n_obs == 0
+
+
+def test_kept_candidates_are_each_chain_as_its_own_fit_would_export_it(small_atlas):
+    reference = small_atlas[::2].copy()  # both individuals: grouped validation, then refits on every cell
+    kw = {"params": FAST, "batch_key": "individual", "experiment": None, "ensemble": False}
+    both = cc.fit_annotator(reference, "cell_type", chains="lr,lr+mlp", keep_candidates=True, **kw)
+    assert set(both.candidates) == {"lr", "lr+mlp"} and both.candidates[both.chosen] is both.chain
+    assert cc.fit_annotator(reference, "cell_type", chains="lr", **kw).candidates == {}  # only when asked
+    other = "lr+mlp" if both.chosen == "lr" else "lr"
+    alone = cc.fit_annotator(reference, "cell_type", chains=other, **kw)
+    np.testing.assert_allclose(both.candidates[other].predict_proba(reference[:300]),
+                               alone.chain.predict_proba(reference[:300]), atol=1e-5)

@@ -28,6 +28,7 @@ from cellcontrast.core.errors import InputError
 from cellcontrast.core.names import CHAINS_SIMPLEST_FIRST, CV_FOLD, LABEL
 from cellcontrast.data.atlas import open_h5ad, prepare_atlas
 from cellcontrast.experiments.fit_candidates import (
+    build_candidates,
     build_chosen,
     choose,
     offer_ensemble,
@@ -113,6 +114,7 @@ class FittedAnnotator:
     validation: tuple[np.ndarray, np.ndarray] | None = None
     fold_scores: pd.DataFrame | None = None
     validation_groups: np.ndarray | None = None  # each validation cell's fold (grouped validation)
+    candidates: dict[str, Chain] = field(default_factory=dict)  # every chain as exported (keep_candidates)
 
 
 def _hold_out_test(atlas: anndata.AnnData, test_fraction: float, seed: int):
@@ -159,6 +161,7 @@ def fit_annotator(
     sample_cells: int = SAMPLE_CELLS,
     refit_epochs: int = REFIT_EPOCHS,
     resume: bool = False,
+    keep_candidates: bool = False,
 ) -> FittedAnnotator:
     """Train the chains on a labelled reference, choose one on validation, export it.
 
@@ -193,6 +196,10 @@ def fit_annotator(
         A backed ``adata`` with more labelled cells is never read whole: choices on a sample of
         ``sample_cells``, linear chains refitted in chunks for ``refit_epochs``, checkpoints beside
         ``out`` that ``resume`` continues from (`experiments.fit_stream`).
+    keep_candidates
+        Also build every other chain as it would have been exported (refitted on every cell after
+        grouped or cross-validated validation) into ``FittedAnnotator.candidates``: to score them
+        all on a query of one's own, each base trained once (`bench/chain_on_query.py --together`).
 
     Returns
     -------
@@ -210,7 +217,8 @@ def fit_annotator(
     options = {"seed": seed, "params": params, "labels_key": labels_key, "layer": layer}
     result = _fit_prepared(prepared, names, stream, options, experiment=experiment, batch_key=batch_key,
                            test_fraction=test_fraction, val_fraction=val_fraction, ensemble=ensemble,
-                           workers=workers, scheduler=scheduler, out=out, register=register)
+                           workers=workers, scheduler=scheduler, out=out, register=register,
+                           keep_candidates=keep_candidates)
     if stream:
         stream.finish()
     return result
@@ -224,7 +232,8 @@ def _cells_of(adata, stream) -> anndata.AnnData:
 
 
 def _fit_prepared(prepared, names: list[str], stream, options: dict, *, experiment, batch_key, test_fraction,
-                  val_fraction, ensemble, workers, scheduler, out, register) -> FittedAnnotator:
+                  val_fraction, ensemble, workers, scheduler, out, register,
+                  keep_candidates=False) -> FittedAnnotator:
     """`fit_annotator` on its prepared reference: train, choose, build (refit), describe, write."""
     atlas, reference, test, folds, note = prepared
     tracker = _Tracker(experiment, names, reference, options["seed"], test_fraction,
@@ -239,6 +248,10 @@ def _fit_prepared(prepared, names: list[str], stream, options: dict, *, experime
                                          **({"refit": stream.refit} if stream else {}))
         _describe(chain, names, folds, note, validation, reference, options["seed"])
         result = _result(chain, chosen_name, found, validation, atlas, reference, test)
+        if keep_candidates:
+            refit = {"refit": stream.refit} if stream else {}
+            result.candidates = build_candidates(found, folds, names, {chosen_name: chain}, reference,
+                                                 **options, **refit)
         if stream:
             result.n_cells["reference"] = stream.n_cells
         if out is not None:

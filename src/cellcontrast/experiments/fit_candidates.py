@@ -144,6 +144,13 @@ def build_chosen(found: Candidates, folds: BatchFolds | None, chosen: str, offer
     return chain, validation
 
 
+def build_candidates(found: Candidates, folds: BatchFolds | None, names: list[str], built: dict[str, Chain],
+                     reference: anndata.AnnData, **options) -> dict[str, Chain]:
+    """Every candidate as it would have been exported had it been chosen (``built``: those already
+    made, the chosen one): to score them all on a query of one's own without training each alone."""
+    return {name: built.get(name) or _built(found, folds, name, reference, **options) for name in names}
+
+
 def _cross_fitted(chain: Chain, grouped: GroupedFit, seed: int) -> Chain:
     """``chain`` with ``ENERGY_SOURCE``'s fold models and their held-out cells' energies: a new
     cell is then read against the models that scored those cells (a conformal p-value) rather
