@@ -33,7 +33,8 @@ PEERS = ("celltypist", "svm", "logreg", "knn", "scanvi")
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--chains-csv", type=Path, required=True)
+    p.add_argument("--chains-csv", type=Path, nargs="+", required=True,
+                   help="chain_on_query.py's CSVs (several: e.g. one per worker that ran folds beside another)")
     p.add_argument("--peers-csv", type=Path, required=True)
     p.add_argument("--dataset", required=True,
                    help="the dataset column of the peers' CSV (human, mouse, atlas; cross-study for the pairs of "
@@ -128,7 +129,7 @@ def figure(out: pd.DataFrame, path: Path, dataset: str) -> None:
 
 
 def main(args) -> int:
-    rows = variants(pd.read_csv(args.chains_csv))
+    rows = variants(pd.concat([pd.read_csv(path) for path in args.chains_csv], ignore_index=True))
     peers = pd.read_csv(args.peers_csv)
     # the cross-study CSV names its dataset "cross-study <pairs>": --dataset cross-study matches it
     peers = peers[peers["dataset"].eq(args.dataset) | peers["dataset"].str.startswith(args.dataset + " ")]
