@@ -44,7 +44,8 @@ def parse(argv=None) -> argparse.Namespace:
                         "one fit per chain")
     p.add_argument("--csv", type=Path, help="append one row per chain here, as each finishes; a chain whose row "
                                            "(fold, batch key, tag, seed) is already there is skipped, so a long "
-                                           "run resumes where it stopped")
+                                           "run resumes where it stopped (with --together: the group, once all its "
+                                           "rows are there)")
     return p.parse_args(argv)
 
 
