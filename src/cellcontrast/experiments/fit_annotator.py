@@ -160,8 +160,7 @@ def fit_annotator(
     max_cells_in_memory: int = MAX_CELLS_IN_MEMORY,
     sample_cells: int = SAMPLE_CELLS,
     refit_epochs: int = REFIT_EPOCHS,
-    resume: bool = False,
-    keep_candidates: bool = False,
+    resume: bool = False, keep_candidates: bool = False,
 ) -> FittedAnnotator:
     """Train the chains on a labelled reference, choose one on validation, export it.
 
@@ -197,9 +196,7 @@ def fit_annotator(
         ``sample_cells``, linear chains refitted in chunks for ``refit_epochs``, checkpoints beside
         ``out`` that ``resume`` continues from (`experiments.fit_stream`).
     keep_candidates
-        Also build every other chain as it would have been exported (refitted on every cell after
-        grouped or cross-validated validation) into ``FittedAnnotator.candidates``: to score them
-        all on a query of one's own, each base trained once (`bench/chain_on_query.py --together`).
+        Also build the other chains as each would have been exported, in ``FittedAnnotator.candidates``.
 
     Returns
     -------
@@ -215,13 +212,10 @@ def fit_annotator(
     if batch_key and prepared[3] is not None:
         params = _cross_batch_positives(params)
     options = {"seed": seed, "params": params, "labels_key": labels_key, "layer": layer}
-    result = _fit_prepared(prepared, names, stream, options, experiment=experiment, batch_key=batch_key,
-                           test_fraction=test_fraction, val_fraction=val_fraction, ensemble=ensemble,
-                           workers=workers, scheduler=scheduler, out=out, register=register,
-                           keep_candidates=keep_candidates)
-    if stream:
-        stream.finish()
-    return result
+    return _fit_prepared(prepared, names, stream, options, experiment=experiment, batch_key=batch_key,
+                         test_fraction=test_fraction, val_fraction=val_fraction, ensemble=ensemble,
+                         workers=workers, scheduler=scheduler, out=out, register=register,
+                         keep_candidates=keep_candidates)
 
 
 def _cells_of(adata, stream) -> anndata.AnnData:
@@ -238,24 +232,25 @@ def _fit_prepared(prepared, names: list[str], stream, options: dict, *, experime
     atlas, reference, test, folds, note = prepared
     tracker = _Tracker(experiment, names, reference, options["seed"], test_fraction,
                        batch_key or (CV_FOLD if folds is not None else None))
+    refit = {"refit": stream.refit} if stream else {}  # a streamed reference's linear chains: every cell
     with tracker:
         with fold_executor(workers, scheduler) as executor:  # closed before the refit
             found = train_candidates(reference, folds, names, val_fraction=val_fraction, executor=executor, **options)
         offered = offer_ensemble(found, folds) if ensemble else None
         tracker.log_chains(found.scores, options["params"])
         chosen_name = choose(found, folds)
-        chain, validation = build_chosen(found, folds, chosen_name, offered, reference, **options,
-                                         **({"refit": stream.refit} if stream else {}))
+        chain, validation = build_chosen(found, folds, chosen_name, offered, reference, **options, **refit)
         _describe(chain, names, folds, note, validation, reference, options["seed"])
         result = _result(chain, chosen_name, found, validation, atlas, reference, test)
         if keep_candidates:
-            refit = {"refit": stream.refit} if stream else {}
             result.candidates = build_candidates(found, folds, names, {chosen_name: chain}, reference,
                                                  **options, **refit)
         if stream:
             result.n_cells["reference"] = stream.n_cells
         if out is not None:
             _write(result, Path(out), tracker, register)
+    if stream:
+        stream.finish()
     return result
 
 
