@@ -371,7 +371,7 @@ def test_lbfgs_warm_path_gets_closer_to_the_optimum_than_one_fit_from_zero(split
         records = []
         fit_base(xt, yt, xv, yv, N_CLASSES, "lr", {"standardize": True, "l2_path": path, "max_iter": 5,
                                                     "path_keep": "last"},
-                 seed=0, log=lambda stage, step, m: records.append(m))
+                 seed=0, log=lambda stage, step, m, records=records: records.append(m))
         losses[name] = records[-1]["loss"]
     assert losses["down the path"] < losses["from zero"]
 

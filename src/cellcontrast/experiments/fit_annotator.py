@@ -239,11 +239,11 @@ def _fit_prepared(prepared, names: list[str], stream, options: dict, *, experime
         offered = offer_ensemble(found, folds) if ensemble else None
         tracker.log_chains(found.scores, options["params"])
         chosen_name = choose(found, folds)
-        chain, validation = build_chosen(found, folds, chosen_name, offered, reference, **options, **refit)
+        chain, validation, built = build_chosen(found, folds, chosen_name, offered, reference, **options, **refit)
         _describe(chain, names, folds, note, validation, reference, options["seed"])
         result = _result(chain, chosen_name, found, validation, atlas, reference, test)
         if keep_candidates:
-            result.candidates = build_candidates(found, folds, names, {chosen_name: chain}, reference,
+            result.candidates = build_candidates(found, folds, names, built, reference,
                                                  **options, **refit)
         if stream:
             result.n_cells["reference"] = stream.n_cells

@@ -123,9 +123,10 @@ def choose(found: Candidates, folds: BatchFolds | None) -> str:
 
 
 def build_chosen(found: Candidates, folds: BatchFolds | None, chosen: str, offered: dict | None,
-                 reference: anndata.AnnData, **options) -> tuple[Chain, tuple[np.ndarray, np.ndarray]]:
-    """The chain to export and its (labels, probabilities) on the validation cells; its
-    ``--flag-unseen`` energy is ``ENERGY_SOURCE``'s where that chain was a candidate.
+                 reference: anndata.AnnData, **options) -> tuple[Chain, tuple[np.ndarray, np.ndarray], dict]:
+    """The chain to export, its (labels, probabilities) on the validation cells, and every chain
+    built on the way, by name, as each would be exported alone (`build_candidates` reuses them);
+    the export's ``--flag-unseen`` energy is ``ENERGY_SOURCE``'s where that chain was a candidate.
     ``refit(name, chain, reference, trained rows, validation rows)`` (an option), if given, takes each chain
     built before it joins the export (a reference read in chunks: `experiments.fit_stream`)."""
     members = offered["members"] if chosen == ENSEMBLE else [chosen]
@@ -138,16 +139,18 @@ def build_chosen(found: Candidates, folds: BatchFolds | None, chosen: str, offer
         # Read for its energy only: as the sample trained it, which its threshold was set on (`fit_stream`).
         alone = {k: v for k, v in options.items() if k != "refit"}
         source = built.get(ENERGY_SOURCE) or _built(found, folds, ENERGY_SOURCE, reference, **alone)
+        if "refit" not in options:  # then it is also the chain exported alone
+            built.setdefault(ENERGY_SOURCE, source)
         chain = with_energy_of(chain, source, ENERGY_SOURCE)
     if folds is not None and ENERGY_SOURCE in found.grouped.fold_modules:
         chain = _cross_fitted(chain, found.grouped, options.get("seed", 0))
-    return chain, validation
+    return chain, validation, {**built, chosen: chain}
 
 
 def build_candidates(found: Candidates, folds: BatchFolds | None, names: list[str], built: dict[str, Chain],
                      reference: anndata.AnnData, **options) -> dict[str, Chain]:
     """Every candidate as it would have been exported had it been chosen (``built``: those already
-    made, the chosen one): to score them all on a query of one's own without training each alone."""
+    made, `build_chosen`'s): to score them all on a query of one's own without training each alone."""
     return {name: built.get(name) or _built(found, folds, name, reference, **options) for name in names}
 
 
