@@ -134,7 +134,7 @@ def main(args) -> int:
     # the cross-study CSV names its dataset "cross-study <pairs>": --dataset cross-study matches it
     peers = peers[peers["dataset"].eq(args.dataset) | peers["dataset"].str.startswith(args.dataset + " ")]
     out = table(rows, peers)
-    print(out.to_markdown(floatfmt=".3f"))
+    print(out.astype(object).where(out.notna(), None).to_markdown(floatfmt=".3f", missingval=""))
     if args.png:
         figure(out, args.png, args.dataset)
         print(f"wrote {args.png}")
