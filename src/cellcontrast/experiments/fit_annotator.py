@@ -160,7 +160,8 @@ def fit_annotator(
     max_cells_in_memory: int = MAX_CELLS_IN_MEMORY,
     sample_cells: int = SAMPLE_CELLS,
     refit_epochs: int = REFIT_EPOCHS,
-    resume: bool = False, keep_candidates: bool = False,
+    resume: bool = False,
+    keep_candidates: bool = False,
 ) -> FittedAnnotator:
     """Train the chains on a labelled reference, choose one on validation, export it.
 
@@ -209,8 +210,7 @@ def fit_annotator(
     names = names or list(STREAMED_CHAINS if stream else DEFAULT_CHAINS)
     prepared = _prepare(_cells_of(adata, stream), labels_key, None if stream else layer,
                         filters, genes, genes_source, seed, val_fraction, test_fraction, batch_key, val_folds, out)
-    if batch_key and prepared[3] is not None:
-        params = _cross_batch_positives(params)
+    params = _cross_batch_positives(params) if batch_key and prepared[3] is not None else params
     options = {"seed": seed, "params": params, "labels_key": labels_key, "layer": layer}
     return _fit_prepared(prepared, names, stream, options, experiment=experiment, batch_key=batch_key,
                          test_fraction=test_fraction, val_fraction=val_fraction, ensemble=ensemble,
