@@ -18,6 +18,7 @@ import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import anndata
 import numpy as np
@@ -43,6 +44,7 @@ from cellcontrast.model.ensemble import (
 from cellcontrast.model.fit import stratified_validation
 from cellcontrast.model.gene_panel import gene_panel
 from cellcontrast.model.grouped import (
+    BatchFolds,
     batch_folds,
     print_note,
     say_fallbacks,
@@ -115,6 +117,17 @@ class FittedAnnotator:
     fold_scores: pd.DataFrame | None = None
     validation_groups: np.ndarray | None = None  # each validation cell's fold (grouped validation)
     candidates: dict[str, Chain] = field(default_factory=dict)  # every chain as exported (keep_candidates)
+
+
+class _Prepared(NamedTuple):
+    """The checked reference (``atlas``), its training part, the test part, the validation
+    folds (None: one stratified part) and the fallback note."""
+
+    atlas: anndata.AnnData
+    reference: anndata.AnnData
+    test: anndata.AnnData | None
+    folds: BatchFolds | None
+    note: str | None
 
 
 def _hold_out_test(atlas: anndata.AnnData, test_fraction: float, seed: int):
@@ -210,7 +223,7 @@ def fit_annotator(
     names = names or list(STREAMED_CHAINS if stream else DEFAULT_CHAINS)
     prepared = _prepare(_cells_of(adata, stream), labels_key, None if stream else layer,
                         filters, genes, genes_source, seed, val_fraction, test_fraction, batch_key, val_folds, out)
-    params = _cross_batch_positives(params) if batch_key and prepared[3] is not None else params
+    params = _cross_batch_positives(params) if batch_key and prepared.folds is not None else params
     options = {"seed": seed, "params": params, "labels_key": labels_key, "layer": layer}
     return _fit_prepared(prepared, names, stream, options, experiment=experiment, batch_key=batch_key,
                          test_fraction=test_fraction, val_fraction=val_fraction, ensemble=ensemble,
@@ -225,8 +238,8 @@ def _cells_of(adata, stream) -> anndata.AnnData:
     return adata if isinstance(adata, anndata.AnnData) else open_h5ad(adata)
 
 
-def _fit_prepared(prepared, names: list[str], stream, options: dict, *, experiment, batch_key, test_fraction,
-                  val_fraction, ensemble, workers, scheduler, out, register,
+def _fit_prepared(prepared: _Prepared, names: list[str], stream, options: dict, *, experiment, batch_key,
+                  test_fraction, val_fraction, ensemble, workers, scheduler, out, register,
                   keep_candidates=False) -> FittedAnnotator:
     """`fit_annotator` on its prepared reference: train, choose, build (refit), describe, write."""
     atlas, reference, test, folds, note = prepared
@@ -296,7 +309,7 @@ def _write(result: FittedAnnotator, out: Path, tracker, register: bool) -> None:
 
 
 def _prepare(adata, labels_key, layer, filters, genes, genes_source, seed, val_fraction, test_fraction, batch_key,
-             val_folds, out):
+             val_folds, out) -> _Prepared:
     """The checked reference, its genes (`gene_panel`), the test part, the batch or
     cross-validation folds and the fallback note (printed)."""
     if batch_key and val_folds not in ("auto", 0):
@@ -315,7 +328,7 @@ def _prepare(adata, labels_key, layer, filters, genes, genes_source, seed, val_f
         folds = stratified_folds(reference.obs, val_folds, seed=seed) if val_folds else None
     note = say_fallbacks(folds, batch_key) if batch_key else None
     print_note(note)
-    return atlas, reference, test, folds, note
+    return _Prepared(atlas, reference, test, folds, note)
 
 
 def _describe(chain: Chain, names: list[str], folds, note: str | None, validation,
