@@ -202,3 +202,27 @@ def test_a_small_reference_is_cross_validated_by_default_and_a_large_one_is_not(
     monkeypatch.setattr(module, "CV_MAX_CELLS", reference.n_obs - 1)
     large = cc.fit_annotator(reference, "cell_type", chains="lr", params=FAST, experiment=None, ensemble=False)
     assert large.fold_scores is None and large.n_cells["val"] < reference.n_obs // 5  # one stratified part
+
+
+def test_checkpoints_on_the_training_batches_never_touch_the_scored_batch(reference, monkeypatch):
+    calls = []
+    real = grouped.fit_chains
+
+    def spy(atlas, chains, **kw):
+        calls.append(kw["split"])
+        return real(atlas, chains, **kw)
+
+    monkeypatch.setattr(grouped, "fit_chains", spy)
+    atlas = prepare_atlas(reference)
+    folds = batch_folds(atlas.obs, "individual")
+    found = grouped.fit_folds(atlas, folds, [("lr", "none")], params=FAST, checkpoints_on="training_batches")
+    batches = atlas.obs["individual"].astype(str).to_numpy()
+    for (held, train, val), (inner_train, inner_val, _) in zip(folds.folds, calls, strict=True):
+        # the choices are made on part of the training batches; the held-out batch is only scored
+        assert set(np.concatenate([inner_train, inner_val])) == set(train) and not set(inner_train) & set(inner_val)
+        assert not set(batches[inner_val]) & set(held) and not set(inner_train) & set(val)
+    scored = found.fold_scores.set_index("held_out")
+    assert list(scored.index) == ["L1", "L2", "L3"] and (scored["n_val"] == [v.size for _, _, v in folds.folds]).all()
+    assert scored["val_macro_f1"].between(0, 1).all()
+    with pytest.raises(ValueError, match="checkpoints_on"):
+        grouped.fit_folds(atlas, folds, [("lr", "none")], params=FAST, checkpoints_on="test")

@@ -28,6 +28,7 @@ import torch
 
 from cellcontrast.core.errors import InputError
 from cellcontrast.core.names import ALL_GENES, CV_FOLD, LABEL, LINEAR_BASES
+from cellcontrast.data.heldout import validation_split
 from cellcontrast.model.chain import Chain
 from cellcontrast.model.fit import (
     MIN_CELLS_PER_TYPE,
@@ -38,13 +39,15 @@ from cellcontrast.model.fit import (
 )
 from cellcontrast.nn.chain import predict_logits
 from cellcontrast.train.calibration import expected_calibration_error, fit_temperature
-from cellcontrast.train.evaluation import annotate_thresholds
+from cellcontrast.train.evaluation import annotate_thresholds, evaluate
 from cellcontrast.train.metrics import classification_metrics
 from cellcontrast.train.open_set import energy, unexplained_expression
 from cellcontrast.train.recipes import DEFAULT_PARAMS
 
 # Above this many batches, grouped k-fold with this many folds (each a set of whole batches).
 MAX_FOLDS = 5
+# where a fold's checkpoints and inner choices are made (`fit_one_fold`)
+CHECKPOINTS_ON = ("held_out", "training_batches")
 
 
 @dataclass
@@ -158,14 +161,21 @@ class GroupedFit:
 def fit_folds(atlas: anndata.AnnData, folds: BatchFolds, chains: list[tuple[str, str]], *, seed: int = 0,
               params: dict | None = None, val_fraction: float = 0.1, labels_key: str = LABEL,
               layer: str | None = None, progress=None, executor: Executor | None = None,
-              keep: tuple[str, ...] = ()) -> GroupedFit:
+              keep: tuple[str, ...] = (), checkpoints_on: str = "held_out") -> GroupedFit:
     """Train every chain on each fold's training batches, its choices made on the held-out
     batches; collect what the final chain's choice, temperature and thresholds need, and the
     fold models themselves of the chains named in ``keep``.
 
+    ``checkpoints_on="training_batches"``: each chain's inner choices and checkpoints are made
+    on a stratified ``val_fraction`` of the fold's training batches instead, and the held-out
+    batch is only scored (`fit_one_fold`).
+
     ``executor``: the folds are trained as its tasks, at once (``fit --workers/--scheduler``);
     each is seeded as here, so the result does not depend on where it ran."""
-    kw = {"seed": seed, "params": params, "val_fraction": val_fraction, "labels_key": labels_key, "layer": layer}
+    if checkpoints_on not in CHECKPOINTS_ON:
+        raise ValueError(f"checkpoints_on must be one of {CHECKPOINTS_ON}, not {checkpoints_on!r}")
+    kw = {"seed": seed, "params": params, "val_fraction": val_fraction, "labels_key": labels_key, "layer": layer,
+          "checkpoints_on": checkpoints_on}
     if executor is None:
         done = [fit_one_fold(atlas, chains, fold, folds.classes, folds.groups, progress=progress, keep=keep, **kw)
                 for fold in folds.folds]
@@ -201,23 +211,42 @@ def fit_folds(atlas: anndata.AnnData, folds: BatchFolds, chains: list[tuple[str,
 
 def fit_one_fold(atlas: anndata.AnnData, chains: list[tuple[str, str]], fold, classes: list[str],
                  groups: np.ndarray | None, *, progress=None, keep: tuple[str, ...] = (),
-                 **kw) -> list[tuple[str, dict]]:
+                 checkpoints_on: str = "held_out", **kw) -> list[tuple[str, dict]]:
     """One fold's chains, as what the choice needs (validation metrics, the held-out cells'
     logits and expression scores, the inner choices): small enough to come back from a worker;
-    the chains named in ``keep`` come back whole (``module``)."""
+    the chains named in ``keep`` come back whole (``module``).
+
+    ``checkpoints_on="held_out"``: early stopping and inner choices on the held-out batch that is
+    then scored (an optimistic score for chains with many checkpoints, such as a component whose
+    epoch is picked by the same cells' macro F1); ``"training_batches"``: on a stratified part of
+    the training batches, the held-out batch scored only."""
     _, train, val = fold
-    fitted: FittedChains = fit_chains(atlas, chains, split=(train, val, classes), progress=progress, groups=groups,
-                                      **kw)
+    split = (train, val, classes) if checkpoints_on == "held_out" else \
+        (*inner_split(atlas, train, classes, kw["val_fraction"], kw["seed"]), classes)
+    fitted: FittedChains = fit_chains(atlas, chains, split=split, progress=progress, groups=groups, **kw)
+    y_val = pd.Categorical(atlas.obs[LABEL].iloc[val].astype(str), categories=classes).codes
     out = []
     for name, chain in fitted.chains.items():
         module = chain.module
+        metrics = chain.metrics if checkpoints_on == "held_out" else \
+            evaluate(module, {"val": atlas.X[val]}, {"val": y_val}, len(classes))[0]
         out.append((name, {
-            "metrics": {k: v for k, v in chain.metrics.items() if k.startswith("val_")},
+            "metrics": {k: v for k, v in metrics.items() if k.startswith("val_")},
             "logits": predict_logits(module, atlas.X[val]),
             "expression": None if module.novelty is None else unexplained_expression(module, atlas.X[val]),
             "choices": chain.config["fit"].get("choices") or {}}
             | ({"module": module} if name in keep else {})))
     return out
+
+
+def inner_split(atlas: anndata.AnnData, train: np.ndarray, classes: list[str], val_fraction: float,
+                seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fold's training rows split again, each type ``1 - val_fraction`` / ``val_fraction``
+    (a type of one cell trains): where ``checkpoints_on="training_batches"`` picks checkpoints."""
+    labels = atlas.obs[LABEL].iloc[train].astype(str).to_numpy()
+    rng = np.random.default_rng(seed + 1)
+    members = [train[rng.permutation(np.flatnonzero(labels == name))] for name in classes if (labels == name).any()]
+    return validation_split(members, val_fraction)
 
 
 def _fold_means(fold_scores: pd.DataFrame) -> pd.DataFrame:
