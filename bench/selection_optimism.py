@@ -8,11 +8,14 @@ the held-out cells' nearest-centroid macro F1, then the centroid head scored on 
 is scored at its best epoch for those very cells. This script runs the folds both ways through
 `model.grouped.fit_folds` (``checkpoints_on="held_out"``, what `fit` does, and
 ``"training_batches"``: the choices on a stratified part of the training batches, the held-out
-batch only scored) and prints each chain's fold-mean score and what the one-SE rule picks each way.
+batch only scored) and prints each chain's fold-mean score and what the one-SE rule picks each way;
+``--summary CSV`` prints, over the folds in that CSV, each chain's mean score both ways and
+the paired difference (the optimism) with its standard error.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python bench/selection_optimism.py \\
         --fold-dir ../heldout-head/human/heldout_human1 --batch-key donor \\
         --chains lr,svm,lr+mlp --params '{"mlp": {"head_solver": "centroid"}}' --csv optimism.csv
+    .venv/bin/python bench/selection_optimism.py --summary optimism.csv
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 
 import anndata as ad
+import numpy as np
 import pandas as pd
 
 from cellcontrast.core.names import CHAINS_SIMPLEST_FIRST
@@ -33,8 +37,9 @@ from cellcontrast.model.grouped import CHECKPOINTS_ON, batch_folds, choose_on_fo
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--fold-dir", type=Path, required=True, help="holds reference.h5ad")
-    p.add_argument("--batch-key", required=True)
+    p.add_argument("--fold-dir", type=Path, help="holds reference.h5ad")
+    p.add_argument("--batch-key")
+    p.add_argument("--summary", type=Path, help="summarise the rows of this CSV instead of fitting")
     p.add_argument("--chains", default="lr,svm,lr+mlp")
     p.add_argument("--params", help="JSON of hyperparameters keyed by model name, as `fit --params`")
     p.add_argument("--seed", type=int, default=0)
@@ -47,7 +52,25 @@ def cross_batch(params: dict) -> dict:
     return {**params, **{m: {"positives": "cross_batch", **params.get(m, {})} for m in ("mlp", "mls")}}
 
 
+def summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """Each chain's fold-mean score both ways, the optimism (held_out minus training_batches,
+    paired over folds) and its standard error, and what the one-SE rule chose on each fold."""
+    wide = rows.pivot_table(index=["chain", "fold"], columns="checkpoints_on", values="selection_score")
+    gap = (wide["held_out"] - wide["training_batches"]).groupby(level=0)
+    out = wide.groupby(level=0).mean().assign(optimism=gap.mean(), optimism_se=gap.std(ddof=1) / np.sqrt(gap.size()),
+                                              folds=gap.size().astype(str))
+    chosen = rows.drop_duplicates(["fold", "checkpoints_on"]).pivot(index="fold", columns="checkpoints_on", values="chosen")
+    return out, chosen
+
+
 def main(args) -> int:
+    if args.summary:
+        out, chosen = summary(pd.read_csv(args.summary))
+        print(out.to_markdown(floatfmt=".3f"))
+        print(chosen.to_markdown())
+        return 0
+    if args.fold_dir is None or args.batch_key is None:
+        raise SystemExit("--fold-dir and --batch-key are needed to fit (or --summary CSV)")
     reference = prepare_atlas(ad.read_h5ad(args.fold_dir / "reference.h5ad"), source="the reference")
     reference = gene_panel(reference, None, source="the reference")
     folds = batch_folds(reference.obs, args.batch_key, seed=args.seed)
