@@ -77,7 +77,9 @@ def test_a_key_with_one_value_falls_back_to_what_a_fit_without_one_does(referenc
     assert large.fold_scores is None
 
 
-def test_choices_are_scored_out_of_fold_and_the_refit_uses_every_cell(reference, monkeypatch):
+@pytest.fixture
+def fit_splits(monkeypatch):
+    """Every split `model.grouped` trains chains on, in order."""
     calls = []
     real = grouped.fit_chains
 
@@ -86,6 +88,11 @@ def test_choices_are_scored_out_of_fold_and_the_refit_uses_every_cell(reference,
         return real(atlas, chains, **kw)
 
     monkeypatch.setattr(grouped, "fit_chains", spy)
+    return calls
+
+
+def test_choices_are_scored_out_of_fold_and_the_refit_uses_every_cell(reference, fit_splits):
+    calls = fit_splits
     result = cc.fit_annotator(reference, "cell_type", chains="lr", params=FAST, batch_key="individual",
                               experiment=None)
     batches = reference.obs["individual"].astype(str).to_numpy()
@@ -204,15 +211,8 @@ def test_a_small_reference_is_cross_validated_by_default_and_a_large_one_is_not(
     assert large.fold_scores is None and large.n_cells["val"] < reference.n_obs // 5  # one stratified part
 
 
-def test_checkpoints_on_the_training_batches_never_touch_the_scored_batch(reference, monkeypatch):
-    calls = []
-    real = grouped.fit_chains
-
-    def spy(atlas, chains, **kw):
-        calls.append(kw["split"])
-        return real(atlas, chains, **kw)
-
-    monkeypatch.setattr(grouped, "fit_chains", spy)
+def test_checkpoints_on_the_training_batches_never_touch_the_scored_batch(reference, fit_splits):
+    calls = fit_splits
     atlas = prepare_atlas(reference)
     folds = batch_folds(atlas.obs, "individual")
     found = grouped.fit_folds(atlas, folds, [("lr", "none")], params=FAST, checkpoints_on="training_batches")
