@@ -31,6 +31,7 @@ import pandas as pd
 
 from cellcontrast.core.names import CHAINS_SIMPLEST_FIRST
 from cellcontrast.data.atlas import prepare_atlas
+from cellcontrast.experiments.fit_annotator import cross_batch_positives
 from cellcontrast.model.gene_panel import gene_panel
 from cellcontrast.model.grouped import CHECKPOINTS_ON, batch_folds, choose_on_folds, fit_folds
 
@@ -47,12 +48,7 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def cross_batch(params: dict) -> dict:
-    """What `fit --batch-key` sets: the components' positives from other batches."""
-    return {**params, **{m: {"positives": "cross_batch", **params.get(m, {})} for m in ("mlp", "mls")}}
-
-
-def summary(rows: pd.DataFrame) -> pd.DataFrame:
+def summary(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Each chain's fold-mean score both ways, the optimism (held_out minus training_batches,
     paired over folds) and its standard error, and what the one-SE rule chose on each fold."""
     wide = rows.pivot_table(index=["chain", "fold"], columns="checkpoints_on", values="selection_score")
@@ -75,7 +71,7 @@ def main(args) -> int:
     reference = gene_panel(reference, None, source="the reference")
     folds = batch_folds(reference.obs, args.batch_key, seed=args.seed)
     chains = [tuple((c.strip() + "+none").split("+")[:2]) for c in args.chains.split(",") if c.strip()]
-    params = cross_batch(json.loads(args.params) if args.params else {})
+    params = cross_batch_positives(json.loads(args.params) if args.params else None)  # as `fit --batch-key`
     fold = f"{args.fold_dir.parent.name}/{args.fold_dir.name}"
     rows = []
     for mode in CHECKPOINTS_ON:

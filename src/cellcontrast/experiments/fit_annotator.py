@@ -223,7 +223,7 @@ def fit_annotator(
     names = names or list(STREAMED_CHAINS if stream else DEFAULT_CHAINS)
     prepared = _prepare(_cells_of(adata, stream), labels_key, None if stream else layer,
                         filters, genes, genes_source, seed, val_fraction, test_fraction, batch_key, val_folds, out)
-    params = _cross_batch_positives(params) if batch_key and prepared.folds is not None else params
+    params = cross_batch_positives(params) if batch_key and prepared.folds is not None else params
     options = {"seed": seed, "params": params, "labels_key": labels_key, "layer": layer}
     return _fit_prepared(prepared, names, stream, options, experiment=experiment, batch_key=batch_key,
                          test_fraction=test_fraction, val_fraction=val_fraction, ensemble=ensemble,
@@ -283,7 +283,7 @@ def fold_executor(workers: int, scheduler: str | None):
         yield executor
 
 
-def _cross_batch_positives(params: dict | None) -> dict:
+def cross_batch_positives(params: dict | None) -> dict:
     """Contrastive positives (components, a fine-tuned encoder): a type's cells from other
     batches (train/cross_batch.py), unless the params say otherwise."""
     return {**(params or {}), **{m: {"positives": "cross_batch", **(params or {}).get(m, {})}
