@@ -51,5 +51,9 @@ def test_fit_defaults_are_the_python_apis():
     args = build_parser().parse_args(["fit", "--reference", "r.h5ad", "--out", "a.onnx"])
     defaults = {name: p.default for name, p in inspect.signature(fit_annotator).parameters.items()}
     for name in ("chains", "max_cells_in_memory", "sample_cells", "refit_epochs", "seed", "val_fraction", "test_fraction",
-                 "workers"):
+                 "workers", "checkpoints_on"):
         assert getattr(args, name) == defaults[name], name
+    from cellcontrast.model.grouped import CHECKPOINTS_ON
+
+    fit = next(a for a in build_parser()._actions if a.dest == "command").choices["fit"]
+    assert next(a for a in fit._actions if a.dest == "checkpoints_on").choices == list(CHECKPOINTS_ON)

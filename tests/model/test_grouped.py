@@ -224,5 +224,28 @@ def test_checkpoints_on_the_training_batches_never_touch_the_scored_batch(refere
     scored = found.fold_scores.set_index("held_out")
     assert list(scored.index) == ["L1", "L2", "L3"] and (scored["n_val"] == [v.size for _, _, v in folds.folds]).all()
     assert scored["val_macro_f1"].between(0, 1).all()
-    with pytest.raises(ValueError, match="checkpoints_on"):
+    with pytest.raises(cc.InputError, match="--checkpoints-on 'test': must be one of held_out, training_batches"):
         grouped.fit_folds(atlas, folds, [("lr", "none")], params=FAST, checkpoints_on="test")
+
+
+def test_fit_picks_checkpoints_on_the_training_batches_when_asked(reference, fit_splits, tmp_path, capsys):
+    calls = fit_splits
+    result = cc.fit_annotator(reference, "cell_type", chains="lr", params=FAST, batch_key="individual",
+                              checkpoints_on="training_batches", experiment=None, ensemble=False)
+    batches = reference.obs["individual"].astype(str).to_numpy()
+    *fold_calls, refit = calls
+    assert len(fold_calls) == 3 and refit[0].size == reference.n_obs
+    for fold, (inner_train, inner_val, _) in zip(result.chain.config["fit"]["folds"], fold_calls, strict=True):
+        # no fold picks anything on the batch it is scored on, and that batch is still what it reports
+        assert fold["held_out"] not in set(batches[inner_val]) | set(batches[inner_train])
+        assert fold["n_val"] == (batches == fold["held_out"]).sum()
+    assert [f["held_out"] for f in result.chain.config["fit"]["folds"]] == ["L1", "L2", "L3"]
+    assert "on a part of its training batches" in result.chain.config["fit"]["chosen_by"]
+    with pytest.raises(cc.InputError, match="--checkpoints-on 'test'"):  # refused before the path is read
+        cc.fit_annotator(tmp_path / "missing.h5ad", checkpoints_on="test", experiment=None)
+    out = tmp_path / "a.onnx"
+    argv = ["fit", "--reference", str(tmp_path / "missing.h5ad"), "--out", str(out), "--checkpoints-on", "test"]
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err
+    assert "--checkpoints-on: invalid choice: 'test'" in err and "Traceback" not in err and not out.exists()

@@ -158,8 +158,9 @@ def fit(args: argparse.Namespace) -> None:
     result = fit_annotator(args.reference, args.label_key, chains=args.chains, layer=args.layer,
                            filters=parse_filters(args.filter), seed=args.seed, params=params,
                            val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                           batch_key=args.batch_key, val_folds=args.val_folds, genes=genes, genes_source=f"--query {args.query}",
-                           ensemble=not args.no_ensemble, out=args.out, experiment=args.experiment, register=not args.no_register,
+                           batch_key=args.batch_key, val_folds=args.val_folds, checkpoints_on=args.checkpoints_on,
+                           genes=genes, genes_source=f"--query {args.query}", ensemble=not args.no_ensemble,
+                           out=args.out, experiment=args.experiment, register=not args.no_register,
                            workers=args.workers, scheduler=args.scheduler,
                            max_cells_in_memory=args.max_cells_in_memory, sample_cells=args.sample_cells,
                            refit_epochs=args.refit_epochs, resume=args.resume)

@@ -105,6 +105,11 @@ def _fit(sub) -> None:
                    help="without --batch-key: choose on this many stratified cross-validation folds instead of one "
                         "validation part (every cell validated once), then refit on every cell; 0: one part; "
                         "auto (default): 5 folds up to 10,000 reference cells, one part above")
+    p.add_argument("--checkpoints-on", choices=["held_out", "training_batches"], default="held_out",
+                   help="with folds (--batch-key, --val-folds), where each fold picks its epochs and inner "
+                        "choices: held_out (default), the batch it is then scored on, or training_batches, a part "
+                        "of its own training batches (an honest fold score for chains with many checkpoints, "
+                        "such as the contrastive components)")
     p.add_argument("--no-ensemble", action="store_true",
                    help="do not offer the ensemble of the two best chains (weighted on validation) as a candidate")
     p.add_argument("--query", default=None,

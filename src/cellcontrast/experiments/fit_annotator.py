@@ -46,6 +46,7 @@ from cellcontrast.model.gene_panel import gene_panel
 from cellcontrast.model.grouped import (
     BatchFolds,
     batch_folds,
+    check_checkpoints_on,
     print_note,
     say_fallbacks,
     stratified_folds,
@@ -162,6 +163,7 @@ def fit_annotator(
     test_fraction: float = 0.0,
     batch_key: str | None = None,
     val_folds: int | str = "auto",
+    checkpoints_on: str = "held_out",
     genes: Iterable[str] | None = None,
     out: str | Path | None = None,
     experiment: str | None = "cellcontrast-fit",
@@ -191,24 +193,22 @@ def fit_annotator(
     val_fraction, test_fraction
         Each type's share for validation; for a test part, only reported (0: none).
     batch_key
-        An obs column of batches (donors, studies): every choice is scored on batches the
-        candidate did not train on, then the chosen chain is refitted on every cell
-        (`cellcontrast.model.grouped`; a key with one value: validated as without a key, with a note).
-    val_folds
-        Without ``batch_key``: choose on this many stratified cross-validation folds instead of
-        one validation part (every cell validated once), then refit on every cell as above; 0:
-        one part. ``"auto"``: ``CV_FOLDS`` folds up to ``CV_MAX_CELLS`` reference cells, one part above.
+        An obs column of batches (donors, studies): every choice scored on batches the candidate did
+        not train on, the chosen chain refitted on every cell (`model.grouped`; one value: as without).
+    val_folds, checkpoints_on
+        Without ``batch_key``: this many stratified cross-validation folds (0: one part; ``"auto"``:
+        ``CV_FOLDS`` up to ``CV_MAX_CELLS`` cells). Where each fold picks epochs and inner choices:
+        ``"held_out"``, the batch it is scored on; ``"training_batches"``, a part of its own (honest).
     genes, genes_source
         A known query's genes, trained on only (`cellcontrast.model.gene_panel`); how messages name them.
     out, experiment, register
         The ``.onnx`` file (the model card beside it); MLflow experiment (None: no tracking); register it.
     ensemble, workers, scheduler
-        Offer the ensemble of the two best chains too; train the folds (or the bases) at once on a
-        local Dask cluster of ``workers`` processes or a running ``scheduler``: the same annotator.
+        Offer the ensemble of the two best chains too; train the folds (or bases) at once on a local
+        Dask cluster of ``workers`` processes or a running ``scheduler``: the same annotator.
     max_cells_in_memory, sample_cells, refit_epochs, resume
-        A backed ``adata`` with more labelled cells is never read whole: choices on a sample of
-        ``sample_cells``, linear chains refitted in chunks for ``refit_epochs``, checkpoints beside
-        ``out`` that ``resume`` continues from (`experiments.fit_stream`).
+        A backed ``adata`` with more labelled cells is never read whole: choices on ``sample_cells``,
+        linear chains refitted in chunks (``refit_epochs``), ``resume``-able (`experiments.fit_stream`).
     keep_candidates
         Also build the other chains as each would have been exported, in ``FittedAnnotator.candidates``.
 
@@ -217,6 +217,7 @@ def fit_annotator(
     FittedAnnotator; `InputError` for bad input (`docs/reference/refusals.md`).
     """
     names = parse_chains(chains) if chains is not None else None  # a bad name refused before any read
+    check_checkpoints_on(checkpoints_on)
     stream = streaming_reference(adata, labels_key, layer, filters, max_cells_in_memory=max_cells_in_memory,
                                  sample_cells=sample_cells, refit_epochs=refit_epochs, seed=seed, out=out,
                                  resume=resume, cluster=(workers, scheduler))
@@ -228,7 +229,7 @@ def fit_annotator(
     return _fit_prepared(prepared, names, stream, options, experiment=experiment, batch_key=batch_key,
                          test_fraction=test_fraction, val_fraction=val_fraction, ensemble=ensemble,
                          workers=workers, scheduler=scheduler, out=out, register=register,
-                         keep_candidates=keep_candidates)
+                         keep_candidates=keep_candidates, checkpoints_on=checkpoints_on)
 
 
 def _cells_of(adata, stream) -> anndata.AnnData:
@@ -240,7 +241,7 @@ def _cells_of(adata, stream) -> anndata.AnnData:
 
 def _fit_prepared(prepared: _Prepared, names: list[str], stream, options: dict, *, experiment, batch_key,
                   test_fraction, val_fraction, ensemble, workers, scheduler, out, register,
-                  keep_candidates=False) -> FittedAnnotator:
+                  keep_candidates=False, checkpoints_on="held_out") -> FittedAnnotator:
     """`fit_annotator` on its prepared reference: train, choose, build (refit), describe, write."""
     atlas, reference, test, folds, note = prepared
     tracker = _Tracker(experiment, names, reference, options["seed"], test_fraction,
@@ -248,12 +249,13 @@ def _fit_prepared(prepared: _Prepared, names: list[str], stream, options: dict, 
     refit = {"refit": stream.refit} if stream else {}  # a streamed reference's linear chains: every cell
     with tracker:
         with fold_executor(workers, scheduler) as executor:  # closed before the refit
-            found = train_candidates(reference, folds, names, val_fraction=val_fraction, executor=executor, **options)
+            found = train_candidates(reference, folds, names, val_fraction=val_fraction, executor=executor,
+                                     checkpoints_on=checkpoints_on, **options)
         offered = offer_ensemble(found, folds) if ensemble else None
         tracker.log_chains(found.scores, options["params"])
         chosen_name = choose(found, folds)
         chain, validation, built = build_chosen(found, folds, chosen_name, offered, reference, **options, **refit)
-        _describe(chain, names, folds, note, validation, reference, options["seed"])
+        _describe(chain, names, folds, note, validation, reference, options["seed"], checkpoints_on)
         result = _result(chain, chosen_name, found, validation, atlas, reference, test)
         if keep_candidates:
             result.candidates = build_candidates(found, folds, names, built, reference,
@@ -332,12 +334,12 @@ def _prepare(adata, labels_key, layer, filters, genes, genes_source, seed, val_f
 
 
 def _describe(chain: Chain, names: list[str], folds, note: str | None, validation,
-              reference: anndata.AnnData, seed: int) -> None:
+              reference: anndata.AnnData, seed: int, checkpoints_on: str = "held_out") -> None:
     """What the annotator records beside its weights: the chains it was chosen among and how,
     the conformity scores of `annotate --coverage` (cells the chain never trained on), and
     what `annotate` weighs a missing gene by (train.attribution)."""
     chain.config["fit"]["chains"] = names
-    chain.config["fit"]["chosen_by"] = _chosen_by(folds)
+    chain.config["fit"]["chosen_by"] = _chosen_by(folds, checkpoints_on)
     if note:
         chain.config["fit"]["validation_note"] = note.removeprefix("note: ")
     if folds is not None or chain.config.get("base") == ENSEMBLE:  # a single chain's are its own validation's
@@ -350,13 +352,15 @@ def _describe(chain: Chain, names: list[str], folds, note: str | None, validatio
     chain.config["gene_weights"] = [float(f"{w:.4g}") for w in gene_weights(chain.module, reference.X, seed=seed)]
 
 
-def _chosen_by(folds) -> str:
+def _chosen_by(folds, checkpoints_on: str = "held_out") -> str:
     if folds is None:
         return f"one standard error of the best {SELECTION_METRIC}"
     over = (f"{len(folds.folds)} cross-validation folds" if folds.cross_validation
             else f"{len(folds.folds)} folds of held-out {folds.batch_key}")
+    picked = ("" if checkpoints_on == "held_out"
+              else "; each fold's epochs and inner choices on a part of its training batches")
     return (f"the simplest chain within one paired standard error (over {over}) of the best fold-mean "
-            f"{SELECTION_METRIC}; refitted on every cell")
+            f"{SELECTION_METRIC}{picked}; refitted on every cell")
 
 
 class _Tracker:

@@ -74,9 +74,10 @@ def _scores(chains: dict[str, Chain]) -> pd.DataFrame:
 
 def train_candidates(reference: anndata.AnnData, folds: BatchFolds | None, names: list[str], *, seed: int,
                      params: dict | None, val_fraction: float, labels_key: str, layer: str | None,
-                     executor: Executor | None = None) -> Candidates:
+                     executor: Executor | None = None, checkpoints_on: str = "held_out") -> Candidates:
     """Train every chain (a progress bar counts them, fold by fold); with an ``executor``, the
-    folds at once as its tasks (one split: each base's chains as a task)."""
+    folds at once as its tasks (one split: each base's chains as a task). ``checkpoints_on``:
+    where each fold picks its checkpoints (`model.grouped.fit_folds`)."""
     pairs = [(n.partition("+")[0], n.partition("+")[2] or "none") for n in names]
     kw = {"seed": seed, "params": params, "val_fraction": val_fraction, "labels_key": labels_key, "layer": layer}
     total = len(names) * (len(folds.folds) if folds else 1)
@@ -85,7 +86,7 @@ def train_candidates(reference: anndata.AnnData, folds: BatchFolds | None, names
             split = fit_chains(reference, pairs, progress=lambda name: bar.update(), executor=executor, **kw)
         else:
             grouped = fit_folds(reference, folds, pairs, progress=lambda name: bar.update(), executor=executor,
-                                keep=(ENERGY_SOURCE,), **kw)
+                                keep=(ENERGY_SOURCE,), checkpoints_on=checkpoints_on, **kw)
     if folds is None:
         cells = reference[np.sort(split.val)]
         y = pd.Categorical(cells.obs[LABEL].astype(str), categories=split.classes).codes

@@ -50,6 +50,13 @@ MAX_FOLDS = 5
 CHECKPOINTS_ON = ("held_out", "training_batches")
 
 
+def check_checkpoints_on(value: str) -> str:
+    """``value`` if it names where checkpoints are picked (`CHECKPOINTS_ON`); `InputError` otherwise."""
+    if value not in CHECKPOINTS_ON:
+        raise InputError(f"--checkpoints-on {value!r}: must be one of {', '.join(CHECKPOINTS_ON)}")
+    return value
+
+
 @dataclass
 class BatchFolds:
     """The folds of one reference: ``folds`` as (held-out batch names, train rows, validation
@@ -172,10 +179,8 @@ def fit_folds(atlas: anndata.AnnData, folds: BatchFolds, chains: list[tuple[str,
 
     ``executor``: the folds are trained as its tasks, at once (``fit --workers/--scheduler``);
     each is seeded as here, so the result does not depend on where it ran."""
-    if checkpoints_on not in CHECKPOINTS_ON:
-        raise ValueError(f"checkpoints_on must be one of {CHECKPOINTS_ON}, not {checkpoints_on!r}")
     kw = {"seed": seed, "params": params, "val_fraction": val_fraction, "labels_key": labels_key, "layer": layer,
-          "checkpoints_on": checkpoints_on}
+          "checkpoints_on": check_checkpoints_on(checkpoints_on)}
     if executor is None:
         done = [fit_one_fold(atlas, chains, fold, folds.classes, folds.groups, progress=progress, keep=keep, **kw)
                 for fold in folds.folds]
